@@ -1,0 +1,490 @@
+"""One association, start to end, on its own thread.
+
+Reads the A-ASSOCIATE-RQ under the ACSE timeout, negotiates, then streams
+P-DATA: command fragments are gathered (they are small), dataset fragments go
+straight from the receive buffer to the object's temp file.  The C-STORE
+response is sent only after the object is durably stored.  Any protocol
+violation aborts the association, removes the partial object, and touches
+nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import structlog
+
+from dcmrecvd import dimse, naming, negotiation, part10, pdu
+from dcmrecvd.dataset_scan import SeriesDateProbe
+from dcmrecvd.runtime import Runtime, Stats
+from dcmrecvd.storage import FileExists, PendingFile
+from dcmrecvd.status import Status, status_for_error
+
+log = structlog.get_logger("dcmrecvd")
+
+MAX_COMMAND_SET = 64 * 1024
+_ids = itertools.count(1)
+
+Clock = Callable[[], dt.datetime]
+
+
+def next_association_id() -> int:
+    """Process-wide association numbers, for correlating log lines."""
+    return next(_ids)
+
+
+@dataclass
+class Message:
+    """A request in progress: its command, and where its dataset is going."""
+
+    command: dimse.Command
+    context: negotiation.AcceptedContext
+    started: float
+    status: Status = Status.SUCCESS
+    error: str = ""
+    file: PendingFile | None = None
+    probe: SeriesDateProbe | None = None
+    prefix: bytearray = field(default_factory=bytearray)
+    pending: list[memoryview] = field(default_factory=list)
+    received: int = 0
+    store: bool = True
+
+
+class Association:
+    """Serves one accepted TCP connection."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        runtime: Runtime,
+        stats: Stats,
+        *,
+        admit: Callable[[], bool] = lambda: True,
+        release_slot: Callable[[], None] = lambda: None,
+        clock: Clock = dt.datetime.now,
+    ) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.runtime = runtime
+        self.stats = stats
+        self.admit = admit
+        self.release_slot = release_slot
+        self.clock = clock
+        self.id = next_association_id()
+        self.reader = pdu.Reader(sock)
+        self.reader.before_refill = self._flush_pending
+        self.contexts: dict[int, negotiation.AcceptedContext] = {}
+        self.calling = ""
+        self.called = ""
+        self.message: Message | None = None
+        self.command_buf = bytearray()
+        self.command_context = 0
+        self.log = log.bind(assoc_id=self.id, peer=peer)
+        self.established = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        """Serve until release, abort or error; never raises."""
+        outcome = "aborted"
+        admitted = False
+        try:
+            admitted = self._negotiate()
+            if admitted:
+                outcome = self._serve()
+            else:
+                outcome = "rejected"
+        except pdu.PeerClosed as exc:
+            self.log.warning("assoc.aborted", reason=f"peer vanished: {exc}")
+        except TimeoutError:
+            self.log.warning("assoc.aborted", reason="timeout waiting for the peer")
+            self._send_quietly(pdu.abort_pdu())
+        except pdu.ProtocolViolation as exc:
+            self.log.warning("assoc.aborted", reason=str(exc))
+            self._send_quietly(pdu.abort_pdu(pdu.SOURCE_PROVIDER, exc.reason))
+        except OSError as exc:
+            self.log.warning("assoc.aborted", reason=f"network error: {exc}")
+        except Exception:  # a bug must not take the daemon down
+            self.log.exception("assoc.aborted", reason="internal error")
+            self._send_quietly(pdu.abort_pdu())
+        finally:
+            self._drop_message()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            if admitted:
+                self.stats.add(active=-1)
+                self.release_slot()
+            if outcome == "released":
+                self.log.info("assoc.released")
+
+    def abort(self) -> None:
+        """Abort from another thread (drain timeout): the reader wakes with an error."""
+        self._send_quietly(pdu.abort_pdu(pdu.SOURCE_USER, 0))
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _send_quietly(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ negotiation
+
+    def _negotiate(self) -> bool:
+        config = self.runtime.config.network
+        self.sock.settimeout(config.acse_timeout)
+        pdu_type, length = self.reader.header()
+        if pdu_type != pdu.A_ASSOCIATE_RQ:
+            raise pdu.ProtocolViolation(
+                f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",
+                pdu.REASON_UNEXPECTED_PDU if pdu_type <= 7 else pdu.REASON_UNRECOGNIZED_PDU,
+            )
+        if length > pdu.MAX_ASSOCIATE_RQ:
+            raise pdu.ProtocolViolation(f"A-ASSOCIATE-RQ of {length} bytes is too large")
+        body = self.reader.read_exact(length)
+        try:
+            request = negotiation.decode_request(pdu.PDU_HEADER.pack(pdu_type, length) + body)
+        except negotiation.BadRequest as exc:
+            raise pdu.ProtocolViolation(str(exc), pdu.REASON_INVALID_PARAMETER) from None
+        self.calling, self.called = request.calling_ae_title, request.called_ae_title
+        self.log = self.log.bind(calling_aet=self.calling, called_aet=self.called)
+        if not self.admit():
+            outcome = negotiation.reject(request, negotiation.REJECT_LOCAL_LIMIT)
+        else:
+            outcome = negotiation.negotiate(
+                request,
+                self.runtime.profile,
+                self.runtime.contexts,
+                ae_title=config.ae_title,
+                max_pdu=config.max_pdu,
+            )
+            if not outcome.accepted:
+                self.release_slot()
+        self.sock.sendall(outcome.pdu)
+        if not outcome.accepted:
+            assert outcome.reject is not None
+            self.stats.add(rejected=1)
+            self.log.warning(
+                "assoc.rejected",
+                reason=negotiation.REJECT_TEXT.get(outcome.reject, "rejected"),
+                result=outcome.reject[0],
+                source=outcome.reject[1],
+                diagnostic=outcome.reject[2],
+            )
+            return False
+        self.contexts = outcome.contexts
+        self.established = True
+        self.stats.add(active=1, associations=1)
+        fields: dict[str, object] = {"contexts": len(outcome.contexts)}
+        if self.runtime.config.logging.verbose_pc:
+            fields["presentation_contexts"] = [
+                f"{c.context_id}:{c.abstract_syntax}:{c.transfer_syntax}"
+                for c in outcome.contexts.values()
+            ]
+        self.log.info("assoc.accepted", **fields)
+        return True
+
+    # ------------------------------------------------------------------ data transfer
+
+    def _serve(self) -> str:
+        timeout = self.runtime.config.network.dimse_timeout
+        self.sock.settimeout(timeout or None)
+        reader = self.reader
+        while True:
+            pdu_type, length = reader.header()
+            if pdu_type == pdu.P_DATA_TF:
+                self._p_data(length)
+            elif pdu_type == pdu.A_RELEASE_RQ:
+                reader.skip(length)
+                if self.message is not None:
+                    self.log.warning("assoc.release_mid_message")
+                    self._drop_message()
+                self.sock.sendall(pdu.release_rp_pdu())
+                return "released"
+            elif pdu_type == pdu.A_ABORT:
+                reader.skip(min(length, 4))
+                self.log.warning("assoc.aborted", reason="aborted by peer")
+                return "aborted"
+            elif pdu_type in (pdu.A_ASSOCIATE_RQ, pdu.A_ASSOCIATE_AC, pdu.A_ASSOCIATE_RJ,
+                              pdu.A_RELEASE_RP):
+                raise pdu.ProtocolViolation(
+                    f"unexpected PDU type 0x{pdu_type:02X}", pdu.REASON_UNEXPECTED_PDU
+                )
+            else:
+                raise pdu.ProtocolViolation(
+                    f"unrecognised PDU type 0x{pdu_type:02X}", pdu.REASON_UNRECOGNIZED_PDU
+                )
+
+    def _p_data(self, length: int) -> None:
+        reader = self.reader
+        remaining = length
+        while remaining > 0:
+            if remaining < 6:
+                raise pdu.ProtocolViolation("P-DATA-TF ends inside a PDV header")
+            reader.fill(6)
+            item_length, context_id, control = pdu.PDV_HEADER.unpack_from(reader.buf, reader.start)
+            reader.start += 6
+            remaining -= 6
+            data_length = item_length - 2
+            if item_length < 2 or data_length > remaining - 0:
+                raise pdu.ProtocolViolation(f"PDV length {item_length} exceeds its PDU")
+            remaining -= data_length
+            if context_id not in self.contexts:
+                raise pdu.ProtocolViolation(f"PDV on unknown presentation context {context_id}")
+            last = bool(control & 0x02)
+            if control & 0x01:
+                self._command_fragment(context_id, data_length, last)
+            else:
+                self._dataset_fragment(context_id, data_length, last)
+
+    def _command_fragment(self, context_id: int, n: int, last: bool) -> None:
+        if self.message is not None:
+            raise pdu.ProtocolViolation("command fragment while a dataset is pending")
+        if self.command_buf and context_id != self.command_context:
+            raise pdu.ProtocolViolation("command fragments on different presentation contexts")
+        if len(self.command_buf) + n > MAX_COMMAND_SET:
+            raise pdu.ProtocolViolation("command set too large")
+        self.command_context = context_id
+        self.command_buf += self.reader.read_exact(n)
+        if last:
+            data = bytes(self.command_buf)
+            self.command_buf.clear()
+            self._command(context_id, data)
+
+    def _dataset_fragment(self, context_id: int, n: int, last: bool) -> None:
+        message = self.message
+        if message is None or message.context.context_id != context_id:
+            raise pdu.ProtocolViolation("dataset fragment without a matching command")
+        reader = self.reader
+        while n > 0:
+            reader.fill(1)
+            k = min(reader.available, n)
+            self._data(message, reader.take(k))
+            n -= k
+        if last:
+            self._finish(message)
+
+    # ------------------------------------------------------------------ DIMSE
+
+    def _command(self, context_id: int, data: bytes) -> None:
+        try:
+            command = dimse.decode(data)
+        except dimse.CommandError as exc:
+            raise pdu.ProtocolViolation(f"undecodable command set: {exc}") from None
+        context = self.contexts[context_id]
+        if command.command_field == dimse.C_ECHO_RQ:
+            self._respond(context, dimse.C_ECHO_RSP, command, Status.SUCCESS)
+            self.log.info("echo", msg_id=command.message_id)
+            if command.has_dataset:
+                self.message = Message(command, context, time.monotonic(), store=False)
+            return
+        if command.command_field == dimse.C_CANCEL_RQ:
+            return
+        message = Message(command, context, time.monotonic())
+        if command.command_field != dimse.C_STORE_RQ:
+            message.status = Status.UNRECOGNIZED_OPERATION
+            message.error = f"unsupported command 0x{command.command_field:04X}"
+            message.store = False
+        else:
+            self._start_store(message)
+        if command.has_dataset:
+            self.message = message
+        else:
+            if command.command_field == dimse.C_STORE_RQ:
+                message.status, message.error = Status.CANNOT_UNDERSTAND, "C-STORE without dataset"
+                self._discard(message)
+            self._complete(message)
+
+    def _start_store(self, message: Message) -> None:
+        command = message.command
+        mode = self.runtime.config.output.mode
+        try:
+            naming.check_uid(command.affected_sop_class_uid, "Affected SOP Class UID")
+            naming.check_uid(command.affected_sop_instance_uid, "Affected SOP Instance UID")
+        except naming.UnsafeIdentifier as exc:
+            message.status, message.error, message.store = Status.CANNOT_UNDERSTAND, str(exc), False
+            return
+        if command.affected_sop_class_uid != message.context.abstract_syntax:
+            message.status = Status.SOP_CLASS_NOT_SUPPORTED
+            message.error = "SOP class differs from the presentation context's"
+            message.store = False
+            return
+        if mode == "ignore":
+            message.store = False
+            return
+        if self.runtime.scheme.needs_series_date:
+            message.probe = SeriesDateProbe(message.context.transfer_syntax)
+        else:
+            self._open(message, PurePosixPath("."))
+
+    def _open(self, message: Message, directory: PurePosixPath) -> None:
+        command = message.command
+        try:
+            message.file = self.runtime.store.open(directory)
+            message.file.write(
+                part10.meta_header(
+                    command.affected_sop_class_uid,
+                    command.affected_sop_instance_uid,
+                    message.context.transfer_syntax,
+                    self.calling,
+                )
+            )
+        except OSError as exc:
+            self._fail(message, exc)
+
+    def _data(self, message: Message, chunk: memoryview) -> None:
+        message.received += len(chunk)
+        if not message.store:
+            return
+        probe = message.probe
+        if probe is not None and not probe.done:
+            message.prefix += chunk
+            if probe.feed(chunk, last=False):
+                self._open_dated(message)
+            return
+        if message.file is not None:
+            message.pending.append(chunk)
+
+    def _open_dated(self, message: Message) -> None:
+        assert message.probe is not None
+        directory = naming.directory_for(
+            self.runtime.scheme, message.probe.value, self.clock().date()
+        )
+        self._open(message, directory)
+        if message.file is not None and message.prefix:
+            try:
+                message.file.write(message.prefix)
+            except OSError as exc:
+                self._fail(message, exc)
+        message.prefix = bytearray()
+
+    def _flush_pending(self) -> None:
+        message = self.message
+        if message is None or not message.pending:
+            return
+        chunks, message.pending = message.pending, []
+        if message.file is None:
+            return
+        try:
+            message.file.writev(chunks)
+        except OSError as exc:
+            self._fail(message, exc)
+
+    def _fail(self, message: Message, exc: BaseException) -> None:
+        message.status = status_for_error(exc)
+        message.error = str(exc)
+        message.store = False
+        message.pending = []
+        if message.file is not None:
+            message.file.discard()
+            message.file = None
+
+    def _discard(self, message: Message) -> None:
+        message.pending = []
+        if message.file is not None:
+            message.file.discard()
+            message.file = None
+
+    def _finish(self, message: Message) -> None:
+        if message.probe is not None and not message.probe.done and message.store:
+            message.probe.feed(b"", last=True)
+            self._open_dated(message)
+        self._flush_pending()
+        path = ""
+        if message.store and message.file is not None:
+            path = self._commit(message)
+        self.message = None
+        self._complete(message, path)
+
+    def _commit(self, message: Message) -> str:
+        assert message.file is not None
+        command = message.command
+        scheme = self.runtime.scheme
+        file = message.file
+        try:
+            for _attempt in range(100):
+                name = naming.file_name(
+                    scheme,
+                    command.affected_sop_class_uid,
+                    command.affected_sop_instance_uid,
+                    self.clock(),
+                )
+                try:
+                    final, replaced = file.commit(name, replace=scheme.overwrites)
+                except FileExists:
+                    continue
+                if replaced:
+                    self.log.warning(
+                        "store.replaced", path=str(final), sop_instance_uid=command.affected_sop_instance_uid
+                    )
+                message.file = None
+                return str(final)
+            raise FileExistsError("no free file name after 100 attempts")
+        except (OSError, naming.UnsafeIdentifier) as exc:
+            self._fail(message, exc)
+            return ""
+
+    def _complete(self, message: Message, path: str = "") -> None:
+        command = message.command
+        if command.command_field == dimse.C_ECHO_RQ:
+            return
+        response_field = command.command_field | 0x8000
+        comment = message.error if message.status.is_failure else ""
+        self._respond(message.context, response_field, command, message.status, comment)
+        duration_ms = round((time.monotonic() - message.started) * 1000, 3)
+        fields = {
+            "sop_class_uid": command.affected_sop_class_uid,
+            "sop_instance_uid": command.affected_sop_instance_uid,
+            "status": f"0x{int(message.status):04X}",
+            "bytes": message.received,
+            "duration_ms": duration_ms,
+        }
+        if message.status == Status.SUCCESS:
+            self.stats.add(stored=1, bytes=message.received)
+            self.log.info("store.completed", path=path or None, **fields)
+        else:
+            self.stats.add(failed=1)
+            self.log.error("store.failed", reason=message.error, **fields)
+
+    def _respond(
+        self,
+        context: negotiation.AcceptedContext,
+        command_field: int,
+        request: dimse.Command,
+        status: Status,
+        comment: str = "",
+    ) -> None:
+        response = dimse.encode_response(
+            command_field,
+            request.message_id,
+            int(status),
+            request.affected_sop_class_uid,
+            request.affected_sop_instance_uid,
+            comment,
+        )
+        self.sock.sendall(pdu.command_pdu(context.context_id, response))
+
+    def _drop_message(self) -> None:
+        """Remove the partial object of a message that will never complete."""
+        message = self.message
+        self.message = None
+        if message is not None:
+            self._discard(message)
+            if message.command.command_field == dimse.C_STORE_RQ:
+                self.log.warning(
+                    "store.incomplete",
+                    sop_instance_uid=message.command.affected_sop_instance_uid,
+                    bytes=message.received,
+                )

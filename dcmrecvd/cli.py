@@ -1,0 +1,120 @@
+"""argv -> action (run, check-config, print-config, help...).
+
+The only module that prints to stdout or chooses an exit code.  Checks happen
+in dcmrecv's order: command line (1), association profile (66), output
+directory (45), TLS material (71), listening port (64).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from dcmrecvd import __version__, daemon, flags, logs
+from dcmrecvd import config as config_mod
+from dcmrecvd.errors import DcmrecvdError, ExitCode
+from dcmrecvd.runtime import Runtime, prepare
+from dcmrecvd.systemd import Notifier, clear_listen_env
+
+PROG = "dcmrecvd"
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def version_text() -> str:
+    """What --version prints."""
+    import pydicom
+    import pynetdicom
+
+    return (
+        f"{PROG} {__version__}\n"
+        f"pynetdicom {pynetdicom.__version__}, pydicom {pydicom.__version__}, "
+        f"{ssl.OPENSSL_VERSION}, Python {sys.version.split()[0]}\n"
+    )
+
+
+def cipher_list() -> str:
+    """+cc: the TLS cipher suites the local OpenSSL offers."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("ALL:@SECLEVEL=0")
+    return "".join(f"{c['name']}\n" for c in context.get_ciphers())
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Entry point of ``dcmrecvd`` and ``python -m dcmrecvd``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    env = dict(os.environ if environ is None else environ)
+    try:
+        return _main(args, env)
+    except DcmrecvdError as exc:
+        _error(str(exc))
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _main(args: list[str], env: dict[str, str]) -> int:
+    if not args and not env.get("LISTEN_FDS") and not _has_config(env):
+        sys.stdout.write(flags.help_text(PROG))
+        return 0
+    cmd = flags.parse(args)
+    if cmd.cli.get("arguments"):
+        shown = " ".join(f"'{a}'" for a in flags.long_form(cmd.expanded))
+        print(f"I: calling '{PROG}' with {len(cmd.expanded)} arguments: {shown}", file=sys.stderr)
+    if cmd.action == "help":
+        sys.stdout.write(flags.help_text(PROG))
+        return 0
+    if cmd.action == "version":
+        sys.stdout.write(version_text())
+        return 0
+    if cmd.action == "list-ciphers":
+        sys.stdout.write(cipher_list())
+        return 0
+    for warning in cmd.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    config_dir = Path(cmd.cli["config_dir"]) if "config_dir" in cmd.cli else None
+    extra = Path(cmd.cli["config"]) if "config" in cmd.cli else None
+    loader = daemon.Loader(config_dir, extra, cmd.overrides, env)
+    config = loader()
+    if cmd.action == "print-config":
+        sys.stdout.write(config_mod.to_toml(config))
+        return 0
+    runtime = prepare(config)
+    if cmd.action == "check-config":
+        if config.logging.config_file:
+            logs.read_dcmtk_logger_config(config.logging.config_file)
+        print(
+            f"configuration OK: profile {runtime.profile.name} "
+            f"({len(runtime.profile.contexts)} presentation contexts), "
+            f"output {runtime.store.root}"
+        )
+        return int(ExitCode.OK)
+    return _run(cmd, runtime, loader, env)
+
+
+def _has_config(env: Mapping[str, str]) -> bool:
+    """True when a main config file exists, so running without arguments makes sense."""
+    return (config_mod.default_config_dir(env) / config_mod.MAIN_FILE_NAME).is_file()
+
+
+def _run(cmd: flags.CommandLine, runtime: Runtime, loader: daemon.Loader, env: dict[str, str]) -> int:
+    config = runtime.config
+    listeners, owned = daemon.open_listeners(config, env)
+    clear_listen_env(env)
+    fmt = config.logging.format
+    if cmd.cli.get("daemon"):
+        from dcmrecvd.detach import detach
+
+        detach(config.daemon.pidfile, keep=listeners)
+        if fmt == "auto" and Path("/run/systemd/journal/socket").exists():
+            fmt = "journal"
+    logs.configure(config.logging.level, fmt, environ=env, logger_config=config.logging.config_file)
+    notifier = Notifier(env)
+    app = daemon.Daemon(runtime, loader, listeners, owned, notifier)
+    return app.serve()
+

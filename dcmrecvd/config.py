@@ -1,0 +1,434 @@
+"""The typed configuration: schema, layering, validation and TOML output.
+
+Every setting lives in exactly one frozen dataclass field whose metadata holds
+its documentation and constraints, so validation, ``--print-config`` and the
+shipped ``etc/dcmrecvd.toml`` all derive from one declaration.  Layers merge
+in the systemd order: built-in defaults < main file < sorted drop-ins <
+``--config`` < command-line flags.  Tables merge, arrays replace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from dcmrecvd.errors import ConfigError
+
+DEFAULT_CONFIG_DIR = Path("/etc/dcmrecvd")
+MAIN_FILE_NAME = "dcmrecvd.toml"
+DROPIN_DIR_NAME = "dcmrecvd.toml.d"
+CONFIG_DIR_ENV = "DCMRECVD_CONFIG_DIR"
+
+#: The key in the override mapping that the command line uses for its own origin.
+COMMAND_LINE = "<command line>"
+
+LOG_LEVELS = ("fatal", "error", "warn", "info", "debug", "trace")
+TLS_PROFILES = (
+    "bcp195-rfc8996",
+    "bcp195-rfc8996-modified",
+    "bcp195-nd",
+    "bcp195",
+    "bcp195-extended",
+    "basic",
+    "aes",
+    "null",
+)
+
+
+def _opt(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple[str, ...] = (),
+    minimum: int | None = None,
+    maximum: int | None = None,
+    secret: bool = False,
+) -> Any:
+    """Declare one setting: its default and what the docs and validator need."""
+    meta = {"doc": doc, "choices": choices, "min": minimum, "max": maximum, "secret": secret}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Where and how associations are accepted."""
+
+    port: int = _opt(
+        0,
+        "TCP port to listen on (dcmrecv's `port` parameter). 0 means: none configured; "
+        "then the port must come from the command line or from socket activation.",
+        minimum=0,
+        maximum=65535,
+    )
+    address: str = _opt("", "Address to bind; empty binds every IPv4 interface, as dcmrecv does.")
+    ae_title: str = _opt(
+        "",
+        "Our AE title (-aet). When set, associations whose called AE title differs are "
+        "rejected; when empty, we respond with whatever AE title was called (-uca).",
+    )
+    acse_timeout: int = _opt(30, "Timeout for ACSE messages, in seconds (-ta).", minimum=1)
+    dimse_timeout: int = _opt(
+        0, "Timeout for DIMSE messages, in seconds; 0 means unlimited (-td).", minimum=0
+    )
+    max_pdu: int = _opt(
+        16384,
+        "Maximum receive PDU length we announce, in bytes (-pdu allows 4096..131072; "
+        "the config file allows up to 4194304).",
+        minimum=4096,
+        maximum=4194304,
+    )
+    host_lookup: bool = _opt(True, "Resolve peer host names for the logs (false: -dhl).")
+    max_associations: int = _opt(
+        32,
+        "Associations served at once; more are rejected as transient 'local limit exceeded'.",
+        minimum=1,
+        maximum=1024,
+    )
+
+
+@dataclass(frozen=True)
+class AssociationConfig:
+    """Which association negotiation profile decides what we accept."""
+
+    config_file: str = _opt(
+        "",
+        "DCMTK association negotiation config file (asconfig format, -xf). Empty: only "
+        "Verification with Implicit VR Little Endian is accepted, as in dcmrecv.",
+    )
+    profile: str = _opt("", "Profile (section of [[Profiles]]) to use from config_file (-xf).")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where received objects go and how they are named."""
+
+    directory: str = _opt(".", "Existing directory that receives the objects (-od).")
+    subdirectory: str = _opt(
+        "none",
+        "Subdirectory scheme: none (-s) or series-date (+ssd): data/YYYY/MM/DD from Series Date.",
+        choices=("none", "series-date"),
+    )
+    filenames: str = _opt(
+        "default",
+        "File name scheme: default (+fd), unique (+fu), short-unique (+fsu), system-time (+fst).",
+        choices=("default", "unique", "short-unique", "system-time"),
+    )
+    extension: str = _opt("", "Extension appended to every file name, e.g. '.dcm' (-fe).")
+    mode: str = _opt(
+        "normal",
+        "Storage mode: normal (-B), bit-preserving (+B), ignore (--ignore: receive, do not store).",
+        choices=("normal", "bit-preserving", "ignore"),
+    )
+    fsync: bool = _opt(
+        True,
+        "Flush each object (and its directory) to disk before acknowledging it. Turning "
+        "this off breaks the promise that an acknowledged object survives a power cut.",
+    )
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """How much is logged and where."""
+
+    level: str = _opt(
+        "warn", "Log level (-q fatal, -v info, -d debug, -ll).", choices=LOG_LEVELS
+    )
+    config_file: str = _opt("", "DCMTK logger config file (-lc); levels and a log file are honoured.")
+    verbose_pc: bool = _opt(False, "Log presentation contexts when verbose (+v).")
+    format: str = _opt(
+        "auto",
+        "auto (journal under systemd, console otherwise), console, json (JSON lines) or journal.",
+        choices=("auto", "console", "json", "journal"),
+    )
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Transport layer security, as dcmrecv's TLS options."""
+
+    enabled: bool = _opt(False, "Use TLS (+tls) instead of plain TCP (-tls).")
+    private_key: str = _opt("", "Private key file (+tls).")
+    certificate: str = _opt("", "Certificate file (+tls).")
+    password_source: str = _opt(
+        "prompt",
+        "Where the key password comes from: prompt (+ps), value (+pw), empty (-pw), "
+        "file (password_file), credential (systemd credential 'credential_name').",
+        choices=("prompt", "value", "empty", "file", "credential"),
+    )
+    password: str = _opt("", "Key password for password_source = value (+pw).", secret=True)
+    password_file: str = _opt("", "File whose first line is the key password.")
+    credential_name: str = _opt(
+        "dcmrecvd-key-password", "systemd credential (LoadCredential=) holding the password."
+    )
+    key_format: str = _opt("pem", "Key and certificate format (-pem, -der).", choices=("pem", "der"))
+    ca_files: list[str] = _opt([], "Trusted certificate files (+cf).")
+    ca_dirs: list[str] = _opt([], "Directories of trusted certificates (+cd).")
+    crl_files: list[str] = _opt([], "Certificate revocation list files (+crl).")
+    crl_check: str = _opt(
+        "none", "CRL checking: none, leaf (+crv) or chain (+cra).", choices=("none", "leaf", "chain")
+    )
+    profile: str = _opt(
+        "bcp195-rfc8996", "Security profile (+pg +pm +py +px +pz +pb +pa +pn).", choices=TLS_PROFILES
+    )
+    ciphers: list[str] = _opt([], "Additional cipher suites (+cs).")
+    dh_params: str = _opt("", "DH parameters file (+dp).")
+    expect_sni: str = _opt("", "Server name to expect in SNI; empty: no SNI (--no-sni).")
+    seed_file: str = _opt("", "Accepted for compatibility (+rs); Python's ssl seeds itself.")
+    write_seed: bool = _opt(False, "Accepted for compatibility (+ws).")
+    write_seed_file: str = _opt("", "Accepted for compatibility (+wf).")
+    peer_cert: str = _opt(
+        "require",
+        "Peer authentication: require (-rc), verify if present (-vc), ignore (-ic).",
+        choices=("require", "verify", "ignore"),
+    )
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Service lifecycle settings with no dcmrecv counterpart."""
+
+    drain_timeout: int = _opt(
+        30, "On SIGTERM, seconds to let associations in flight finish before aborting them.",
+        minimum=0,
+    )
+    pidfile: str = _opt("", "Pidfile for --daemon mode.")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole effective configuration, one field per TOML table."""
+
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    association: AssociationConfig = field(default_factory=AssociationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+
+
+def sections() -> dict[str, type]:
+    """TOML table name -> dataclass, in documentation order."""
+    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def all_keys() -> list[str]:
+    """Every dotted key the schema knows, e.g. ``network.port``."""
+    return [f"{s}.{f.name}" for s, cls in sections().items() for f in dataclasses.fields(cls)]
+
+
+def key_field(dotted: str) -> dataclasses.Field[Any]:
+    """The dataclass field behind a dotted key (KeyError if unknown)."""
+    section, _, name = dotted.partition(".")
+    cls = sections()[section]
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f
+    raise KeyError(dotted)
+
+
+# --------------------------------------------------------------------------- layering
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One source of settings: where it came from and its nested mapping."""
+
+    source: str
+    data: Mapping[str, Any]
+
+
+def discover_files(config_dir: Path, extra: Path | None) -> list[Path]:
+    """The files that make up the configuration, lowest precedence first."""
+    files: list[Path] = []
+    main = config_dir / MAIN_FILE_NAME
+    if main.is_file():
+        files.append(main)
+    dropins = config_dir / DROPIN_DIR_NAME
+    if dropins.is_dir():
+        files.extend(sorted(p for p in dropins.glob("*.toml") if p.is_file()))
+    if extra is not None:
+        files.append(extra)
+    return files
+
+
+def read_layer(path: Path) -> Layer:
+    """Parse one TOML file; any failure names the file."""
+    try:
+        with path.open("rb") as fh:
+            return Layer(str(path), tomllib.load(fh))
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "no such file") from None
+    except OSError as exc:
+        raise ConfigError(str(path), "", exc.strerror or str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "", f"not valid TOML: {exc}") from None
+
+
+def default_config_dir(environ: Mapping[str, str]) -> Path:
+    """``/etc/dcmrecvd`` unless ``$DCMRECVD_CONFIG_DIR`` says otherwise."""
+    return Path(environ.get(CONFIG_DIR_ENV) or DEFAULT_CONFIG_DIR)
+
+
+def load(
+    *,
+    config_dir: Path | None = None,
+    extra_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read every layer, merge them and validate the result as a whole."""
+    env = os.environ if environ is None else environ
+    directory = config_dir if config_dir is not None else default_config_dir(env)
+    layers = [read_layer(p) for p in discover_files(directory, extra_file)]
+    if overrides:
+        layers.append(Layer(COMMAND_LINE, overrides))
+    return build(layers)
+
+
+def build(layers: Iterable[Layer]) -> Config:
+    """Validate each layer against the schema, merge in order, freeze."""
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for section, values in validate_layer(layer).items():
+            merged.setdefault(section, {}).update(values)
+    config = Config(**{s: cls(**merged.get(s, {})) for s, cls in sections().items()})
+    check_combinations(config)
+    return config
+
+
+def _suggest(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def validate_layer(layer: Layer) -> dict[str, dict[str, Any]]:
+    """Check one layer's tables and values; return a normalised copy."""
+    schema = sections()
+    result: dict[str, dict[str, Any]] = {}
+    for section, table in layer.data.items():
+        if section not in schema:
+            raise ConfigError(layer.source, section, "unknown table" + _suggest(section, schema))
+        if not isinstance(table, Mapping):
+            raise ConfigError(layer.source, section, "must be a table")
+        fields = {f.name: f for f in dataclasses.fields(schema[section])}
+        out: dict[str, Any] = {}
+        for name, value in table.items():
+            dotted = f"{section}.{name}"
+            if name not in fields:
+                raise ConfigError(layer.source, dotted, "unknown key" + _suggest(name, fields))
+            out[name] = check_value(layer.source, dotted, fields[name], value)
+        result[section] = out
+    return result
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "integer", str: "string", list: "array", float: "float"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def check_value(source: str, dotted: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    """Type and range check of one value. TOML is typed: nothing is coerced."""
+    meta = f.metadata
+    expected = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if expected == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(source, dotted, f"expected a boolean, got {_type_name(value)}")
+    elif expected == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, dotted, f"expected an integer, got {_type_name(value)}")
+        if meta["min"] is not None and value < meta["min"]:
+            raise ConfigError(source, dotted, f"{value} is below the minimum {meta['min']}")
+        if meta["max"] is not None and value > meta["max"]:
+            raise ConfigError(source, dotted, f"{value} is above the maximum {meta['max']}")
+    elif expected == "str":
+        if not isinstance(value, str):
+            raise ConfigError(source, dotted, f"expected a string, got {_type_name(value)}")
+        if meta["choices"] and value not in meta["choices"]:
+            raise ConfigError(
+                source,
+                dotted,
+                f"'{value}' is not one of {', '.join(meta['choices'])}"
+                + _suggest(value, meta["choices"]),
+            )
+    elif expected == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(source, dotted, "expected an array of strings")
+        value = list(value)
+    return value
+
+
+def check_combinations(config: Config) -> None:
+    """Rules that involve more than one key (dcmrecv checks them on its command line)."""
+    if config.output.mode == "bit-preserving" and config.output.subdirectory == "series-date":
+        raise ConfigError(
+            "configuration",
+            "output.mode",
+            "--bit-preserving not allowed with --series-date-subdir "
+            "(output.mode = 'bit-preserving' with output.subdirectory = 'series-date')",
+        )
+    if config.association.profile and not config.association.config_file:
+        raise ConfigError(
+            "configuration", "association.config_file", "a profile needs a config_file"
+        )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def to_mapping(config: Config, *, redact: bool = True) -> dict[str, dict[str, Any]]:
+    """Nested plain data of ``config``; secrets are left out when ``redact``."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in sections():
+        obj = getattr(config, section)
+        table: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            if redact and f.metadata["secret"]:
+                continue
+            table[f.name] = getattr(obj, f.name)
+        out[section] = table
+    return out
+
+
+def to_toml(config: Config) -> str:
+    """TOML that, loaded alone, gives ``config`` back (secrets excepted, and said so)."""
+    text = tomli_w.dumps(to_mapping(config))
+    notes = [
+        f"# {s}.{f.name} is set but not printed; supply it again (e.g. from a file).\n"
+        for s in sections()
+        for f in dataclasses.fields(getattr(config, s))
+        if f.metadata["secret"] and getattr(getattr(config, s), f.name)
+    ]
+    return "".join(notes) + text
+
+
+def documented_toml() -> str:
+    """The shipped main file: every key, its meaning and its default, commented out."""
+    lines = [
+        "# dcmrecvd configuration. Every key is shown with its built-in default.",
+        "#",
+        "# Do not edit this file for local changes: add a drop-in instead, e.g.",
+        "#   /etc/dcmrecvd/dcmrecvd.toml.d/50-local.toml",
+        "# Drop-ins are read in sorted order after this file; later values win, tables",
+        "# merge and arrays replace. Command-line flags (dcmrecv's) win over all files.",
+        "# `dcmrecvd --print-config` shows the effective result.",
+        "",
+    ]
+    defaults = to_mapping(Config(), redact=False)
+    for section, cls in sections().items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            lines.append(f"# {f.metadata['doc']}")
+            lines.append("#" + tomli_w.dumps({f.name: defaults[section][f.name]}).rstrip())
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,205 @@
+"""Lifecycle: start -> READY; signals -> queue -> reload or drain; STOPPING.
+
+Signal handlers only put the signal number on a queue; the main thread does
+the work.  A reload builds a complete new Runtime and swaps it in with one
+assignment: associations in flight keep the Runtime they started with, new
+ones get the new one, and a Runtime that fails to build never replaces the
+one serving.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from dcmrecvd import config as config_mod
+from dcmrecvd import storage
+from dcmrecvd.config import Config
+from dcmrecvd.errors import DcmrecvdError, UsageError
+from dcmrecvd.runtime import Runtime, Stats, prepare
+from dcmrecvd.server import Server, bind_listener
+from dcmrecvd.systemd import Notifier, listen_fds
+
+log = structlog.get_logger("dcmrecvd")
+
+#: Settings a reload cannot apply to a bound socket.
+RESTART_KEYS = (("network", "port"), ("network", "address"))
+
+
+@dataclass
+class Loader:
+    """Re-reads every config layer the same way the first start did."""
+
+    config_dir: Path | None
+    extra_file: Path | None
+    overrides: Mapping[str, object]
+    environ: Mapping[str, str]
+
+    def __call__(self) -> Config:
+        return config_mod.load(
+            config_dir=self.config_dir,
+            extra_file=self.extra_file,
+            overrides=dict(self.overrides),
+            environ=self.environ,
+        )
+
+
+@dataclass
+class Daemon:
+    """Owns the current Runtime, the listeners and the server."""
+
+    runtime: Runtime
+    loader: Callable[[], Config]
+    listeners: list[socket.socket]
+    owns_listeners: bool
+    notifier: Notifier
+    stats: Stats = field(default_factory=Stats)
+    signals: queue.SimpleQueue[int] = field(default_factory=queue.SimpleQueue)
+    server: Server | None = None
+
+    def current(self) -> Runtime:
+        """The Runtime new associations get (read once per association)."""
+        return self.runtime
+
+    # ------------------------------------------------------------------ start
+
+    def serve(self) -> int:
+        """Run until SIGTERM/SIGINT; return the exit code."""
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda n, _f: self.signals.put(n))
+        self._remove_stale_temp_files(self.runtime)
+        self.server = Server(self.listeners, self.current, self.stats)
+        self.server.start()
+        self.notifier.ready(self.stats.status_line())
+        log.info(
+            "daemon.ready",
+            listen=[_describe(s) for s in self.listeners],
+            profile=self.runtime.profile.name,
+            output=str(self.runtime.store.root),
+        )
+        return self._main_loop()
+
+    def _main_loop(self) -> int:
+        interval = self.notifier.watchdog_usec / 2e6 if self.notifier.watchdog_usec else None
+        status_every = 5.0
+        last_status = ""
+        next_status = time.monotonic() + status_every
+        while True:
+            wait = min(interval or status_every, max(0.0, next_status - time.monotonic()))
+            try:
+                signum = self.signals.get(timeout=wait)
+            except queue.Empty:
+                signum = None
+            if interval:
+                self._watchdog()
+            if signum == signal.SIGHUP:
+                self.reload()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                return self.stop()
+            if time.monotonic() >= next_status:
+                line = self.stats.status_line()
+                if line != last_status:
+                    self.notifier.status(line)
+                    last_status = line
+                next_status = time.monotonic() + status_every
+
+    def _watchdog(self) -> None:
+        """Ping only while the accept loop is alive: that is what health means here."""
+        if self.server is not None and self.server.thread is not None and self.server.thread.is_alive():
+            self.notifier.watchdog()
+
+    def _remove_stale_temp_files(self, runtime: Runtime) -> None:
+        try:
+            removed = storage.remove_stale_temp_files(runtime.store.root)
+        except OSError as exc:
+            log.warning("storage.stale_temp_removed", reason=str(exc))
+            return
+        for path in removed:
+            log.warning("storage.stale_temp_removed", path=str(path))
+
+    # ------------------------------------------------------------------ reload
+
+    def reload(self) -> bool:
+        """Build and swap a new Runtime; keep the old one on any error."""
+        self.notifier.reloading()
+        log.info("reload.started")
+        old = self.runtime
+        try:
+            new = prepare(self.loader(), generation=old.generation + 1)
+        except DcmrecvdError as exc:
+            self.stats.last_reload = f"failed: {exc}"
+            log.error("reload.rejected", reason=str(exc))
+            self.notifier.ready(self.stats.status_line())
+            return False
+        for section, key in RESTART_KEYS:
+            before = getattr(getattr(old.config, section), key)
+            after = getattr(getattr(new.config, section), key)
+            if before != after:
+                log.warning(
+                    "reload.needs_restart", key=f"{section}.{key}", running=before, configured=after
+                )
+                new = _keep_setting(new, old, section, key)
+        self.runtime = new
+        self.stats.last_reload = "ok"
+        log.info("reload.completed", generation=new.generation, profile=new.profile.name)
+        self.notifier.ready(self.stats.status_line())
+        return True
+
+    # ------------------------------------------------------------------ stop
+
+    def stop(self) -> int:
+        """Stop accepting, drain, abort stragglers, exit 0."""
+        self.notifier.stopping("draining associations")
+        log.info("daemon.stopping", active=self.server.active if self.server else 0)
+        assert self.server is not None
+        self.server.stop_accepting()
+        if self.owns_listeners:
+            for listener in self.listeners:
+                listener.close()
+        aborted = self.server.drain(self.runtime.config.daemon.drain_timeout)
+        self.server.close()
+        log.info("daemon.stopped", aborted=aborted, stored=self.stats.stored)
+        return 0
+
+
+def _keep_setting(new: Runtime, old: Runtime, section: str, key: str) -> Runtime:
+    """``new`` with one setting taken from ``old`` (it needs a restart to change)."""
+    import dataclasses
+
+    value = getattr(getattr(old.config, section), key)
+    sect = dataclasses.replace(getattr(new.config, section), **{key: value})
+    cfg = dataclasses.replace(new.config, **{section: sect})
+    return dataclasses.replace(new, config=cfg)
+
+
+def _describe(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+def open_listeners(
+    config: Config, environ: Mapping[str, str], pid: int | None = None
+) -> tuple[list[socket.socket], bool]:
+    """Adopt systemd's ``dicom`` sockets, or bind the configured port.
+
+    Returns the listeners and whether we own them (closing them is ours).
+    """
+    passed = listen_fds(environ, os.getpid() if pid is None else pid)
+    adopted = passed.get("dicom") or passed.get("unknown") or []
+    if adopted:
+        return adopted, False
+    port = config.network.port
+    if not port:
+        raise UsageError("Missing parameter port")
+    return [bind_listener(config.network.address, port)], True

@@ -1,0 +1,50 @@
+"""The DICOM Part 10 file preamble and meta information header.
+
+Written in front of the dataset bytes exactly as they arrived, so that the
+stored file is a valid Part 10 file in the transfer syntax it was sent in,
+without decoding or re-encoding the dataset.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from dcmrecvd import __version__
+
+#: Our implementation class UID (a 2.25 UUID-derived root) and version name.
+IMPLEMENTATION_CLASS_UID = "2.25.208215127713358470541960236655843930313"
+IMPLEMENTATION_VERSION_NAME = ("DCMRECVD_" + __version__.replace(".", ""))[:16]
+
+
+def _element(elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2sHI", 0x0002, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def meta_header(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    source_ae_title: str = "",
+) -> bytes:
+    """Preamble, ``DICM`` and group 0002 (Explicit VR Little Endian)."""
+    body = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+            _element(0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+            _element(0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
+            _element(0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
+            _element(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+        )
+    )
+    if source_ae_title:
+        body += _element(0x0016, b"AE", _padded(source_ae_title.strip(), b" "))
+    group_length = _element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + group_length + body

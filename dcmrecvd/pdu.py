@@ -1,0 +1,139 @@
+"""The DICOM upper layer on a blocking socket: framing, buffered reads, small PDUs.
+
+pynetdicom's DUL runs two polling threads per association and copies every
+P-DATA fragment several times; that machinery, not DICOM, was where its time
+went.  Here one thread per association reads into a large reusable buffer and
+hands out views of it, so a dataset fragment goes from the socket to the file
+with no intermediate copy.  Negotiation PDUs are still encoded and decoded by
+pynetdicom (see ``negotiation``).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable
+
+A_ASSOCIATE_RQ = 0x01
+A_ASSOCIATE_AC = 0x02
+A_ASSOCIATE_RJ = 0x03
+P_DATA_TF = 0x04
+A_RELEASE_RQ = 0x05
+A_RELEASE_RP = 0x06
+A_ABORT = 0x07
+
+#: A-ABORT sources and provider reasons (PS3.8 9.3.8).
+SOURCE_USER = 0x00
+SOURCE_PROVIDER = 0x02
+REASON_NOT_SPECIFIED = 0x00
+REASON_UNRECOGNIZED_PDU = 0x01
+REASON_UNEXPECTED_PDU = 0x02
+REASON_UNRECOGNIZED_PARAMETER = 0x04
+REASON_UNEXPECTED_PARAMETER = 0x05
+REASON_INVALID_PARAMETER = 0x06
+
+PDU_HEADER = struct.Struct(">BxI")
+PDV_HEADER = struct.Struct(">IBB")
+BUFFER_SIZE = 1 << 20
+#: An A-ASSOCIATE-RQ larger than this is not a real one.
+MAX_ASSOCIATE_RQ = 1 << 20
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection (or reset it)."""
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the upper layer protocol; the association must be aborted."""
+
+    def __init__(self, message: str, reason: int = REASON_INVALID_PARAMETER) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Reader:
+    """Buffered reads from a socket, handing out views into one big buffer.
+
+    A view returned by ``take`` stays valid until the next refill;
+    ``before_refill`` is called first so the owner can flush the views it holds.
+    """
+
+    def __init__(self, sock: socket.socket, size: int = BUFFER_SIZE) -> None:
+        self.sock = sock
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.before_refill: Callable[[], None] | None = None
+
+    @property
+    def available(self) -> int:
+        """Bytes buffered and not yet taken."""
+        return self.end - self.start
+
+    def fill(self, minimum: int = 1) -> None:
+        """Block until at least ``minimum`` bytes are buffered."""
+        while self.end - self.start < minimum:
+            if self.before_refill is not None:
+                self.before_refill()
+            if self.start == self.end:
+                self.start = self.end = 0
+            elif len(self.buf) - self.end < max(minimum, 65536):
+                pending = self.end - self.start
+                self.buf[:pending] = self.buf[self.start : self.end]
+                self.start, self.end = 0, pending
+            try:
+                got = self.sock.recv_into(self.view[self.end :])
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise PeerClosed(str(exc)) from None
+            if got == 0:
+                raise PeerClosed("connection closed by peer")
+            self.end += got
+
+    def take(self, n: int) -> memoryview:
+        """The next ``n`` buffered bytes (``n`` <= available)."""
+        start = self.start
+        self.start = start + n
+        return self.view[start : start + n]
+
+    def read_exact(self, n: int) -> bytes:
+        """``n`` bytes as a new object, refilling as needed (for small PDUs)."""
+        if n <= len(self.buf):
+            self.fill(n)
+            return bytes(self.take(n))
+        out = bytearray()
+        while len(out) < n:
+            self.fill(1)
+            out += self.take(min(self.available, n - len(out)))
+        return bytes(out)
+
+    def skip(self, n: int) -> None:
+        """Discard ``n`` bytes."""
+        while n > 0:
+            self.fill(1)
+            k = min(self.available, n)
+            self.start += k
+            n -= k
+
+    def header(self) -> tuple[int, int]:
+        """(PDU type, length) of the next PDU."""
+        self.fill(6)
+        pdu_type, length = PDU_HEADER.unpack_from(self.buf, self.start)
+        self.start += 6
+        return int(pdu_type), int(length)
+
+
+def abort_pdu(source: int = SOURCE_PROVIDER, reason: int = REASON_NOT_SPECIFIED) -> bytes:
+    """An A-ABORT PDU."""
+    return PDU_HEADER.pack(A_ABORT, 4) + bytes((0, 0, source, reason))
+
+
+def release_rp_pdu() -> bytes:
+    """An A-RELEASE-RP PDU."""
+    return PDU_HEADER.pack(A_RELEASE_RP, 4) + b"\x00\x00\x00\x00"
+
+
+def command_pdu(context_id: int, command: bytes) -> bytes:
+    """A P-DATA-TF holding one complete command set in one PDV."""
+    pdv = PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command
+    return PDU_HEADER.pack(P_DATA_TF, len(pdv)) + pdv

@@ -1,0 +1,99 @@
+"""Config -> a frozen ``Runtime``: everything an association needs, checked up front.
+
+Building a Runtime is the single place where the profile is loaded and the
+output directory is checked, so start-up, ``--check-config`` and SIGHUP reload
+validate exactly the same way (and fail with the same exit codes).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pynetdicom.presentation import PresentationContext
+
+from dcmrecvd import naming, negotiation
+from dcmrecvd.config import Config
+from dcmrecvd.errors import OutputDirectoryError, UsageError
+from dcmrecvd.profiles import VERIFICATION_ONLY, Profile, load_profile, with_verification
+from dcmrecvd.storage import Store
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Settings frozen for the associations that start under them."""
+
+    config: Config
+    profile: Profile
+    contexts: list[PresentationContext]
+    scheme: naming.NamingScheme
+    store: Store
+    generation: int = 0
+
+
+@dataclass
+class Stats:
+    """Live figures for STATUS= and the logs (updated from association threads)."""
+
+    active: int = 0
+    associations: int = 0
+    stored: int = 0
+    bytes: int = 0
+    failed: int = 0
+    rejected: int = 0
+    last_reload: str = "none"
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        """Add to counters atomically."""
+        with self.lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def status_line(self) -> str:
+        """One human line for systemd's STATUS=."""
+        return (
+            f"{self.active} active, {self.associations} associations, {self.stored} stored "
+            f"({self.bytes / 1e6:.1f} MB), {self.failed} failed; last reload: {self.last_reload}"
+        )
+
+
+def check_output_directory(directory: str) -> Path:
+    """The output directory must exist and be a directory (dcmrecv's exit 45)."""
+    path = Path(directory)
+    if not path.exists():
+        raise OutputDirectoryError(f"specified output directory does not exist: {directory}")
+    if not path.is_dir():
+        raise OutputDirectoryError(f"specified output directory is not a directory: {directory}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputDirectoryError(f"specified output directory is not writable: {directory}")
+    return path.resolve()
+
+
+def load_association_profile(config: Config) -> Profile:
+    """The configured profile (exit 66 on problems) or dcmrecv's Verification-only default."""
+    assoc = config.association
+    if not assoc.config_file:
+        return VERIFICATION_ONLY
+    return with_verification(load_profile(assoc.config_file, assoc.profile))
+
+
+def prepare(config: Config, generation: int = 0) -> Runtime:
+    """Validate in dcmrecv's order (profile 66, then directory 45) and freeze."""
+    profile = load_association_profile(config)
+    out = config.output
+    try:
+        naming.check_extension(out.extension)
+    except naming.UnsafeIdentifier as exc:
+        raise UsageError(str(exc)) from None
+    root = check_output_directory(out.directory)
+    return Runtime(
+        config=config,
+        profile=profile,
+        contexts=negotiation.acceptor_contexts(profile),
+        scheme=naming.NamingScheme(out.subdirectory, out.filenames, out.extension),
+        store=Store(root, durable=out.fsync),
+        generation=generation,
+    )

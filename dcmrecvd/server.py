@@ -1,0 +1,194 @@
+"""The listener: accept connections, one thread per association, bounded.
+
+dcmrecv serves one association at a time and makes the next sender wait;
+here each association runs on its own thread up to ``max_associations``, and
+the next one is rejected at once as transient "local limit exceeded".  The
+accept loop does nothing slow: no DNS, no TLS, no disk.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from dcmrecvd.association import Association
+from dcmrecvd.errors import ListenError
+from dcmrecvd.runtime import Runtime, Stats
+
+log = structlog.get_logger("dcmrecvd")
+
+
+def bind_listener(address: str, port: int, backlog: int = 128) -> socket.socket:
+    """A listening TCP socket (exit 64 when the port cannot be had)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        where = f"{address or '*'}:{port}"
+        raise ListenError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return sock
+
+
+def tune_connection(conn: socket.socket) -> None:
+    """TCP_NODELAY (else each small PDU waits ~40 ms for a delayed ACK) and keepalive."""
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def resolve_peer(host: str, log_event: Callable[[str], None]) -> None:
+    """Reverse DNS on a side thread, so a slow resolver never stalls anyone."""
+
+    def lookup() -> None:
+        try:
+            name = socket.gethostbyaddr(host)[0]
+        except OSError:
+            return
+        log_event(name)
+
+    threading.Thread(target=lookup, name="dns", daemon=True).start()
+
+
+class Server:
+    """Accepts on one or more listeners and runs associations on threads."""
+
+    def __init__(
+        self,
+        listeners: list[socket.socket],
+        runtime: Callable[[], Runtime],
+        stats: Stats,
+    ) -> None:
+        self.listeners = listeners
+        self.runtime = runtime
+        self.stats = stats
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._slots = 0
+        self._live: set[Association] = set()
+        self._threads: set[threading.Thread] = set()
+        self._all_done = threading.Condition(self._lock)
+        self.thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ slots
+
+    def _admit(self) -> bool:
+        limit = self.runtime().config.network.max_associations
+        with self._lock:
+            if self._slots >= limit or self._stopping.is_set():
+                return False
+            self._slots += 1
+            return True
+
+    def _release(self) -> None:
+        with self._lock:
+            self._slots -= 1
+
+    @property
+    def active(self) -> int:
+        """Connections being served (negotiating or associated)."""
+        with self._lock:
+            return len(self._live)
+
+    # ------------------------------------------------------------------ accept loop
+
+    def start(self) -> None:
+        """Run the accept loop on its own thread."""
+        for listener in self.listeners:
+            listener.setblocking(False)
+            self._selector.register(listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self.thread = threading.Thread(target=self._accept_loop, name="accept", daemon=True)
+        self.thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            for key, _ in self._selector.select():
+                if key.fileobj is self._wake_r:
+                    return
+                listener = key.fileobj
+                assert isinstance(listener, socket.socket)
+                self._accept(listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            conn, addr = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EMFILE and friends: log, keep serving
+            log.error("accept.failed", reason=str(exc))
+            return
+        conn.setblocking(True)
+        try:
+            tune_connection(conn)
+        except OSError:
+            pass
+        host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+        peer = f"{host}:{addr[1]}" if isinstance(addr, tuple) else host
+        runtime = self.runtime()
+        assoc = Association(
+            conn, peer, runtime, self.stats, admit=self._admit, release_slot=self._release
+        )
+        if runtime.config.network.host_lookup and isinstance(addr, tuple):
+            bound = assoc.log
+            resolve_peer(host, lambda name: bound.info("assoc.peer_host", peer_host=name))
+        thread = threading.Thread(target=self._run, args=(assoc,), name=f"assoc-{assoc.id}")
+        with self._lock:
+            self._live.add(assoc)
+            self._threads.add(thread)
+        thread.start()
+
+    def _run(self, assoc: Association) -> None:
+        try:
+            assoc.run()
+        finally:
+            with self._lock:
+                self._live.discard(assoc)
+                self._threads.discard(threading.current_thread())
+                self._all_done.notify_all()
+
+    # ------------------------------------------------------------------ stop
+
+    def stop_accepting(self) -> None:
+        """No new connections are taken; in-flight ones continue."""
+        self._stopping.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self.thread is not None:
+            self.thread.join()
+        for listener in self.listeners:
+            try:
+                self._selector.unregister(listener)
+            except (KeyError, ValueError):
+                pass
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for associations to finish, then abort the rest.
+
+        Returns how many had to be aborted.
+        """
+        with self._lock:
+            self._all_done.wait_for(lambda: not self._live, timeout=timeout)
+            left = list(self._live)
+        for assoc in left:
+            assoc.abort()
+        with self._lock:
+            self._all_done.wait_for(lambda: not self._live, timeout=10)
+        return len(left)
+
+    def close(self) -> None:
+        """Release the selector and wake-up pair (listeners belong to the caller)."""
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+

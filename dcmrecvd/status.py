@@ -1,0 +1,35 @@
+"""DIMSE status codes we send, and the one table that maps failures onto them."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from dcmrecvd.naming import UnsafeIdentifier
+
+
+class Status(IntEnum):
+    """C-STORE / C-ECHO response statuses (PS3.4 Annex B, PS3.7 Annex C)."""
+
+    SUCCESS = 0x0000
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    UNRECOGNIZED_OPERATION = 0x0211
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_MISMATCH = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+
+    @property
+    def is_failure(self) -> bool:
+        """Anything but success (we send no warnings)."""
+        return self is not Status.SUCCESS
+
+
+def status_for_error(exc: BaseException) -> Status:
+    """Disk and permission trouble -> 0xA700; data we cannot understand -> 0xC000."""
+    if isinstance(exc, UnsafeIdentifier):
+        return Status.CANNOT_UNDERSTAND
+    if isinstance(exc, OSError):
+        return Status.OUT_OF_RESOURCES
+    if isinstance(exc, ValueError):
+        return Status.CANNOT_UNDERSTAND
+    return Status.OUT_OF_RESOURCES
+
