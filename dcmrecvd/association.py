@@ -23,8 +23,8 @@ import structlog
 from dcmrecvd import dimse, naming, negotiation, part10, pdu
 from dcmrecvd.dataset_scan import SeriesDateProbe
 from dcmrecvd.runtime import Runtime, Stats
-from dcmrecvd.storage import FileExists, PendingFile
 from dcmrecvd.status import Status, status_for_error
+from dcmrecvd.storage import FileExists, PendingFile
 
 log = structlog.get_logger("dcmrecvd")
 
@@ -190,8 +190,7 @@ class Association:
         fields: dict[str, object] = {"contexts": len(outcome.contexts)}
         if self.runtime.config.logging.verbose_pc:
             fields["presentation_contexts"] = [
-                f"{c.context_id}:{c.abstract_syntax}:{c.transfer_syntax}"
-                for c in outcome.contexts.values()
+                f"{c.context_id}:{c.abstract_syntax}:{c.transfer_syntax}" for c in outcome.contexts.values()
             ]
         self.log.info("assoc.accepted", **fields)
         return True
@@ -217,8 +216,7 @@ class Association:
                 reader.skip(min(length, 4))
                 self.log.warning("assoc.aborted", reason="aborted by peer")
                 return "aborted"
-            elif pdu_type in (pdu.A_ASSOCIATE_RQ, pdu.A_ASSOCIATE_AC, pdu.A_ASSOCIATE_RJ,
-                              pdu.A_RELEASE_RP):
+            elif pdu_type in (pdu.A_ASSOCIATE_RQ, pdu.A_ASSOCIATE_AC, pdu.A_ASSOCIATE_RJ, pdu.A_RELEASE_RP):
                 raise pdu.ProtocolViolation(
                     f"unexpected PDU type 0x{pdu_type:02X}", pdu.REASON_UNEXPECTED_PDU
                 )
@@ -359,9 +357,7 @@ class Association:
 
     def _open_dated(self, message: Message) -> None:
         assert message.probe is not None
-        directory = naming.directory_for(
-            self.runtime.scheme, message.probe.value, self.clock().date()
-        )
+        directory = naming.directory_for(self.runtime.scheme, message.probe.value, self.clock().date())
         self._open(message, directory)
         if message.file is not None and message.prefix:
             try:

@@ -117,4 +117,3 @@ def _run(cmd: flags.CommandLine, runtime: Runtime, loader: daemon.Loader, env: d
     notifier = Notifier(env)
     app = daemon.Daemon(runtime, loader, listeners, owned, notifier)
     return app.serve()
-

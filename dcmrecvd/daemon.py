@@ -143,9 +143,7 @@ class Daemon:
             before = getattr(getattr(old.config, section), key)
             after = getattr(getattr(new.config, section), key)
             if before != after:
-                log.warning(
-                    "reload.needs_restart", key=f"{section}.{key}", running=before, configured=after
-                )
+                log.warning("reload.needs_restart", key=f"{section}.{key}", running=before, configured=after)
                 new = _keep_setting(new, old, section, key)
         self.runtime = new
         self.stats.last_reload = "ok"

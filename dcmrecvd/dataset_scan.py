@@ -105,9 +105,7 @@ class _Walker:
             self.pos += length
 
 
-def find_element(
-    data: bytes, transfer_syntax: str, tag: tuple[int, int], *, complete: bool
-) -> bytes | None:
+def find_element(data: bytes, transfer_syntax: str, tag: tuple[int, int], *, complete: bool) -> bytes | None:
     """Raw value of top-level ``tag`` or None if absent.
 
     Raises NeedMore when ``data`` is only a prefix and the answer lies beyond

@@ -76,7 +76,8 @@ class Option:
     appends: dict[str, str] = field(default_factory=dict)
     convert: Converter = text
     compat: str = ""
-    requires: tuple[str, str] | None = None  # (dotted key, value) that must hold at the end
+    #: (option, the key it sets): this option is only allowed when that key ends up set.
+    requires: tuple[str, str] | None = None
 
     @property
     def spellings(self) -> tuple[str, ...]:
@@ -95,160 +96,450 @@ _SEED_NOTE = "accepted for compatibility only: Python's ssl module seeds itself"
 OPTIONS: tuple[Option, ...] = (
     # general options
     Option("-h", "--help", G_GENERAL, "print this help text and exit", sets={"cli.action": "help"}),
-    Option(None, "--version", G_GENERAL, "print version information and exit",
-           sets={"cli.action": "version"}),
-    Option(None, "--arguments", G_GENERAL, "print expanded command line arguments",
-           sets={"cli.arguments": True}),
-    Option("-q", "--quiet", G_GENERAL, "quiet mode, print no warnings and errors",
-           sets={"logging.level": "fatal"}),
-    Option("-v", "--verbose", G_GENERAL, "verbose mode, print processing details",
-           sets={"logging.level": "info"}),
-    Option("-d", "--debug", G_GENERAL, "debug mode, print debug information",
-           sets={"logging.level": "debug"}),
-    Option("-ll", "--log-level", G_GENERAL,
-           "use level l for the logger\n(fatal, error, warn, info, debug, trace)",
-           values=("[l]evel: string constant",), sets={"logging.level": ARG0},
-           convert=choice("fatal", "error", "warn", "info", "debug", "trace")),
-    Option("-lc", "--log-config", G_GENERAL, "use config file f for the logger",
-           values=("[f]ilename: string",), sets={"logging.config_file": ARG0}),
-    Option("+v", "--verbose-pc", G_GENERAL, "show presentation contexts in verbose mode",
-           sets={"logging.verbose_pc": True}),
+    Option(
+        None, "--version", G_GENERAL, "print version information and exit", sets={"cli.action": "version"}
+    ),
+    Option(
+        None, "--arguments", G_GENERAL, "print expanded command line arguments", sets={"cli.arguments": True}
+    ),
+    Option(
+        "-q",
+        "--quiet",
+        G_GENERAL,
+        "quiet mode, print no warnings and errors",
+        sets={"logging.level": "fatal"},
+    ),
+    Option(
+        "-v", "--verbose", G_GENERAL, "verbose mode, print processing details", sets={"logging.level": "info"}
+    ),
+    Option(
+        "-d", "--debug", G_GENERAL, "debug mode, print debug information", sets={"logging.level": "debug"}
+    ),
+    Option(
+        "-ll",
+        "--log-level",
+        G_GENERAL,
+        "use level l for the logger\n(fatal, error, warn, info, debug, trace)",
+        values=("[l]evel: string constant",),
+        sets={"logging.level": ARG0},
+        convert=choice("fatal", "error", "warn", "info", "debug", "trace"),
+    ),
+    Option(
+        "-lc",
+        "--log-config",
+        G_GENERAL,
+        "use config file f for the logger",
+        values=("[f]ilename: string",),
+        sets={"logging.config_file": ARG0},
+    ),
+    Option(
+        "+v",
+        "--verbose-pc",
+        G_GENERAL,
+        "show presentation contexts in verbose mode",
+        sets={"logging.verbose_pc": True},
+    ),
     # network options
-    Option("-xf", "--config-file", G_NET, "use profile p from configuration file f",
-           values=("[f]ilename, [p]rofile: string", ""),
-           sets={"association.config_file": ARG0, "association.profile": ARG1}),
-    Option("-uca", "--use-called-aetitle", G_NET, "always respond with called AE title (default)",
-           sets={"network.ae_title": ""}),
-    Option("-aet", "--aetitle", G_NET, "set my AE title and check called AE title",
-           values=("[a]etitle: string",), sets={"network.ae_title": ARG0}),
-    Option("-ta", "--acse-timeout", G_NET, "timeout for ACSE messages (default: 30)",
-           values=("[s]econds: integer",), sets={"network.acse_timeout": ARG0},
-           convert=integer(1)),
-    Option("-td", "--dimse-timeout", G_NET, "timeout for DIMSE messages (default: unlimited)",
-           values=("[s]econds: integer",), sets={"network.dimse_timeout": ARG0},
-           convert=integer(1)),
-    Option("-pdu", "--max-pdu", G_NET, "set max receive pdu to n bytes (default: 16384)",
-           values=("[n]umber of bytes: integer (4096..131072)",),
-           sets={"network.max_pdu": ARG0}, convert=integer(4096, 131072)),
-    Option("-dhl", "--disable-host-lookup", G_NET, "disable hostname lookup",
-           sets={"network.host_lookup": False}),
+    Option(
+        "-xf",
+        "--config-file",
+        G_NET,
+        "use profile p from configuration file f",
+        values=("[f]ilename, [p]rofile: string", ""),
+        sets={"association.config_file": ARG0, "association.profile": ARG1},
+    ),
+    Option(
+        "-uca",
+        "--use-called-aetitle",
+        G_NET,
+        "always respond with called AE title (default)",
+        sets={"network.ae_title": ""},
+    ),
+    Option(
+        "-aet",
+        "--aetitle",
+        G_NET,
+        "set my AE title and check called AE title",
+        values=("[a]etitle: string",),
+        sets={"network.ae_title": ARG0},
+    ),
+    Option(
+        "-ta",
+        "--acse-timeout",
+        G_NET,
+        "timeout for ACSE messages (default: 30)",
+        values=("[s]econds: integer",),
+        sets={"network.acse_timeout": ARG0},
+        convert=integer(1),
+    ),
+    Option(
+        "-td",
+        "--dimse-timeout",
+        G_NET,
+        "timeout for DIMSE messages (default: unlimited)",
+        values=("[s]econds: integer",),
+        sets={"network.dimse_timeout": ARG0},
+        convert=integer(1),
+    ),
+    Option(
+        "-pdu",
+        "--max-pdu",
+        G_NET,
+        "set max receive pdu to n bytes (default: 16384)",
+        values=("[n]umber of bytes: integer (4096..131072)",),
+        sets={"network.max_pdu": ARG0},
+        convert=integer(4096, 131072),
+    ),
+    Option(
+        "-dhl", "--disable-host-lookup", G_NET, "disable hostname lookup", sets={"network.host_lookup": False}
+    ),
     # TLS options
-    Option("-tls", "--disable-tls", G_TLS, "use normal TCP/IP connection (default)",
-           sets={"tls.enabled": False}),
-    Option("+tls", "--enable-tls", G_TLS, "use authenticated secure TLS connection",
-           values=("[p]rivate key file, [c]ertificate file: string", ""),
-           sets={"tls.enabled": True, "tls.private_key": ARG0, "tls.certificate": ARG1}),
-    Option("+ps", "--std-passwd", G_TLS, "prompt user to type password on stdin (default)",
-           sets={"tls.password_source": "prompt"}, requires=("tls.enabled", True)),
-    Option("+pw", "--use-passwd", G_TLS, "use specified password",
-           values=("[p]assword: string",),
-           sets={"tls.password_source": "value", "tls.password": ARG0},
-           requires=("tls.enabled", True)),
-    Option("-pw", "--null-passwd", G_TLS, "use empty string as password",
-           sets={"tls.password_source": "empty"}, requires=("tls.enabled", True)),
-    Option("-pem", "--pem-keys", G_TLS, "read keys and certificates as PEM file (default)",
-           sets={"tls.key_format": "pem"}),
-    Option("-der", "--der-keys", G_TLS, "read keys and certificates as DER file",
-           sets={"tls.key_format": "der"}),
-    Option("+cf", "--add-cert-file", G_TLS, "add certificate file to list of certificates",
-           values=("[f]ilename: string",), appends={"tls.ca_files": ARG0}),
-    Option("+cd", "--add-cert-dir", G_TLS, "add certificates in d to list of certificates",
-           values=("[d]irectory: string",), appends={"tls.ca_dirs": ARG0}),
-    Option("+crl", "--add-crl-file", G_TLS,
-           "add certificate revocation list file\n(implies --enable-crl-vfy)",
-           values=("[f]ilename: string",), appends={"tls.crl_files": ARG0}),
-    Option("+crv", "--enable-crl-vfy", G_TLS, "enable leaf CRL verification",
-           sets={"tls.crl_check": "leaf"}),
-    Option("+cra", "--enable-crl-all", G_TLS, "enable full chain CRL verification",
-           sets={"tls.crl_check": "chain"}),
-    Option("+pg", "--profile-8996", G_TLS, "BCP 195 RFC 8996 TLS Profile (default)",
-           sets={"tls.profile": "bcp195-rfc8996"}),
-    Option("+pm", "--profile-8996-mod", G_TLS, "Modified BCP 195 RFC 8996 TLS Profile",
-           sets={"tls.profile": "bcp195-rfc8996-modified"}),
-    Option("+py", "--profile-bcp195-nd", G_TLS, "Non-downgrading BCP 195 TLS Profile (retired)",
-           sets={"tls.profile": "bcp195-nd"}),
-    Option("+px", "--profile-bcp195", G_TLS, "BCP 195 TLS Profile (retired)",
-           sets={"tls.profile": "bcp195"}),
-    Option("+pz", "--profile-bcp195-ex", G_TLS, "Extended BCP 195 TLS Profile (retired)",
-           sets={"tls.profile": "bcp195-extended"}),
-    Option("+pb", "--profile-basic", G_TLS,
-           "Basic TLS Secure Transport Connection Profile (retired)",
-           sets={"tls.profile": "basic"}),
-    Option("+pa", "--profile-aes", G_TLS, "AES TLS Secure Transport Connection Profile (retired)",
-           sets={"tls.profile": "aes"}),
-    Option("+pn", "--profile-null", G_TLS,
-           "Authenticated unencrypted communication\n(retired, was used in IHE ATNA)",
-           sets={"tls.profile": "null"}),
-    Option("+cc", "--list-ciphers", G_TLS, "show list of supported TLS ciphersuites and exit",
-           sets={"cli.action": "list-ciphers"}),
-    Option("+cs", "--cipher", G_TLS, "add ciphersuite to list of negotiated suites",
-           values=("[c]iphersuite name: string",), appends={"tls.ciphers": ARG0}),
-    Option("+dp", "--dhparam", G_TLS, "read DH parameters for DH/DSS ciphersuites",
-           values=("[f]ilename: string",), sets={"tls.dh_params": ARG0}),
+    Option(
+        "-tls", "--disable-tls", G_TLS, "use normal TCP/IP connection (default)", sets={"tls.enabled": False}
+    ),
+    Option(
+        "+tls",
+        "--enable-tls",
+        G_TLS,
+        "use authenticated secure TLS connection",
+        values=("[p]rivate key file, [c]ertificate file: string", ""),
+        sets={"tls.enabled": True, "tls.private_key": ARG0, "tls.certificate": ARG1},
+    ),
+    Option(
+        "+ps",
+        "--std-passwd",
+        G_TLS,
+        "prompt user to type password on stdin (default)",
+        sets={"tls.password_source": "prompt"},
+        requires=("--enable-tls", "tls.enabled"),
+    ),
+    Option(
+        "+pw",
+        "--use-passwd",
+        G_TLS,
+        "use specified password",
+        values=("[p]assword: string",),
+        sets={"tls.password_source": "value", "tls.password": ARG0},
+        requires=("--enable-tls", "tls.enabled"),
+    ),
+    Option(
+        "-pw",
+        "--null-passwd",
+        G_TLS,
+        "use empty string as password",
+        sets={"tls.password_source": "empty"},
+        requires=("--enable-tls", "tls.enabled"),
+    ),
+    Option(
+        "-pem",
+        "--pem-keys",
+        G_TLS,
+        "read keys and certificates as PEM file (default)",
+        sets={"tls.key_format": "pem"},
+    ),
+    Option(
+        "-der", "--der-keys", G_TLS, "read keys and certificates as DER file", sets={"tls.key_format": "der"}
+    ),
+    Option(
+        "+cf",
+        "--add-cert-file",
+        G_TLS,
+        "add certificate file to list of certificates",
+        values=("[f]ilename: string",),
+        appends={"tls.ca_files": ARG0},
+    ),
+    Option(
+        "+cd",
+        "--add-cert-dir",
+        G_TLS,
+        "add certificates in d to list of certificates",
+        values=("[d]irectory: string",),
+        appends={"tls.ca_dirs": ARG0},
+    ),
+    Option(
+        "+crl",
+        "--add-crl-file",
+        G_TLS,
+        "add certificate revocation list file\n(implies --enable-crl-vfy)",
+        values=("[f]ilename: string",),
+        appends={"tls.crl_files": ARG0},
+    ),
+    Option("+crv", "--enable-crl-vfy", G_TLS, "enable leaf CRL verification", sets={"tls.crl_check": "leaf"}),
+    Option(
+        "+cra",
+        "--enable-crl-all",
+        G_TLS,
+        "enable full chain CRL verification",
+        sets={"tls.crl_check": "chain"},
+    ),
+    Option(
+        "+pg",
+        "--profile-8996",
+        G_TLS,
+        "BCP 195 RFC 8996 TLS Profile (default)",
+        sets={"tls.profile": "bcp195-rfc8996"},
+    ),
+    Option(
+        "+pm",
+        "--profile-8996-mod",
+        G_TLS,
+        "Modified BCP 195 RFC 8996 TLS Profile",
+        sets={"tls.profile": "bcp195-rfc8996-modified"},
+    ),
+    Option(
+        "+py",
+        "--profile-bcp195-nd",
+        G_TLS,
+        "Non-downgrading BCP 195 TLS Profile (retired)",
+        sets={"tls.profile": "bcp195-nd"},
+    ),
+    Option("+px", "--profile-bcp195", G_TLS, "BCP 195 TLS Profile (retired)", sets={"tls.profile": "bcp195"}),
+    Option(
+        "+pz",
+        "--profile-bcp195-ex",
+        G_TLS,
+        "Extended BCP 195 TLS Profile (retired)",
+        sets={"tls.profile": "bcp195-extended"},
+    ),
+    Option(
+        "+pb",
+        "--profile-basic",
+        G_TLS,
+        "Basic TLS Secure Transport Connection Profile (retired)",
+        sets={"tls.profile": "basic"},
+    ),
+    Option(
+        "+pa",
+        "--profile-aes",
+        G_TLS,
+        "AES TLS Secure Transport Connection Profile (retired)",
+        sets={"tls.profile": "aes"},
+    ),
+    Option(
+        "+pn",
+        "--profile-null",
+        G_TLS,
+        "Authenticated unencrypted communication\n(retired, was used in IHE ATNA)",
+        sets={"tls.profile": "null"},
+    ),
+    Option(
+        "+cc",
+        "--list-ciphers",
+        G_TLS,
+        "show list of supported TLS ciphersuites and exit",
+        sets={"cli.action": "list-ciphers"},
+    ),
+    Option(
+        "+cs",
+        "--cipher",
+        G_TLS,
+        "add ciphersuite to list of negotiated suites",
+        values=("[c]iphersuite name: string",),
+        appends={"tls.ciphers": ARG0},
+    ),
+    Option(
+        "+dp",
+        "--dhparam",
+        G_TLS,
+        "read DH parameters for DH/DSS ciphersuites",
+        values=("[f]ilename: string",),
+        sets={"tls.dh_params": ARG0},
+    ),
     Option(None, "--no-sni", G_TLS, "do not use SNI (default)", sets={"tls.expect_sni": ""}),
-    Option(None, "--expect-sni", G_TLS, "expect requests for server name s",
-           values=("[s]erver name: string",), sets={"tls.expect_sni": ARG0}),
-    Option("+rs", "--seed", G_TLS, "seed random generator with contents of f",
-           values=("[f]ilename: string",), sets={"tls.seed_file": ARG0}, compat=_SEED_NOTE),
-    Option("+ws", "--write-seed", G_TLS, "write back modified seed (only with --seed)",
-           sets={"tls.write_seed": True}, compat=_SEED_NOTE, requires=("tls.seed_file", "")),
-    Option("+wf", "--write-seed-file", G_TLS, "write modified seed to file f (only with --seed)",
-           values=("[f]ilename: string",), sets={"tls.write_seed_file": ARG0},
-           compat=_SEED_NOTE, requires=("tls.seed_file", "")),
-    Option("-rc", "--require-peer-cert", G_TLS, "verify peer certificate, fail if absent (default)",
-           sets={"tls.peer_cert": "require"}),
-    Option("-vc", "--verify-peer-cert", G_TLS, "verify peer certificate if present",
-           sets={"tls.peer_cert": "verify"}),
-    Option("-ic", "--ignore-peer-cert", G_TLS, "don't verify peer certificate",
-           sets={"tls.peer_cert": "ignore"}),
+    Option(
+        None,
+        "--expect-sni",
+        G_TLS,
+        "expect requests for server name s",
+        values=("[s]erver name: string",),
+        sets={"tls.expect_sni": ARG0},
+    ),
+    Option(
+        "+rs",
+        "--seed",
+        G_TLS,
+        "seed random generator with contents of f",
+        values=("[f]ilename: string",),
+        sets={"tls.seed_file": ARG0},
+        compat=_SEED_NOTE,
+    ),
+    Option(
+        "+ws",
+        "--write-seed",
+        G_TLS,
+        "write back modified seed (only with --seed)",
+        sets={"tls.write_seed": True},
+        compat=_SEED_NOTE,
+        requires=("--seed", "tls.seed_file"),
+    ),
+    Option(
+        "+wf",
+        "--write-seed-file",
+        G_TLS,
+        "write modified seed to file f (only with --seed)",
+        values=("[f]ilename: string",),
+        sets={"tls.write_seed_file": ARG0},
+        compat=_SEED_NOTE,
+        requires=("--seed", "tls.seed_file"),
+    ),
+    Option(
+        "-rc",
+        "--require-peer-cert",
+        G_TLS,
+        "verify peer certificate, fail if absent (default)",
+        sets={"tls.peer_cert": "require"},
+    ),
+    Option(
+        "-vc",
+        "--verify-peer-cert",
+        G_TLS,
+        "verify peer certificate if present",
+        sets={"tls.peer_cert": "verify"},
+    ),
+    Option(
+        "-ic", "--ignore-peer-cert", G_TLS, "don't verify peer certificate", sets={"tls.peer_cert": "ignore"}
+    ),
     # output options
-    Option("-od", "--output-directory", G_OUT,
-           "write received objects to existing directory d (default: '.')",
-           values=("[d]irectory: string",), sets={"output.directory": ARG0}),
-    Option("-s", "--no-subdir", G_OUT, "do not generate any subdirectories (default)",
-           sets={"output.subdirectory": "none"}),
-    Option("+ssd", "--series-date-subdir", G_OUT, "generate subdirectories from series date",
-           sets={"output.subdirectory": "series-date"}),
-    Option("+fd", "--default-filenames", G_OUT, "generate filename from instance UID (default)",
-           sets={"output.filenames": "default"}),
-    Option("+fu", "--unique-filenames", G_OUT, "generate unique filename based on new UID",
-           sets={"output.filenames": "unique"}),
-    Option("+fsu", "--short-unique-names", G_OUT, "generate short pseudo-random unique filename",
-           sets={"output.filenames": "short-unique"}),
-    Option("+fst", "--system-time-names", G_OUT, "generate filename from current system time",
-           sets={"output.filenames": "system-time"}),
-    Option("-fe", "--filename-extension", G_OUT, "append e to all generated filenames",
-           values=("[e]xtension: string",), sets={"output.extension": ARG0}),
-    Option("-B", "--normal", G_OUT, "allow implicit format conversions (default)",
-           sets={"output.mode": "normal"}),
-    Option("+B", "--bit-preserving", G_OUT, "write dataset exactly as received",
-           sets={"output.mode": "bit-preserving"}),
-    Option(None, "--ignore", G_OUT, "ignore dataset, receive but do not store it",
-           sets={"output.mode": "ignore"}),
+    Option(
+        "-od",
+        "--output-directory",
+        G_OUT,
+        "write received objects to existing directory d (default: '.')",
+        values=("[d]irectory: string",),
+        sets={"output.directory": ARG0},
+    ),
+    Option(
+        "-s",
+        "--no-subdir",
+        G_OUT,
+        "do not generate any subdirectories (default)",
+        sets={"output.subdirectory": "none"},
+    ),
+    Option(
+        "+ssd",
+        "--series-date-subdir",
+        G_OUT,
+        "generate subdirectories from series date",
+        sets={"output.subdirectory": "series-date"},
+    ),
+    Option(
+        "+fd",
+        "--default-filenames",
+        G_OUT,
+        "generate filename from instance UID (default)",
+        sets={"output.filenames": "default"},
+    ),
+    Option(
+        "+fu",
+        "--unique-filenames",
+        G_OUT,
+        "generate unique filename based on new UID",
+        sets={"output.filenames": "unique"},
+    ),
+    Option(
+        "+fsu",
+        "--short-unique-names",
+        G_OUT,
+        "generate short pseudo-random unique filename",
+        sets={"output.filenames": "short-unique"},
+    ),
+    Option(
+        "+fst",
+        "--system-time-names",
+        G_OUT,
+        "generate filename from current system time",
+        sets={"output.filenames": "system-time"},
+    ),
+    Option(
+        "-fe",
+        "--filename-extension",
+        G_OUT,
+        "append e to all generated filenames",
+        values=("[e]xtension: string",),
+        sets={"output.extension": ARG0},
+    ),
+    Option(
+        "-B", "--normal", G_OUT, "allow implicit format conversions (default)", sets={"output.mode": "normal"}
+    ),
+    Option(
+        "+B",
+        "--bit-preserving",
+        G_OUT,
+        "write dataset exactly as received",
+        sets={"output.mode": "bit-preserving"},
+    ),
+    Option(
+        None, "--ignore", G_OUT, "ignore dataset, receive but do not store it", sets={"output.mode": "ignore"}
+    ),
     # dcmrecvd's own options
-    Option(None, "--config", G_DAEMON, "read TOML file f after the main file and drop-ins",
-           values=("[f]ilename: string",), sets={"cli.config": ARG0}),
-    Option(None, "--config-dir", G_DAEMON,
-           "read d/dcmrecvd.toml and d/dcmrecvd.toml.d/*.toml\n(default: /etc/dcmrecvd)",
-           values=("[d]irectory: string",), sets={"cli.config_dir": ARG0}),
-    Option(None, "--print-config", G_DAEMON, "print the effective configuration as TOML and exit",
-           sets={"cli.action": "print-config"}),
-    Option(None, "--check-config", G_DAEMON,
-           "validate configuration, profile, directory and TLS files and exit",
-           sets={"cli.action": "check-config"}),
-    Option(None, "--daemon", G_DAEMON, "detach and run in the background (no systemd)",
-           sets={"cli.daemon": True}),
-    Option(None, "--pidfile", G_DAEMON, "write the daemon's PID to file f (with --daemon)",
-           values=("[f]ilename: string",), sets={"daemon.pidfile": ARG0}),
-    Option(None, "--log-format", G_DAEMON, "auto, console, json or journal (default: auto)",
-           values=("[f]ormat: string constant",), sets={"logging.format": ARG0},
-           convert=choice("auto", "console", "json", "journal")),
-    Option(None, "--max-associations", G_DAEMON, "serve at most n associations at once",
-           values=("[n]umber: integer (1..1024)",), sets={"network.max_associations": ARG0},
-           convert=integer(1, 1024)),
-    Option(None, "--drain-timeout", G_DAEMON, "seconds to let associations finish on SIGTERM",
-           values=("[s]econds: integer",), sets={"daemon.drain_timeout": ARG0},
-           convert=integer(0)),
+    Option(
+        None,
+        "--config",
+        G_DAEMON,
+        "read TOML file f after the main file and drop-ins",
+        values=("[f]ilename: string",),
+        sets={"cli.config": ARG0},
+    ),
+    Option(
+        None,
+        "--config-dir",
+        G_DAEMON,
+        "read d/dcmrecvd.toml and d/dcmrecvd.toml.d/*.toml\n(default: /etc/dcmrecvd)",
+        values=("[d]irectory: string",),
+        sets={"cli.config_dir": ARG0},
+    ),
+    Option(
+        None,
+        "--print-config",
+        G_DAEMON,
+        "print the effective configuration as TOML and exit",
+        sets={"cli.action": "print-config"},
+    ),
+    Option(
+        None,
+        "--check-config",
+        G_DAEMON,
+        "validate configuration, profile, directory and TLS files and exit",
+        sets={"cli.action": "check-config"},
+    ),
+    Option(
+        None, "--daemon", G_DAEMON, "detach and run in the background (no systemd)", sets={"cli.daemon": True}
+    ),
+    Option(
+        None,
+        "--pidfile",
+        G_DAEMON,
+        "write the daemon's PID to file f (with --daemon)",
+        values=("[f]ilename: string",),
+        sets={"daemon.pidfile": ARG0},
+    ),
+    Option(
+        None,
+        "--log-format",
+        G_DAEMON,
+        "auto, console, json or journal (default: auto)",
+        values=("[f]ormat: string constant",),
+        sets={"logging.format": ARG0},
+        convert=choice("auto", "console", "json", "journal"),
+    ),
+    Option(
+        None,
+        "--max-associations",
+        G_DAEMON,
+        "serve at most n associations at once",
+        values=("[n]umber: integer (1..1024)",),
+        sets={"network.max_associations": ARG0},
+        convert=integer(1, 1024),
+    ),
+    Option(
+        None,
+        "--drain-timeout",
+        G_DAEMON,
+        "seconds to let associations finish on SIGTERM",
+        values=("[s]econds: integer",),
+        sets={"daemon.drain_timeout": ARG0},
+        convert=integer(0),
+    ),
 )
 
 _BY_SPELLING: dict[str, Option] = {s: o for o in OPTIONS for s in o.spellings}
@@ -396,7 +687,7 @@ def parse(argv: Sequence[str], cwd: Path | None = None) -> CommandLine:
             elif value == ARG1:
                 value = converted[1]
             _store(cmd, dotted, value, append=False)
-        for dotted, value in opt.appends.items():
+        for dotted in opt.appends:
             _store(cmd, dotted, converted[0], append=True)
         if opt.long == "--add-crl-file" and _lookup(cmd, "tls.crl_check", "none") == "none":
             _store(cmd, "tls.crl_check", "leaf", append=False)
@@ -422,14 +713,8 @@ def parse(argv: Sequence[str], cwd: Path | None = None) -> CommandLine:
 def _check_requirements(cmd: CommandLine) -> None:
     """DCMTK's "X only allowed with Y" checks, on the final values."""
     for opt in cmd.used:
-        if opt.requires is None:
-            continue
-        key, value = opt.requires
-        current = _lookup(cmd, key, "" if value == "" else False)
-        ok = current != "" if value == "" else current == value
-        if not ok:
-            needed = "--seed" if key == "tls.seed_file" else "--enable-tls"
-            raise UsageError(f"{opt.long} only allowed with {needed}")
+        if opt.requires is not None and not _lookup(cmd, opt.requires[1], None):
+            raise UsageError(f"{opt.long} only allowed with {opt.requires[0]}")
 
 
 # --------------------------------------------------------------------------- help
@@ -464,6 +749,4 @@ def help_text(prog: str) -> str:
 
 def long_form(args: Sequence[str]) -> list[str]:
     """Arguments with every option in its long spelling (what --arguments prints)."""
-    return [
-        _BY_SPELLING[a].long if _is_option(a) and a in _BY_SPELLING else a for a in args
-    ]
+    return [_BY_SPELLING[a].long if _is_option(a) and a in _BY_SPELLING else a for a in args]

@@ -95,7 +95,7 @@ class JournalSink:
     """structlog logger that writes native journal entries."""
 
     def __init__(self) -> None:
-        from systemd import journal
+        from systemd import journal  # type: ignore[attr-defined]
 
         self._send = journal.send
 

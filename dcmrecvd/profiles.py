@@ -48,9 +48,7 @@ class Profile:
 
 
 #: dcmrecv without a profile: Verification with Implicit VR Little Endian only.
-VERIFICATION_ONLY = Profile(
-    name="(none)", contexts=(Context(uids.VERIFICATION, (uids.IMPLICIT_LE,)),)
-)
+VERIFICATION_ONLY = Profile(name="(none)", contexts=(Context(uids.VERIFICATION, (uids.IMPLICIT_LE,)),))
 
 
 @dataclass
@@ -108,9 +106,7 @@ def parse_text(text: str, source: str) -> ConfigFile:
                 section = None
             else:
                 if supersection is None:
-                    raise ProfileError(
-                        source, number, f"section [{name}] outside any [[supersection]]"
-                    )
+                    raise ProfileError(source, number, f"section [{name}] outside any [[supersection]]")
                 # A repeated section name: the first one wins, as in DCMTK.
                 section = supersection.setdefault(name, _Section(name, number))
             continue
@@ -200,9 +196,7 @@ def build_profile(cfg: ConfigFile, name: str) -> Profile:
     _, pc_section = ref
     pc_entries = _numbered(pc_section, "PRESENTATIONCONTEXT")
     if len(pc_entries) > MAX_CONTEXTS:
-        raise ProfileError(
-            cfg.source, pc_section.line, f"more than {MAX_CONTEXTS} presentation contexts"
-        )
+        raise ProfileError(cfg.source, pc_section.line, f"more than {MAX_CONTEXTS} presentation contexts")
     contexts: list[Context] = []
     seen: dict[str, int] = {}
     for entry in pc_entries:

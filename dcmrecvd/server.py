@@ -134,9 +134,7 @@ class Server:
         host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
         peer = f"{host}:{addr[1]}" if isinstance(addr, tuple) else host
         runtime = self.runtime()
-        assoc = Association(
-            conn, peer, runtime, self.stats, admit=self._admit, release_slot=self._release
-        )
+        assoc = Association(conn, peer, runtime, self.stats, admit=self._admit, release_slot=self._release)
         if runtime.config.network.host_lookup and isinstance(addr, tuple):
             bound = assoc.log
             resolve_peer(host, lambda name: bound.info("assoc.peer_host", peer_host=name))
@@ -191,4 +189,3 @@ class Server:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
-

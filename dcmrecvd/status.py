@@ -32,4 +32,3 @@ def status_for_error(exc: BaseException) -> Status:
     if isinstance(exc, ValueError):
         return Status.CANNOT_UNDERSTAND
     return Status.OUT_OF_RESOURCES
-

@@ -54,7 +54,7 @@ class PendingFile:
     size: int = 0
     _flushed_to: int = field(default=0, repr=False)
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data`` (all of it)."""
         view = memoryview(data)
         while view:
@@ -97,7 +97,7 @@ class PendingFile:
         final = self.directory / name
         if self.fd >= 0:
             if self.store.durable:
-                os.fsync(self.fd)
+                os.fdatasync(self.fd)
             os.close(self.fd)
             self.fd = -1
         replaced = False

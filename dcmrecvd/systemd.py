@@ -52,9 +52,7 @@ class Notifier:
             except OSError:
                 self._sock = None
         self.watchdog_usec = 0
-        if environ.get("WATCHDOG_USEC") and environ.get("WATCHDOG_PID", str(os.getpid())) == str(
-            os.getpid()
-        ):
+        if environ.get("WATCHDOG_USEC") and environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
             try:
                 self.watchdog_usec = int(environ["WATCHDOG_USEC"])
             except ValueError:

@@ -12,7 +12,7 @@ import sys
 from functools import cache
 from importlib import resources
 
-from pydicom.uid import UID_dictionary
+from pydicom._uid_dict import UID_dictionary
 
 #: A UID safe for a path: digits and dots, no empty component (leading zeros,
 #: which some modalities send, are tolerated: they are harmless in a name).
