@@ -1,0 +1,165 @@
+"""Test-side DICOM peers: pynetdicom as SCU, a raw upper-layer client for bad input,
+and helpers to compare what was sent with what was stored."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+
+from dcmrecvd import dimse, pdu
+
+
+def dataset_offset(data: bytes) -> int:
+    """Where the dataset starts in a Part 10 file (after preamble, DICM and group 2)."""
+    assert data[128:132] == b"DICM", "not a Part 10 file"
+    pos = 132
+    while pos + 8 <= len(data):
+        group = struct.unpack_from("<H", data, pos)[0]
+        if group != 0x0002:
+            return pos
+        vr = data[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            length = struct.unpack_from("<I", data, pos + 8)[0]
+            pos += 12 + length
+        else:
+            length = struct.unpack_from("<H", data, pos + 6)[0]
+            pos += 8 + length
+    return pos
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset of a Part 10 file, exactly as stored."""
+    data = path.read_bytes()
+    return data[dataset_offset(data) :]
+
+
+def associate(
+    port: int,
+    contexts: list[tuple[str, list[str]]],
+    called: str = "ANY-SCP",
+    calling: str = "PYNETDICOM",
+    max_pdu: int = 16384,
+) -> Association:
+    """A pynetdicom association with the given (SOP class, transfer syntaxes)."""
+    ae = AE(ae_title=calling)
+    ae.maximum_pdu_size = max_pdu
+    for sop, syntaxes in contexts:
+        ae.add_requested_context(sop, syntaxes)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def send_file(port: int, path: Path, **kwargs: str) -> int:
+    """Send one file as-is (no decoding) with pynetdicom; return the status."""
+    ds = dcmread(path, stop_before_pixels=True)
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    assoc = associate(port, [(str(ds.SOPClassUID), [ts])], **kwargs)
+    assert assoc.is_established, "association not established"
+    try:
+        status = assoc.send_c_store(path)
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+class RawClient:
+    """Speaks the upper layer by hand, to send what no well-behaved SCU would."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def associate(self, sop_class: str, transfer_syntax: str, called: str = "ANY-SCP") -> int:
+        """Send an A-ASSOCIATE-RQ; return the PDU type of the answer."""
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+        primitive.calling_ae_title = "RAW"
+        primitive.called_ae_title = called
+        context = build_context(sop_class, [transfer_syntax])
+        context.context_id = 1
+        primitive.presentation_context_definition_list = [context]
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = 16384
+        primitive.user_information = [max_length]
+        self.sock.sendall(A_ASSOCIATE_RQ(primitive).encode())
+        pdu_type, body = self.read_pdu()
+        return pdu_type
+
+    def read_pdu(self) -> tuple[int, bytes]:
+        header = self._recv_exact(6)
+        pdu_type, length = pdu.PDU_HEADER.unpack(header)
+        return pdu_type, self._recv_exact(length)
+
+    def _recv_exact(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("closed")
+            out += chunk
+        return out
+
+    def store_command(self, sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
+        """A C-STORE-RQ command set (Implicit VR Little Endian)."""
+
+        def elem(tag: int, value: bytes) -> bytes:
+            if len(value) % 2:
+                value += b"\x00"
+            return struct.pack("<HHI", 0, tag, len(value)) + value
+
+        body = (
+            elem(0x0002, sop_class.encode())
+            + elem(0x0100, struct.pack("<H", dimse.C_STORE_RQ))
+            + elem(0x0110, struct.pack("<H", message_id))
+            + elem(0x0700, struct.pack("<H", 0))
+            + elem(0x0800, struct.pack("<H", 0x0000))
+            + elem(0x1000, sop_instance.encode())
+        )
+        return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+    def send_pdv(self, data: bytes, command: bool, last: bool, context_id: int = 1) -> None:
+        control = (0x01 if command else 0) | (0x02 if last else 0)
+        pdv = struct.pack(">IBB", len(data) + 2, context_id, control) + data
+        self.sock.sendall(struct.pack(">BxI", 4, len(pdv)) + pdv)
+
+    def response_status(self) -> int:
+        """Read a P-DATA with a response command set; return its status."""
+        pdu_type, body = self.read_pdu()
+        assert pdu_type == pdu.P_DATA_TF, f"PDU type {pdu_type}"
+        data = body[6:]
+        pos = 0
+        while pos < len(data):
+            _, elem, length = struct.unpack_from("<HHI", data, pos)
+            if elem == 0x0900:
+                return int(struct.unpack_from("<H", data, pos + 8)[0])
+            pos += 8 + length
+        raise AssertionError("no status in response")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def send_exact(port: int, path: Path, fragment: int = 16000) -> int:
+    """Send a file's dataset bytes exactly as stored in it, fragmented; return the status."""
+    ds = dcmread(path, stop_before_pixels=True)
+    data = dataset_bytes(path)
+    client = RawClient(port)
+    try:
+        assert client.associate(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) == pdu.A_ASSOCIATE_AC
+        client.send_pdv(client.store_command(str(ds.SOPClassUID), str(ds.SOPInstanceUID)), True, True)
+        for start in range(0, len(data), fragment):
+            chunk = data[start : start + fragment]
+            client.send_pdv(chunk, command=False, last=start + fragment >= len(data))
+        status = client.response_status()
+        client.sock.sendall(bytes((5, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
+        client.read_pdu()
+        return status
+    finally:
+        client.close()
