@@ -89,7 +89,7 @@ class RawClient:
         max_length.maximum_length_received = 16384
         primitive.user_information = [max_length]
         self.sock.sendall(A_ASSOCIATE_RQ(primitive).encode())
-        pdu_type, body = self.read_pdu()
+        pdu_type, _body = self.read_pdu()
         return pdu_type
 
     def read_pdu(self) -> tuple[int, bytes]:
@@ -152,7 +152,9 @@ def send_exact(port: int, path: Path, fragment: int = 16000) -> int:
     data = dataset_bytes(path)
     client = RawClient(port)
     try:
-        assert client.associate(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) == pdu.A_ASSOCIATE_AC
+        assert (
+            client.associate(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) == pdu.A_ASSOCIATE_AC
+        )
         client.send_pdv(client.store_command(str(ds.SOPClassUID), str(ds.SOPInstanceUID)), True, True)
         for start in range(0, len(data), fragment):
             chunk = data[start : start + fragment]

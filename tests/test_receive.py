@@ -15,7 +15,6 @@ from peers import RawClient, associate, dataset_bytes, send_exact, send_file
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
-    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -148,7 +147,9 @@ def test_series_date_subdirectories(
 
 
 @pytest.mark.parametrize("ts", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
-def test_series_date_in_each_syntax_and_after_a_sequence(daemons: DaemonFactory, tmp_path: Path, ts: str) -> None:
+def test_series_date_in_each_syntax_and_after_a_sequence(
+    daemons: DaemonFactory, tmp_path: Path, ts: str
+) -> None:
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
@@ -253,12 +254,11 @@ def test_four_concurrent_senders(daemons: DaemonFactory, tmp_path: Path) -> None
                 p.kill()
     got = stored(d.output)
     assert len(got) == 100
-    sent = {dcmread(f).SOPInstanceUID: dataset_bytes(f) for batch in batches for f in batch}
+    pixels = {str(ds.SOPInstanceUID): ds.PixelData for ds in (dcmread(f) for b in batches for f in b)}
     for path in got:
-        ds = dcmread(path, stop_before_pixels=True)
-        data = dataset_bytes(path)
-        assert dcmread(path).PixelData == dcmread(next(f for b in batches for f in b if dcmread(f).SOPInstanceUID == ds.SOPInstanceUID)).PixelData
-        assert len(data) == len(sent[ds.SOPInstanceUID])
+        ds = dcmread(path)
+        assert ds.PixelData == pixels.pop(str(ds.SOPInstanceUID))
+    assert pixels == {}
 
 
 # --------------------------------------------------------------------------- negotiation
@@ -294,8 +294,14 @@ def test_max_pdu_announced_and_scp_preference(daemons: DaemonFactory) -> None:
 
 def test_rejected_contexts_results(daemons: DaemonFactory) -> None:
     d = daemons.start()
-    assoc = associate(d.port, [(CT, ["1.2.3.4.5"]), ("1.2.3.9.9.9", [ImplicitVRLittleEndian]),
-                               ("1.2.840.10008.1.1", [ImplicitVRLittleEndian])])
+    assoc = associate(
+        d.port,
+        [
+            (CT, ["1.2.3.4.5"]),
+            ("1.2.3.9.9.9", [ImplicitVRLittleEndian]),
+            ("1.2.840.10008.1.1", [ImplicitVRLittleEndian]),
+        ],
+    )
     try:
         assert assoc.is_established
         results = {str(c.abstract_syntax): c.result for c in assoc.rejected_contexts}
@@ -344,8 +350,11 @@ def test_abort_mid_object_leaves_nothing(daemons: DaemonFactory, how: str) -> No
     client = RawClient(d.port)
     assert client.associate(CT, ExplicitVRLittleEndian) == 0x02
     client.send_pdv(client.store_command(CT, "1.2.3.4"), command=True, last=True)
-    client.send_pdv(b"\x08\x00\x16\x00UI\x1a\x00" + b"1" * 26 + b"\xe0\x7f\x10\x00OW\x00\x00" + b"\x00" * 8,
-                    command=False, last=False)
+    client.send_pdv(
+        b"\x08\x00\x16\x00UI\x1a\x00" + b"1" * 26 + b"\xe0\x7f\x10\x00OW\x00\x00" + b"\x00" * 8,
+        command=False,
+        last=False,
+    )
     if how == "abort":
         client.sock.sendall(bytes((7, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
     elif how == "garbage-pdu":
@@ -420,7 +429,9 @@ def test_acse_timeout_ends_silent_peer(daemons: DaemonFactory) -> None:
 def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
     mount = tmp_path / "small"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
     assert result.returncode == 0, f"mounting a tmpfs needs root: {result.stderr!r}"
     try:
         yield mount
@@ -428,7 +439,9 @@ def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_disk_full_fails_cleanly_and_recovers(daemons: DaemonFactory, tmp_path: Path, small_tmpfs: Path) -> None:
+def test_disk_full_fails_cleanly_and_recovers(
+    daemons: DaemonFactory, tmp_path: Path, small_tmpfs: Path
+) -> None:
     d = daemons.start(output=small_tmpfs)
     big = write(make_dataset(rows=1024, columns=1024), tmp_path / "big.dcm")  # 2 MB > 1 MB disk
     assert send_file(d.port, big) == 0xA700
@@ -451,7 +464,9 @@ def test_disk_full_keeps_older_file(daemons: DaemonFactory, tmp_path: Path, smal
     assert dataset_bytes(got) == dataset_bytes(first)
 
 
-def test_read_only_directory_fails_with_a700(daemons: DaemonFactory, tmp_path: Path, small_tmpfs: Path) -> None:
+def test_read_only_directory_fails_with_a700(
+    daemons: DaemonFactory, tmp_path: Path, small_tmpfs: Path
+) -> None:
     d = daemons.start(output=small_tmpfs)
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     assert send_file(d.port, ct_file(tmp_path)) == 0xA700
@@ -480,7 +495,8 @@ def test_stale_temp_files_removed_at_start(daemons: DaemonFactory, tmp_path: Pat
 def write_huge(path: Path, size: int) -> Path:
     """A Part 10 CT file with ``size`` bytes of pixel data, written in chunks."""
     ds = make_dataset(rows=0, columns=0)
-    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, size // 2, 16, 16, 15
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1024, 1024, 16, 16, 15
+    ds.NumberOfFrames = size // (2 * 1024 * 1024)
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, "MONOCHROME2", 0
     write(ds, path)
     with path.open("ab") as fh:
@@ -533,7 +549,9 @@ def test_exit_45_for_missing_output_directory(config_dir: Path, tmp_path: Path) 
 
 
 def test_exit_66_checked_before_45(config_dir: Path, tmp_path: Path) -> None:
-    result = dcmrecvd("-xf", "/nonexistent.cfg", "P", "-od", str(tmp_path / "missing"), "104", config_dir=config_dir)
+    result = dcmrecvd(
+        "-xf", "/nonexistent.cfg", "P", "-od", str(tmp_path / "missing"), "104", config_dir=config_dir
+    )
     assert result.returncode == 66
 
 
@@ -558,8 +576,9 @@ def test_missing_port(config_dir: Path, tmp_path: Path) -> None:
 def test_check_config_ok(config_dir: Path, tmp_path: Path) -> None:
     from conftest import PROFILES
 
-    result = dcmrecvd("--check-config", "-xf", str(PROFILES), "Default", "-od", str(tmp_path), "104",
-                      config_dir=config_dir)
+    result = dcmrecvd(
+        "--check-config", "-xf", str(PROFILES), "Default", "-od", str(tmp_path), "104", config_dir=config_dir
+    )
     assert result.returncode == 0, result.stderr
     assert "configuration OK" in result.stdout
 
