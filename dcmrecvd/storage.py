@@ -24,7 +24,7 @@ TEMP_SUFFIX = ".tmp"
 FILE_MODE = 0o640
 DIR_MODE = 0o750
 #: Start writeback every this many bytes, so the final fsync has little left to do.
-WRITEBACK_CHUNK = 8 * 1024 * 1024
+WRITEBACK_CHUNK = 128 * 1024
 
 _SYNC_FILE_RANGE_WRITE = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
