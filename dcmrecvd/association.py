@@ -88,6 +88,7 @@ class Association:
         self.command_context = 0
         self.log = log.bind(assoc_id=self.id, peer=peer)
         self.established = False
+        self.requested = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -102,7 +103,10 @@ class Association:
             else:
                 outcome = "rejected"
         except pdu.PeerClosed as exc:
-            self.log.warning("assoc.aborted", reason=f"peer vanished: {exc}")
+            if self.requested:
+                self.log.warning("assoc.aborted", reason=f"peer vanished: {exc}")
+            else:  # a port probe or health check: connected and closed without a word
+                self.log.debug("conn.closed", reason="closed before an A-ASSOCIATE-RQ")
         except TimeoutError:
             self.log.warning("assoc.aborted", reason="timeout waiting for the peer")
             self._send_quietly(pdu.abort_pdu())
@@ -146,6 +150,7 @@ class Association:
         config = self.runtime.config.network
         self.sock.settimeout(config.acse_timeout)
         pdu_type, length = self.reader.header()
+        self.requested = True
         if pdu_type != pdu.A_ASSOCIATE_RQ:
             raise pdu.ProtocolViolation(
                 f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}",

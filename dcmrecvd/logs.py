@@ -57,6 +57,7 @@ EVENTS = (
     "assoc.released",
     "assoc.aborted",
     "assoc.peer_host",
+    "conn.closed",
     "assoc.release_mid_message",
     "echo",
     "store.completed",
