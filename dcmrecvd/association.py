@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import PurePosixPath
 
 import structlog
 
-from dcmrecvd import dimse, naming, negotiation, part10, pdu
+from dcmrecvd import dimse, naming, negotiation, part10, pdu, tls
 from dcmrecvd.dataset_scan import SeriesDateProbe
 from dcmrecvd.runtime import Runtime, Stats
 from dcmrecvd.status import Status, status_for_error
@@ -97,6 +98,8 @@ class Association:
         outcome = "aborted"
         admitted = False
         try:
+            if self.runtime.tls is not None and not self._handshake(self.runtime.tls):
+                return
             admitted = self._negotiate()
             if admitted:
                 outcome = self._serve()
@@ -129,6 +132,22 @@ class Association:
                 self.release_slot()
             if outcome == "released":
                 self.log.info("assoc.released")
+
+    def _handshake(self, context: ssl.SSLContext) -> bool:
+        """TLS handshake on this thread, bounded by the ACSE timeout."""
+        self.sock.settimeout(self.runtime.config.network.acse_timeout)
+        try:
+            wrapped = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            wrapped.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            reason = "timeout" if isinstance(exc, TimeoutError) else str(exc)
+            self.log.warning("tls.handshake_failed", reason=reason)
+            return False
+        self.sock = wrapped
+        self.reader = pdu.Reader(wrapped)
+        self.reader.before_refill = self._flush_pending
+        self.log = self.log.bind(**tls.describe_peer(wrapped))
+        return True
 
     def abort(self) -> None:
         """Abort from another thread (drain timeout): the reader wakes with an error."""

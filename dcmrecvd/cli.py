@@ -84,14 +84,14 @@ def _main(args: list[str], env: dict[str, str]) -> int:
     if cmd.action == "print-config":
         sys.stdout.write(config_mod.to_toml(config))
         return 0
-    runtime = prepare(config)
+    runtime = prepare(config, environ=env, warn=lambda m: print(f"{PROG}: warning: {m}", file=sys.stderr))
     if cmd.action == "check-config":
         if config.logging.config_file:
             logs.read_dcmtk_logger_config(config.logging.config_file)
         print(
             f"configuration OK: profile {runtime.profile.name} "
             f"({len(runtime.profile.contexts)} presentation contexts), "
-            f"output {runtime.store.root}"
+            f"output {runtime.store.root}, TLS {'on' if runtime.tls else 'off'}"
         )
         return int(ExitCode.OK)
     return _run(cmd, runtime, loader, env)
@@ -115,5 +115,5 @@ def _run(cmd: flags.CommandLine, runtime: Runtime, loader: daemon.Loader, env: d
             fmt = "journal"
     logs.configure(config.logging.level, fmt, environ=env, logger_config=config.logging.config_file)
     notifier = Notifier(env)
-    app = daemon.Daemon(runtime, loader, listeners, owned, notifier)
+    app = daemon.Daemon(runtime, loader, listeners, owned, notifier, environ=env)
     return app.serve()

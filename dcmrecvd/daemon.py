@@ -61,6 +61,7 @@ class Daemon:
     listeners: list[socket.socket]
     owns_listeners: bool
     notifier: Notifier
+    environ: Mapping[str, str] = field(default_factory=dict)
     stats: Stats = field(default_factory=Stats)
     signals: queue.SimpleQueue[int] = field(default_factory=queue.SimpleQueue)
     server: Server | None = None
@@ -133,7 +134,12 @@ class Daemon:
         log.info("reload.started")
         old = self.runtime
         try:
-            new = prepare(self.loader(), generation=old.generation + 1)
+            new = prepare(
+                self.loader(),
+                generation=old.generation + 1,
+                environ=self.environ,
+                warn=lambda message: log.warning("config.warning", reason=message),
+            )
         except DcmrecvdError as exc:
             self.stats.last_reload = f"failed: {exc}"
             log.error("reload.rejected", reason=str(exc))

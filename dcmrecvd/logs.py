@@ -58,6 +58,7 @@ EVENTS = (
     "assoc.aborted",
     "assoc.peer_host",
     "conn.closed",
+    "tls.handshake_failed",
     "assoc.release_mid_message",
     "echo",
     "store.completed",

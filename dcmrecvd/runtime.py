@@ -8,13 +8,15 @@ validate exactly the same way (and fail with the same exit codes).
 from __future__ import annotations
 
 import os
+import ssl
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pynetdicom.presentation import PresentationContext
 
-from dcmrecvd import naming, negotiation
+from dcmrecvd import naming, negotiation, tls
 from dcmrecvd.config import Config
 from dcmrecvd.errors import OutputDirectoryError, UsageError
 from dcmrecvd.profiles import VERIFICATION_ONLY, Profile, load_profile, with_verification
@@ -30,6 +32,7 @@ class Runtime:
     contexts: list[PresentationContext]
     scheme: naming.NamingScheme
     store: Store
+    tls: ssl.SSLContext | None = None
     generation: int = 0
 
 
@@ -80,8 +83,14 @@ def load_association_profile(config: Config) -> Profile:
     return with_verification(load_profile(assoc.config_file, assoc.profile))
 
 
-def prepare(config: Config, generation: int = 0) -> Runtime:
-    """Validate in dcmrecv's order (profile 66, then directory 45) and freeze."""
+def prepare(
+    config: Config,
+    generation: int = 0,
+    *,
+    environ: Mapping[str, str] | None = None,
+    warn: Callable[[str], None] = lambda message: None,
+) -> Runtime:
+    """Validate in dcmrecv's order (profile 66, directory 45, TLS 71) and freeze."""
     profile = load_association_profile(config)
     out = config.output
     try:
@@ -89,11 +98,13 @@ def prepare(config: Config, generation: int = 0) -> Runtime:
     except naming.UnsafeIdentifier as exc:
         raise UsageError(str(exc)) from None
     root = check_output_directory(out.directory)
+    context = tls.build_context(config.tls, environ, warn=warn) if config.tls.enabled else None
     return Runtime(
         config=config,
         profile=profile,
         contexts=negotiation.acceptor_contexts(profile),
         scheme=naming.NamingScheme(out.subdirectory, out.filenames, out.extension),
         store=Store(root, durable=out.fsync),
+        tls=context,
         generation=generation,
     )
