@@ -48,3 +48,41 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info received bench/out
+
+# ---------------------------------------------------------------- packages
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' dcmrecvd/__init__.py)
+DEB_TREE := build/deb/dcmrecvd-$(VERSION)
+UNITS := dcmrecvd.service dcmrecvd.socket dcmrecvd@.service dcmrecvd@.socket
+
+.PHONY: man deb rpm
+man: venv
+	$(PY) -m dcmrecvd.manpage packaging/man
+
+# The source tree without local state, as the package builders want it.
+define source_tree
+	rm -rf $(1) && mkdir -p $(1)
+	tar --exclude=./.venv --exclude=./build --exclude=./dist --exclude=./bench/out --exclude=./.git \
+	  --exclude='*/__pycache__' --exclude=./.mypy_cache --exclude=./.ruff_cache --exclude=./.pytest_cache \
+	  --exclude='*.egg-info' -cf - . | tar -xf - -C $(1)
+endef
+
+deb:
+	$(call source_tree,$(DEB_TREE))
+	cp -r packaging/debian $(DEB_TREE)/debian
+	for u in $(UNITS); do cp systemd/$$u $(DEB_TREE)/debian/$$u; done
+	cp systemd/dcmrecvd.sysusers $(DEB_TREE)/debian/dcmrecvd.sysusers
+	cp systemd/dcmrecvd.tmpfiles $(DEB_TREE)/debian/dcmrecvd.tmpfiles
+	cd $(DEB_TREE) && env -u VIRTUAL_ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b
+	mkdir -p dist && cp build/deb/*.deb dist/
+	@ls -l dist/*.deb
+
+RPM_TOP := $(CURDIR)/build/rpm
+rpm:
+	rm -rf $(RPM_TOP) && mkdir -p $(RPM_TOP)/SOURCES $(RPM_TOP)/SPECS
+	$(call source_tree,$(RPM_TOP)/dcmrecvd-$(VERSION))
+	tar -C $(RPM_TOP) -czf $(RPM_TOP)/SOURCES/dcmrecvd-$(VERSION).tar.gz dcmrecvd-$(VERSION)
+	env -u VIRTUAL_ENV HOME=$(RPM_TOP) PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+	  rpmbuild --load=packaging/rpm/macros.debian --define "_topdir $(RPM_TOP)" \
+	  --define "version_override $(VERSION)" --nodeps -bb packaging/rpm/dcmrecvd.spec
+	mkdir -p dist && cp $(RPM_TOP)/RPMS/*/*.rpm dist/
+	@ls -l dist/*.rpm

@@ -413,6 +413,9 @@ PACKAGE_SETTINGS: dict[str, dict[str, Any]] = {
     "network": {"port": 104},
     "association": {"config_file": "/etc/dcmrecvd/storescp.cfg", "profile": "Default"},
     "output": {"directory": "/var/lib/dcmrecvd"},
+    # A service keeps a per-object audit trail in the journal; dcmrecv's own default
+    # (warnings only) stays the default on the command line.
+    "logging": {"level": "info"},
 }
 
 

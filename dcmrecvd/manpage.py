@@ -1,0 +1,181 @@
+"""dcmrecvd(8) and dcmrecvd.toml(5), generated from the option table and the config schema.
+
+Generated, so the man pages cannot drift from ``--help`` and the TOML keys;
+``python -m dcmrecvd.manpage DIR`` writes both (``make man``), and a test
+checks that the shipped copies are current.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from dcmrecvd import __version__, config, flags, logs, tls
+
+
+def _esc(text: str) -> str:
+    """Escape for roff: backslashes and leading dots/quotes."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\\&" + text if text[:1] in (".", "'") else text
+
+
+def _option_lines() -> list[str]:
+    lines: list[str] = []
+    group = ""
+    for opt in flags.OPTIONS:
+        if opt.group != group:
+            group = opt.group
+            lines += [".SS " + _esc(group)]
+        spelling = ", ".join(f"\\fB{_esc(s)}\\fR" for s in opt.spellings)
+        values = " ".join(f"\\fI{_esc(v.split(':')[0])}\\fR" for v in opt.values if v)
+        lines += [".TP", f"{spelling} {values}".rstrip()]
+        lines += [_esc(part) for part in opt.help.split("\n")]
+        if opt.compat:
+            lines += [f"({_esc(opt.compat)}.)"]
+    return lines
+
+
+DESCRIPTION = """\
+.B dcmrecvd
+is a DICOM storage receiver (Storage SCP): it accepts associations from
+storage SCUs (modalities, PACS) and stores each received object as a DICOM
+Part 10 file. It accepts every option of DCMTK's
+.BR dcmrecv (1)
+with the same spellings and exit codes, reads a layered TOML configuration
+(see
+.BR dcmrecvd.toml (5)),
+and runs as a systemd service (Type=notify, socket activation, reload on
+SIGHUP, drain on SIGTERM, native journal entries).
+.PP
+An object is acknowledged (C\\-STORE status 0x0000) only after it is durably
+on disk: it is streamed into a hidden temporary file in its target directory,
+flushed, renamed to its final name and the directory is flushed. A file under
+a final name is always complete. Disk or permission errors answer 0xA700,
+data that cannot be used (an invalid UID) 0xC000.
+"""
+
+SECTIONS_8 = """\
+.SH SIGNALS
+.TP
+.B SIGHUP
+Re\\-read every configuration layer, association profile and TLS file; swap
+them in at once if all are valid (associations in flight keep the old
+settings), else keep serving with the old ones and log why
+(\\fBreload.rejected\\fR). The listening address and port need a restart.
+.TP
+.BR SIGTERM ", " SIGINT
+Stop accepting, let associations in flight finish for up to
+\\fBdaemon.drain_timeout\\fR seconds, abort the rest (removing their partial
+objects) and exit 0.
+.SH SYSTEMD
+Units: \\fBdcmrecvd.socket\\fR (port 104, FileDescriptorName=dicom) with
+\\fBdcmrecvd.service\\fR (Type=notify, runs as user dcmrecvd, stores under
+/var/lib/dcmrecvd); \\fBdcmrecvd@\\fIPORT\\fB.socket\\fR and
+\\fBdcmrecvd@\\fIPORT\\fB.service\\fR for more receivers, each reading
+/etc/dcmrecvd/instances/\\fIPORT\\fR.toml. READY=1 is sent once the listener
+is bound or adopted; STATUS= carries live figures; WATCHDOG=1 is sent at
+half of WatchdogSec= while the accept loop is alive. An encrypted TLS key's
+password can come from a systemd credential:
+.PP
+.nf
+  # systemctl edit dcmrecvd.service
+  [Service]
+  LoadCredential=dcmrecvd\\-key\\-password:/etc/dcmrecvd/key\\-password
+.fi
+.PP
+with \\fBtls.password_source = "credential"\\fR.
+.SH JOURNAL FIELDS
+Under systemd each event is a journal entry with PRIORITY,
+SYSLOG_IDENTIFIER=dcmrecvd, DCMRECVD_EVENT, a stable MESSAGE_ID and, where
+they apply, DICOM_CALLING_AET, DICOM_CALLED_AET, DICOM_PEER,
+DICOM_ASSOCIATION_ID, DICOM_SOP_CLASS_UID, DICOM_SOP_INSTANCE_UID,
+DICOM_FILE, DICOM_STATUS, DICOM_BYTES, DICOM_DURATION_MS. Message IDs:
+"""
+
+EXIT_CODES = [
+    ("0", "normal end"),
+    ("1", "command line syntax error or invalid configuration value"),
+    ("45", "output directory missing or not a directory"),
+    ("64", "cannot listen on the port"),
+    ("66", "association negotiation profile missing or invalid"),
+    ("71", "TLS key, certificate or profile unusable"),
+]
+
+
+def dcmrecvd_8() -> str:
+    """The roff source of dcmrecvd(8)."""
+    out = [
+        f'.TH DCMRECVD 8 "" "dcmrecvd {__version__}" "System Administration"',
+        ".SH NAME",
+        "dcmrecvd \\- DICOM storage receiver (Storage SCP) as a Linux daemon",
+        ".SH SYNOPSIS",
+        ".B dcmrecvd",
+        "[\\fIoptions\\fR] [\\fIport\\fR]",
+        ".SH DESCRIPTION",
+        DESCRIPTION.rstrip(),
+        ".SH OPTIONS",
+        *_option_lines(),
+        ".SH EXIT STATUS",
+        "Checked in this order: 1, 66, 45, 71, 64.",
+    ]
+    for code, meaning in EXIT_CODES:
+        out += [".TP", f".B {code}", meaning]
+    out += [".SH TLS SECURITY PROFILES"]
+    for name, profile in tls.PROFILES.items():
+        out += [".TP", f".B {_esc(name)}", _esc(f"{profile.label}; TLS 1.2 suites: {profile.ciphers.replace(':', ' ')}")]
+    out += ["A profile whose suites the local OpenSSL lacks is refused (exit 71), never weakened."]
+    out += [SECTIONS_8.rstrip(), ".TS", "l l."]
+    out += [f"{event}\t{logs.message_id(event)}" for event in logs.EVENTS]
+    out += [
+        ".TE",
+        ".SH FILES",
+        "/etc/dcmrecvd/dcmrecvd.toml, /etc/dcmrecvd/dcmrecvd.toml.d/*.toml,",
+        "/etc/dcmrecvd/storescp.cfg, /var/lib/dcmrecvd",
+        ".SH SEE ALSO",
+        ".BR dcmrecvd.toml (5),",
+        ".BR dcmrecv (1),",
+        ".BR storescu (1),",
+        ".BR systemd.socket (5)",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def dcmrecvd_toml_5() -> str:
+    """The roff source of dcmrecvd.toml(5)."""
+    out = [
+        f'.TH DCMRECVD.TOML 5 "" "dcmrecvd {__version__}" "File Formats"',
+        ".SH NAME",
+        "dcmrecvd.toml \\- configuration of the dcmrecvd DICOM receiver",
+        ".SH DESCRIPTION",
+        "TOML files read in layers, later ones winning: built\\-in defaults,",
+        "/etc/dcmrecvd/dcmrecvd.toml (or $DCMRECVD_CONFIG_DIR, or \\fB\\-\\-config\\-dir\\fR),",
+        "/etc/dcmrecvd/dcmrecvd.toml.d/*.toml in sorted order, the file given with",
+        "\\fB\\-\\-config\\fR, and last the command\\-line flags. Tables merge; arrays",
+        "replace. Put local changes in a drop\\-in: the main file belongs to the package.",
+        "Values are typed: an unknown key, a wrong type or an out\\-of\\-range value",
+        "is an error naming the file, the key and the reason.",
+        "\\fBdcmrecvd \\-\\-print\\-config\\fR shows the effective configuration.",
+    ]
+    for section, cls in config.sections().items():
+        out += [f".SH [{section}]"]
+        for f in dataclasses.fields(cls):
+            default = config.to_mapping(config.Config(), redact=False)[section][f.name]
+            shown = f'"{default}"' if isinstance(default, str) else str(default).lower()
+            choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
+            out += [".TP", f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})", _esc(f.metadata["doc"] + choices)]
+    out += [".SH SEE ALSO", ".BR dcmrecvd (8)"]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write both pages into the directory given."""
+    target = Path((argv if argv is not None else sys.argv[1:])[0])
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "dcmrecvd.8").write_text(dcmrecvd_8())
+    (target / "dcmrecvd.toml.5").write_text(dcmrecvd_toml_5())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
