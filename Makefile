@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 PORT ?= 11112
 OUT ?= received
 PYTEST_ARGS ?=
-APT_PACKAGES := dcmtk openssl systemd libsystemd-dev pkg-config gcc python3-dev python3-venv
+APT_PACKAGES := dcmtk openssl systemd systemd-container libsystemd-dev pkg-config gcc python3-dev \
+  python3-venv util-linux procps debhelper dh-virtualenv dpkg-dev lintian debootstrap rpm rpmlint cpio man-db
 
 .PHONY: run test lint typecheck unit bench system-deps venv clean
 

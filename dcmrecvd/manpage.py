@@ -123,7 +123,11 @@ def dcmrecvd_8() -> str:
         out += [".TP", f".B {code}", meaning]
     out += [".SH TLS SECURITY PROFILES"]
     for name, profile in tls.PROFILES.items():
-        out += [".TP", f".B {_esc(name)}", _esc(f"{profile.label}; TLS 1.2 suites: {profile.ciphers.replace(':', ' ')}")]
+        out += [
+            ".TP",
+            f".B {_esc(name)}",
+            _esc(f"{profile.label}; TLS 1.2 suites: {profile.ciphers.replace(':', ' ')}"),
+        ]
     out += ["A profile whose suites the local OpenSSL lacks is refused (exit 71), never weakened."]
     out += [SECTIONS_8.rstrip(), ".TS", "l l."]
     out += [f"{event}\t{logs.message_id(event)}" for event in logs.EVENTS]
@@ -163,7 +167,11 @@ def dcmrecvd_toml_5() -> str:
             default = config.to_mapping(config.Config(), redact=False)[section][f.name]
             shown = f'"{default}"' if isinstance(default, str) else str(default).lower()
             choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
-            out += [".TP", f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})", _esc(f.metadata["doc"] + choices)]
+            out += [
+                ".TP",
+                f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})",
+                _esc(f.metadata["doc"] + choices),
+            ]
     out += [".SH SEE ALSO", ".BR dcmrecvd (8)"]
     return "\n".join(out) + "\n"
 
