@@ -597,3 +597,29 @@ def test_port_free_after_stop(daemons: DaemonFactory) -> None:
     d2 = daemons.start(port=port)
     assert run([need("echoscu"), "127.0.0.1", str(d2.port)]).returncode == 0
     threading.Event().wait(0)
+
+
+@pytest.mark.parametrize("mode", ["-B", "+B", "--ignore"])
+@pytest.mark.parametrize("names", ["+fd", "+fu", "+fsu", "+fst"])
+@pytest.mark.parametrize("subdir", ["-s", "+ssd"])
+def test_every_naming_directory_and_mode_combination(
+    daemons: DaemonFactory, tmp_path: Path, subdir: str, names: str, mode: str
+) -> None:
+    if mode == "+B" and subdir == "+ssd":
+        result = dcmrecvd(subdir, names, mode, "-od", str(tmp_path), "104", config_dir=daemons.config_dir)
+        assert result.returncode == 1
+        return
+    d = daemons.start(subdir, names, mode, "-fe", ".dcm", verbose=False)
+    path = ct_file(tmp_path, series_date="20220304")
+    assert send_exact(d.port, path) == 0
+    got = stored(d.output)
+    if mode == "--ignore":
+        assert got == []
+        return
+    (file,) = got
+    expected_dir = Path("data/2022/03/04") if subdir == "+ssd" else Path(".")
+    assert file.parent.relative_to(d.output) == expected_dir
+    assert file.suffix == ".dcm"
+    assert dataset_bytes(file) == dataset_bytes(path)
+    prefix = {"+fd": "CT.", "+fu": "CT.X.", "+fsu": "CT_", "+fst": ""}[names]
+    assert file.name.startswith(prefix)

@@ -357,3 +357,45 @@ def test_certificate_rotation_by_sighup(daemons: DaemonFactory, pki: PKI, tmp_pa
     finally:
         assoc.release()
         notify.close()
+
+
+def test_extra_cipher_and_dh_parameters(daemons: DaemonFactory, pki: PKI, tmp_path: Path) -> None:
+    import subprocess
+
+    dh = tmp_path / "dh.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "genpkey",
+            "-genparam",
+            "-algorithm",
+            "DH",
+            "-pkeyopt",
+            "dh_param:ffdhe2048",
+            "-out",
+            str(dh),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    d = daemons.start(*tls_args(pki, None, "+px", "+dp", str(dh), "+cs", "DHE-RSA-AES128-SHA256"))
+    with python_client(
+        pki, d.port, pki.client, maximum=ssl.TLSVersion.TLSv1_2, ciphers="DHE-RSA-AES128-SHA256"
+    ) as conn:
+        assert conn.cipher()[0] == "DHE-RSA-AES128-SHA256"
+
+
+def test_extra_cipher_refused_with_extended_profile(config_dir: Path, pki: PKI, tmp_path: Path) -> None:
+    result = dcmrecvd(
+        "--check-config",
+        *tls_args(pki),
+        "+pz",
+        "+cs",
+        "AES128-SHA",
+        "-od",
+        str(tmp_path),
+        "104",
+        config_dir=config_dir,
+    )
+    assert result.returncode == 71
+    assert "cannot be used with profile bcp195-extended" in result.stderr
