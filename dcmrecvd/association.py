@@ -260,7 +260,7 @@ class Association:
             reader.start += 6
             remaining -= 6
             data_length = item_length - 2
-            if item_length < 2 or data_length > remaining - 0:
+            if item_length < 2 or data_length > remaining:
                 raise pdu.ProtocolViolation(f"PDV length {item_length} exceeds its PDU")
             remaining -= data_length
             if context_id not in self.contexts:

@@ -43,6 +43,23 @@ def openssl(*args: str, cwd: Path | None = None) -> None:
         raise RuntimeError(f"openssl {' '.join(args)} failed: {result.stderr}")
 
 
+def new_key_and_request(key: Path, csr: Path, name: str) -> None:
+    """A fresh RSA key and a certificate request for CN=name."""
+    openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        f"/CN={name}",
+    )
+
+
 @dataclass
 class Issued:
     key: Path
@@ -82,19 +99,7 @@ class CA:
             )
         else:
             csr = directory / "ca.csr"
-            openssl(
-                "req",
-                "-new",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                str(self.key),
-                "-out",
-                str(csr),
-                "-subj",
-                f"/CN={name}",
-            )
+            new_key_and_request(self.key, csr, name)
             parent.sign(csr, self.cert, extensions="sub_ca")
 
     def sign(
@@ -133,19 +138,7 @@ class CA:
         key = self.dir / f"{name}.key"
         csr = self.dir / f"{name}.csr"
         cert = self.dir / f"{name}.pem"
-        openssl(
-            "req",
-            "-new",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(csr),
-            "-subj",
-            f"/CN={name}",
-        )
+        new_key_and_request(key, csr, name)
         if password is not None:
             encrypted = self.dir / f"{name}.enc.key"
             openssl(
