@@ -103,6 +103,9 @@ def run_once(which: str, folder: Path, pdu: int, senders: int = 1) -> Result:
     out = OUT / "received"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    # Start each run on a quiet disk: the previous run's writeback and deletions
+    # (discard/TRIM) would otherwise land on whichever receiver fsyncs, i.e. ours.
+    os.sync()
     port = free_port()
     env = {**os.environ, "TCP_NODELAY": "1"}
     proc = subprocess.Popen(
