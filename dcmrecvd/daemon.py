@@ -78,14 +78,16 @@ class Daemon:
             signal.signal(signum, lambda n, _f: self.signals.put(n))
         self._remove_stale_temp_files(self.runtime)
         self.server = Server(self.listeners, self.current, self.stats)
-        self.server.start()
-        self.notifier.ready(self.stats.status_line())
+        # The listeners are bound (or adopted) already, so the kernel queues early
+        # connections: announcing readiness first keeps the log in causal order.
         log.info(
             "daemon.ready",
             listen=[_describe(s) for s in self.listeners],
             profile=self.runtime.profile.name,
             output=str(self.runtime.store.root),
         )
+        self.notifier.ready(self.stats.status_line())
+        self.server.start()
         return self._main_loop()
 
     def _main_loop(self) -> int:
