@@ -258,6 +258,24 @@ def test_upgrade_keeps_modified_config_and_restarts(container: Container) -> Non
     assert run([need("echoscu"), "127.0.0.1", "104"]).returncode == 0
 
 
+def test_second_receiver_from_the_template_units(container: Container, sample: list[Path]) -> None:
+    port = 11113
+    assert not port_open(port)
+    container.run(
+        "sh",
+        "-c",
+        f"printf '[output]\\ndirectory = \"/var/lib/dcmrecvd/{port}\"\\n' > "
+        f"/etc/dcmrecvd/instances/{port}.toml",
+    )
+    container.run("systemctl", "enable", "--now", f"dcmrecvd@{port}.socket")
+    assert run([need("storescu"), "127.0.0.1", str(port), str(sample[0])]).returncode == 0
+    wait_for(lambda: container.active(f"dcmrecvd@{port}.service") == "active", timeout=30)
+    files = container.run("find", f"/var/lib/dcmrecvd/{port}", "-type", "f").stdout.split()
+    assert len(files) == 1
+    container.run("systemctl", "disable", "--now", f"dcmrecvd@{port}.socket", f"dcmrecvd@{port}.service")
+    container.run("rm", "-rf", f"/var/lib/dcmrecvd/{port}")
+
+
 def test_purge_keeps_received_images(container: Container) -> None:
     container.run("dpkg", "--purge", "dcmrecvd")
     assert container.run("test", "-e", "/etc/dcmrecvd/dcmrecvd.toml", check=False).returncode != 0
