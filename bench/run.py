@@ -67,11 +67,18 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30
     raise RuntimeError("receiver did not start listening")
 
 
+NO_FSYNC = OUT / "no-fsync.toml"
+
+
 def receiver_cmd(which: str, port: int, pdu: int, out: Path) -> list[str]:
     common = ["-xf", str(DCMTK_CFG), "Default", "-pdu", str(pdu), "-od", str(out), str(port)]
     if which == "dcmrecv":
         return ["dcmrecv", *common]
-    return [str(Path(sys.executable).parent / "dcmrecvd"), *common]
+    daemon = str(Path(sys.executable).parent / "dcmrecvd")
+    if which == "nofsync":  # like dcmrecv: acknowledged before it is on disk
+        NO_FSYNC.write_text("[output]\nfsync = false\n")
+        return [daemon, "--config", str(NO_FSYNC), *common]
+    return [daemon, *common]
 
 
 def send(port: int, folder: Path, senders: int = 1) -> float:
@@ -142,6 +149,11 @@ def main() -> int:
     parser.add_argument("--pdus", default="16384,131072")
     parser.add_argument("--quick", action="store_true", help="a tenth of each set, one repetition")
     parser.add_argument("--no-concurrent", action="store_true")
+    parser.add_argument(
+        "--also-no-fsync",
+        action="store_true",
+        help="also run dcmrecvd with output.fsync = false (like dcmrecv)",
+    )
     args = parser.parse_args()
     for tool in ("dcmrecv", "storescu"):
         if not shutil.which(tool):
@@ -158,20 +170,19 @@ def main() -> int:
             label = f"{label} /10"
         folder = ensure_data(kind, count)
         for pdu in map(int, args.pdus.split(",")):
-            results: dict[str, list[Result]] = {"dcmrecv": [], "dcmrecvd": []}
+            receivers = ("dcmrecv", "dcmrecvd", "nofsync") if args.also_no_fsync else ("dcmrecv", "dcmrecvd")
+            results: dict[str, list[Result]] = {r: [] for r in receivers}
             for rep in range(reps):
-                order = ("dcmrecv", "dcmrecvd") if rep % 2 == 0 else ("dcmrecvd", "dcmrecv")
+                order = receivers if rep % 2 == 0 else tuple(reversed(receivers))
                 for which in order:
                     results[which].append(run_once(which, folder, pdu))
-            ratios = [
-                b.seconds / a.seconds for a, b in zip(results["dcmrecvd"], results["dcmrecv"], strict=True)
-            ]
-            for which in ("dcmrecv", "dcmrecvd"):
+            for which in receivers:
                 rs = results[which]
                 secs = statistics.median(r.seconds for r in rs)
                 cpu = statistics.median(r.cpu for r in rs)
                 size = rs[0].bytes
-                ratio = f"{statistics.median(ratios):.2f}x" if which == "dcmrecvd" else ""
+                paired = [b.seconds / a.seconds for a, b in zip(rs, results["dcmrecv"], strict=True)]
+                ratio = f"{statistics.median(paired):.2f}x" if which != "dcmrecv" else ""
                 line = (
                     f"{label:<20}{pdu:>7}  {which:<9}{count / secs:>9.0f}{size / secs / 1e6:>9.0f}"
                     f"{cpu:>8.2f}{ratio:>8}"
