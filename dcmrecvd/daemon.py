@@ -77,7 +77,14 @@ class Daemon:
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda n, _f: self.signals.put(n))
         self._remove_stale_temp_files(self.runtime)
-        self.server = Server(self.listeners, self.current, self.stats)
+        watchdog = self.notifier.watchdog_usec / 2e6 if self.notifier.watchdog_usec else 0.0
+        self.server = Server(
+            self.listeners,
+            self.current,
+            self.stats,
+            heartbeat=self.notifier.watchdog if watchdog else None,
+            heartbeat_interval=watchdog,
+        )
         # The listeners are bound (or adopted) already, so the kernel queues early
         # connections: announcing readiness first keeps the log in causal order.
         log.info(
@@ -91,18 +98,14 @@ class Daemon:
         return self._main_loop()
 
     def _main_loop(self) -> int:
-        interval = self.notifier.watchdog_usec / 2e6 if self.notifier.watchdog_usec else None
         status_every = 5.0
         last_status = ""
         next_status = time.monotonic() + status_every
         while True:
-            wait = min(interval or status_every, max(0.0, next_status - time.monotonic()))
             try:
-                signum = self.signals.get(timeout=wait)
+                signum = self.signals.get(timeout=max(0.0, next_status - time.monotonic()))
             except queue.Empty:
                 signum = None
-            if interval:
-                self._watchdog()
             if signum == signal.SIGHUP:
                 self.reload()
             elif signum in (signal.SIGTERM, signal.SIGINT):
@@ -113,11 +116,6 @@ class Daemon:
                     self.notifier.status(line)
                     last_status = line
                 next_status = time.monotonic() + status_every
-
-    def _watchdog(self) -> None:
-        """Ping only while the accept loop is alive: that is what health means here."""
-        if self.server is not None and self.server.thread is not None and self.server.thread.is_alive():
-            self.notifier.watchdog()
 
     def _remove_stale_temp_files(self, runtime: Runtime) -> None:
         try:

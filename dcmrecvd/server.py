@@ -11,6 +11,7 @@ from __future__ import annotations
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -64,10 +65,15 @@ class Server:
         listeners: list[socket.socket],
         runtime: Callable[[], Runtime],
         stats: Stats,
+        *,
+        heartbeat: Callable[[], None] | None = None,
+        heartbeat_interval: float = 0.0,
     ) -> None:
         self.listeners = listeners
         self.runtime = runtime
         self.stats = stats
+        self.heartbeat = heartbeat
+        self.heartbeat_interval = heartbeat_interval
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = threading.Event()
@@ -110,8 +116,15 @@ class Server:
         self.thread.start()
 
     def _accept_loop(self) -> None:
+        """Accept until stopped; the heartbeat (the systemd watchdog) comes from here,
+        because a responsive accept loop is what "healthy" means for a receiver."""
+        timeout = self.heartbeat_interval if self.heartbeat else None
+        next_beat = time.monotonic()
         while not self._stopping.is_set():
-            for key, _ in self._selector.select():
+            if self.heartbeat is not None and time.monotonic() >= next_beat:
+                self.heartbeat()
+                next_beat = time.monotonic() + self.heartbeat_interval
+            for key, _ in self._selector.select(timeout):
                 if key.fileobj is self._wake_r:
                     return
                 listener = key.fileobj

@@ -102,7 +102,7 @@ class PendingFile:
         final = self.directory / name
         if self.fd >= 0:
             if self.store.durable:
-                self.store.flush_data(self.fd)
+                self.store.flush_data(self.fd, self.directory)
             os.close(self.fd)
             self.fd = -1
         replaced = False
@@ -160,13 +160,21 @@ class Store:
     def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = root
         self.durable = durable
-        self._known_dirs: set[Path] = set()
+        #: Directory known to exist -> whether its filesystem journals in order.  Per
+        #: directory, because a subdirectory may be another mount (another filesystem).
+        self._known_dirs: dict[Path, bool] = {}
         self._lock = threading.Lock()
-        self.ordered_journal = _sync_file_range is not None and filesystem_type(root) in _ORDERED_JOURNAL_FS
 
-    def flush_data(self, fd: int) -> None:
+    @staticmethod
+    def _ordered_journal(directory: Path) -> bool:
+        return _sync_file_range is not None and filesystem_type(directory) in _ORDERED_JOURNAL_FS
+
+    def flush_data(self, fd: int, directory: Path) -> None:
         """Put a file's data on disk, ahead of the directory fsync that publishes it."""
-        if self.ordered_journal:
+        ordered = self._known_dirs.get(directory)
+        if ordered is None:
+            ordered = self._ordered_journal(directory)
+        if ordered:
             assert _sync_file_range is not None
             if _sync_file_range(fd, 0, 0, _WRITE_AND_WAIT) == 0:
                 return
@@ -191,7 +199,7 @@ class Store:
                 pass
             self.sync_directory(path.parent)
         with self._lock:
-            self._known_dirs.add(target)
+            self._known_dirs[target] = self._ordered_journal(target)
         return target
 
     def open(self, relative: PurePosixPath) -> PendingFile:
@@ -206,7 +214,7 @@ class Store:
             except FileNotFoundError:
                 # The directory vanished under us (an admin cleaned up): make it again.
                 with self._lock:
-                    self._known_dirs.discard(directory)
+                    self._known_dirs.pop(directory, None)
                 directory = self.directory(relative)
                 continue
             return PendingFile(self, directory, temp, fd)
@@ -220,11 +228,6 @@ class Store:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-    def forget_directories(self) -> None:
-        """Drop the cache of directories known to exist."""
-        with self._lock:
-            self._known_dirs.clear()
 
 
 def _pid_alive(pid: int) -> bool:
