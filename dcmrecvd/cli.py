@@ -113,7 +113,7 @@ def _run(cmd: flags.CommandLine, runtime: Runtime, loader: daemon.Loader, env: d
         detach(config.daemon.pidfile, keep=listeners)
         if fmt == "auto" and Path("/run/systemd/journal/socket").exists():
             fmt = "journal"
-    logs.configure(config.logging.level, fmt, environ=env, logger_config=config.logging.config_file)
+    chosen = logs.configure(config.logging.level, fmt, environ=env, logger_config=config.logging.config_file)
     notifier = Notifier(env)
-    app = daemon.Daemon(runtime, loader, listeners, owned, notifier, environ=env)
+    app = daemon.Daemon(runtime, loader, listeners, owned, notifier, environ=env, log_format=chosen)
     return app.serve()

@@ -21,7 +21,7 @@ from pathlib import Path
 import structlog
 
 from dcmrecvd import config as config_mod
-from dcmrecvd import storage
+from dcmrecvd import logs, storage
 from dcmrecvd.config import Config
 from dcmrecvd.errors import DcmrecvdError, UsageError
 from dcmrecvd.runtime import Runtime, Stats, prepare
@@ -62,6 +62,8 @@ class Daemon:
     owns_listeners: bool
     notifier: Notifier
     environ: Mapping[str, str] = field(default_factory=dict)
+    #: The log format chosen at start for "auto" (journal, console...), kept across reloads.
+    log_format: str = "auto"
     stats: Stats = field(default_factory=Stats)
     signals: queue.SimpleQueue[int] = field(default_factory=queue.SimpleQueue)
     server: Server | None = None
@@ -140,6 +142,8 @@ class Daemon:
                 environ=self.environ,
                 warn=lambda message: log.warning("config.warning", reason=message),
             )
+            if new.config.logging != old.config.logging:
+                self._reconfigure_logging(new)
         except DcmrecvdError as exc:
             self.stats.last_reload = f"failed: {exc}"
             log.error("reload.rejected", reason=str(exc))
@@ -156,6 +160,12 @@ class Daemon:
         log.info("reload.completed", generation=new.generation, profile=new.profile.name)
         self.notifier.ready(self.stats.status_line())
         return True
+
+    def _reconfigure_logging(self, runtime: Runtime) -> None:
+        """Apply a changed [logging] table (level, format, -lc file) to new log lines."""
+        settings = runtime.config.logging
+        fmt = settings.format if settings.format != "auto" else self.log_format
+        logs.configure(settings.level, fmt, environ=self.environ, logger_config=settings.config_file)
 
     # ------------------------------------------------------------------ stop
 

@@ -390,3 +390,21 @@ def test_daemon_mode_with_pidfile(tmp_path: Path) -> None:
         lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     )
     wait_for(lambda: not pidfile.exists())
+
+
+def test_reload_applies_a_new_log_level(daemons: DaemonFactory, notify: NotifySocket, tmp_path: Path) -> None:
+    from peers import send_file
+
+    env = isolated_env(daemons.config_dir, NOTIFY_SOCKET=str(notify.path))
+    d = daemons.start(env=env, verbose=False)
+    notify.wait("READY", "1", pid=d.pid)
+    first = write(make_dataset(rows=8, columns=8), tmp_path / "first.dcm")
+    assert send_file(d.port, first) == 0
+    assert "store.completed" not in d.log()  # warnings only, by default
+    (daemons.config_dir / "dcmrecvd.toml").write_text('[logging]\nlevel = "info"\n')
+    mark = notify.count()
+    d.proc.send_signal(signal.SIGHUP)
+    notify.wait("READY", "1", after=mark)
+    second = write(make_dataset(rows=8, columns=8), tmp_path / "second.dcm")
+    assert send_file(d.port, second) == 0
+    wait_for(lambda: "store.completed" in d.log())
