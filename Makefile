@@ -6,18 +6,26 @@ PY := $(VENV)/bin/python
 PORT ?= 11112
 OUT ?= received
 PYTEST_ARGS ?=
-APT_PACKAGES := dcmtk openssl systemd systemd-container libsystemd-dev pkg-config gcc python3-dev \
-  python3-venv util-linux procps debhelper dh-virtualenv dpkg-dev lintian debootstrap rpm rpmlint cpio man-db
+# Debian packages: what running needs (and dcmtk, to try it), and what the tests add.
+RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev dcmtk
+TEST_PACKAGES := $(RUN_PACKAGES) openssl systemd systemd-container util-linux procps debhelper \
+  dh-virtualenv dpkg-dev lintian debootstrap rpm rpmlint cpio man-db
 
-.PHONY: run test lint typecheck unit bench system-deps venv clean
+.PHONY: run test lint typecheck unit bench system-deps test-deps venv clean
 
-# Debian packages the receiver, its tests and its benchmark need (installed only if missing).
-system-deps:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+define apt_install_missing
+	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:" $$missing; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
+endef
+
+system-deps:
+	$(call apt_install_missing,$(RUN_PACKAGES))
+
+test-deps:
+	$(call apt_install_missing,$(TEST_PACKAGES))
 
 $(VENV)/.installed: pyproject.toml | system-deps
 	$(PYTHON) -m venv $(VENV)
@@ -32,14 +40,14 @@ run: venv
 	mkdir -p $(OUT)
 	$(VENV)/bin/dcmrecvd -v -xf etc/storescp.cfg Default -od $(OUT) $(PORT)
 
-lint: venv
+lint: venv test-deps
 	$(VENV)/bin/ruff check dcmrecvd tests bench
 	$(VENV)/bin/ruff format --check dcmrecvd
 
 typecheck: venv
 	$(VENV)/bin/mypy
 
-unit: venv
+unit: venv test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck unit
