@@ -225,16 +225,6 @@ def all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in sections().items() for f in dataclasses.fields(cls)]
 
 
-def key_field(dotted: str) -> dataclasses.Field[Any]:
-    """The dataclass field behind a dotted key (KeyError if unknown)."""
-    section, _, name = dotted.partition(".")
-    cls = sections()[section]
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f
-    raise KeyError(dotted)
-
-
 # --------------------------------------------------------------------------- layering
 
 

@@ -545,11 +545,6 @@ OPTIONS: tuple[Option, ...] = (
 _BY_SPELLING: dict[str, Option] = {s: o for o in OPTIONS for s in o.spellings}
 
 
-def option_by_spelling(spelling: str) -> Option:
-    """The row selected by a short or long spelling (KeyError if none)."""
-    return _BY_SPELLING[spelling]
-
-
 @dataclass
 class CommandLine:
     """What the command line asked for, before any file is read."""

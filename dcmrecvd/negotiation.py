@@ -74,7 +74,6 @@ class Outcome:
     accepted: bool
     reject: tuple[int, int, int] | None = None
     contexts: dict[int, AcceptedContext] = field(default_factory=dict)
-    results: list[PresentationContext] = field(default_factory=list)
 
 
 def decode_request(raw: bytes) -> Request:
@@ -181,5 +180,4 @@ def negotiate(
         pdu=A_ASSOCIATE_AC(response).encode(),
         accepted=True,
         contexts=accepted,
-        results=results,
     )

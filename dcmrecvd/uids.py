@@ -51,15 +51,6 @@ def name_table() -> dict[str, str]:
     return table
 
 
-@cache
-def dcmtk_names() -> dict[str, str]:
-    """UID -> DCMTK's first symbolic name (for logs)."""
-    names: dict[str, str] = {}
-    for uid, _, dcmtk in _rows("uid_names.tsv"):
-        names.setdefault(uid, dcmtk)
-    return names
-
-
 def resolve(name: str) -> str | None:
     """A UID for a symbolic name, keyword or numeric UID; None if unknown."""
     if name and name[0].isdigit():
