@@ -111,26 +111,10 @@ class CA:
         start: str | None = None,
         end: str | None = None,
     ) -> None:
-        args = [
-            "ca",
-            "-batch",
-            "-config",
-            str(self.config),
-            "-cert",
-            str(self.cert),
-            "-keyfile",
-            str(self.key),
-            "-in",
-            str(csr),
-            "-out",
-            str(out),
-            "-extensions",
-            extensions,
-            "-notext",
-        ]
+        args = ["-batch", "-in", str(csr), "-out", str(out), "-extensions", extensions, "-notext"]
         args += ["-startdate", start] if start else []
         args += ["-enddate", end] if end else ["-days", "365"]
-        openssl(*args)
+        self.ca(*args)
 
     def issue(
         self, name: str, *, start: str | None = None, end: str | None = None, password: str | None = None
@@ -148,32 +132,15 @@ class CA:
         self.sign(csr, cert, start=start, end=end)
         return Issued(key, cert)
 
+    def ca(self, *args: str) -> None:
+        """``openssl ca`` with this CA's database, certificate and key."""
+        openssl("ca", "-config", str(self.config), "-cert", str(self.cert), "-keyfile", str(self.key), *args)
+
     def revoke(self, cert: Path) -> None:
-        openssl(
-            "ca",
-            "-config",
-            str(self.config),
-            "-cert",
-            str(self.cert),
-            "-keyfile",
-            str(self.key),
-            "-revoke",
-            str(cert),
-        )
+        self.ca("-revoke", str(cert))
 
     def crl(self, out: Path) -> Path:
-        openssl(
-            "ca",
-            "-gencrl",
-            "-config",
-            str(self.config),
-            "-cert",
-            str(self.cert),
-            "-keyfile",
-            str(self.key),
-            "-out",
-            str(out),
-        )
+        self.ca("-gencrl", "-out", str(out))
         return out
 
 
