@@ -9,6 +9,7 @@ and an older file of the same name survives.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -18,6 +19,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from .direct_io import BufferPool, DirectAppender
+from .fs_probe import journals_in_order
 
 TEMP_PREFIX = ".dcmrecvd-"
 TEMP_SUFFIX = ".tmp"
@@ -30,8 +34,6 @@ _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_AFTER = 4
 _WRITE_AND_WAIT = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
-#: Filesystems whose journal commits transactions strictly in order (ext2/3/4, XFS).
-_ORDERED_JOURNAL_FS = {0xEF53: "ext4", 0x58465342: "xfs"}
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _sync_file_range = getattr(_libc, "sync_file_range", None)
 if _sync_file_range is not None:
@@ -56,21 +58,21 @@ class PendingFile:
     directory: Path
     temp_path: Path
     fd: int
+    direct: DirectAppender | None = None
     size: int = 0
     _flushed_to: int = field(default=0, repr=False)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data`` (all of it)."""
-        view = memoryview(data)
-        while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
-        self.size += len(data)
-        self._maybe_writeback()
+        self.writev([data])
 
-    def writev(self, chunks: Sequence[bytes | memoryview]) -> None:
+    def writev(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
         """Append several buffers with as few system calls as possible."""
         total = sum(len(c) for c in chunks)
+        if self.direct is not None:
+            self.direct.write(chunks)
+            self.size += total
+            return
         written = os.writev(self.fd, chunks)
         if written < total:  # rare: a short write; finish the rest piecewise
             skip = written
@@ -100,6 +102,9 @@ class PendingFile:
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"not a plain file name: {name!r}")
         final = self.directory / name
+        if self.direct is not None:
+            self.direct.finish()
+            self.direct = None
         if self.fd >= 0:
             if self.store.durable:
                 self.store.flush_data(self.fd, self.directory)
@@ -120,6 +125,9 @@ class PendingFile:
 
     def discard(self) -> None:
         """Remove the temp file; never raises."""
+        if self.direct is not None:
+            self.direct.release()
+            self.direct = None
         if self.fd >= 0:
             try:
                 os.close(self.fd)
@@ -132,49 +140,50 @@ class PendingFile:
             pass
 
 
-def filesystem_type(path: Path) -> int:
-    """statfs(2) f_type of the filesystem holding ``path`` (0 if unknown)."""
+@dataclass
+class _DirectoryTraits:
+    """What one target directory's filesystem allows; learned once per directory."""
 
-    class _StatFS(ctypes.Structure):
-        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
-
-    buf = _StatFS()
-    statfs = getattr(_libc, "statfs", None)
-    if statfs is None or statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
-        return 0
-    return int(buf.f_type) & 0xFFFFFFFF
+    ordered_journal: bool
+    direct_io: bool = True
 
 
 class Store:
     """Creates pending files below ``root``; ``durable`` turns fsync on.
 
     How a file's data is made durable before its rename depends on the
-    filesystem.  In general: ``fdatasync`` (one journal commit), then the
-    directory fsync (a second one).  On ext4 and XFS, whose journals commit in
-    order, the data blocks are written and waited for with ``sync_file_range``
-    and the directory fsync's single commit then carries the file's allocation,
-    size and new name together, after a cache flush that covers the data: the
-    same guarantee at half the journal commits.
+    filesystem.  In general: ``fdatasync``, then the directory fsync.  Where
+    the journal commits in order (XFS, ext3/4 with a journal) the data blocks
+    are only written and waited for (``sync_file_range``) and the directory
+    fsync's single journal commit carries the file's allocation, size and new
+    name together, after a cache flush that covers the data: the same
+    guarantee at half the journal commits.
+
+    Durable files are written with O_DIRECT (see ``direct_io``) where the
+    filesystem accepts it; without fsync (``durable=False``, like dcmrecv)
+    the page cache is the faster path and is used.
     """
 
     def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = root
         self.durable = durable
-        #: Directory known to exist -> whether its filesystem journals in order.  Per
-        #: directory, because a subdirectory may be another mount (another filesystem).
-        self._known_dirs: dict[Path, bool] = {}
+        #: Directories known to exist.  Per directory, because a subdirectory may
+        #: be another mount (another filesystem).
+        self._known_dirs: dict[Path, _DirectoryTraits] = {}
         self._lock = threading.Lock()
+        self._buffers = BufferPool()
 
-    @staticmethod
-    def _ordered_journal(directory: Path) -> bool:
-        return _sync_file_range is not None and filesystem_type(directory) in _ORDERED_JOURNAL_FS
+    def _traits(self, directory: Path) -> _DirectoryTraits:
+        traits = self._known_dirs.get(directory)
+        if traits is None:
+            traits = _DirectoryTraits(_sync_file_range is not None and journals_in_order(directory))
+            with self._lock:
+                self._known_dirs[directory] = traits
+        return traits
 
     def flush_data(self, fd: int, directory: Path) -> None:
         """Put a file's data on disk, ahead of the directory fsync that publishes it."""
-        ordered = self._known_dirs.get(directory)
-        if ordered is None:
-            ordered = self._ordered_journal(directory)
-        if ordered:
+        if self._traits(directory).ordered_journal:
             assert _sync_file_range is not None
             if _sync_file_range(fd, 0, 0, _WRITE_AND_WAIT) == 0:
                 return
@@ -198,17 +207,19 @@ class Store:
             except FileExistsError:
                 pass
             self.sync_directory(path.parent)
-        with self._lock:
-            self._known_dirs[target] = self._ordered_journal(target)
+        self._traits(target)
         return target
 
     def open(self, relative: PurePosixPath) -> PendingFile:
         """A new hidden temp file in the target directory."""
         directory = self.directory(relative)
         while True:
+            traits = self._traits(directory)
+            direct = self.durable and traits.direct_io
             temp = directory / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{TEMP_SUFFIX}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
             try:
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+                fd = os.open(temp, flags, FILE_MODE)
             except FileExistsError:
                 continue
             except FileNotFoundError:
@@ -217,7 +228,16 @@ class Store:
                     self._known_dirs.pop(directory, None)
                 directory = self.directory(relative)
                 continue
-            return PendingFile(self, directory, temp, fd)
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+                # This filesystem has no O_DIRECT; Linux refuses only after creating the file.
+                traits.direct_io = False
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+                continue
+            appender = DirectAppender(fd, self._buffers) if direct else None
+            return PendingFile(self, directory, temp, fd, appender)
 
     def sync_directory(self, path: Path) -> None:
         """fsync a directory so that a rename or mkdir in it survives a crash."""

@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from dcmrecvd import storage
+from dcmrecvd import direct_io, storage
 from dcmrecvd.storage import FileExists, Store
 
 
@@ -61,10 +61,54 @@ def test_plain_names_only(tmp_path: Path) -> None:
     pending.discard()
 
 
-def test_filesystem_detection(tmp_path: Path) -> None:
-    assert storage.filesystem_type(tmp_path) != 0
-    if Path("/dev/shm").is_dir():
-        assert storage.filesystem_type(Path("/dev/shm")) not in storage._ORDERED_JOURNAL_FS
+def _open_flags(fd: int) -> int:
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return int(line.split()[1], 8)
+    raise AssertionError("no flags in fdinfo")
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [0],
+        [1],
+        [4095, 1],
+        [4096],
+        [direct_io.WRITE_AT - 1, 2, 4093],
+        [direct_io.STAGE_SIZE + 12345],  # one chunk larger than the staging buffer
+        [7] * 3000,  # many tiny chunks
+        [direct_io.STAGE_SIZE, direct_io.STAGE_SIZE],
+    ],
+    ids=lambda sizes: f"{len(sizes)}x{sizes[0]}",
+)
+def test_durable_files_bypass_the_page_cache_and_keep_every_byte(tmp_path: Path, sizes: list[int]) -> None:
+    chunks = [os.urandom(n) for n in sizes]
+    pending = Store(tmp_path).open(PurePosixPath("."))
+    assert _open_flags(pending.fd) & os.O_DIRECT
+    pending.write(chunks[0])
+    pending.writev([memoryview(bytearray(c)) for c in chunks[1:]])
+    final, _ = pending.commit("f", replace=True)
+    assert final.read_bytes() == b"".join(chunks)
+    assert pending.size == sum(sizes)
+
+
+def test_without_fsync_the_page_cache_is_used(tmp_path: Path) -> None:
+    pending = Store(tmp_path, durable=False).open(PurePosixPath("."))
+    assert not _open_flags(pending.fd) & os.O_DIRECT
+    pending.write(b"abc")
+    assert pending.commit("f", replace=True)[0].read_bytes() == b"abc"
+
+
+def test_buffers_are_reused(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    first = store.open(PurePosixPath("."))
+    assert first.direct is not None
+    buffer = first.direct.buf
+    first.discard()
+    second = store.open(PurePosixPath("."))
+    assert second.direct is not None and second.direct.buf is buffer
+    second.discard()
 
 
 def test_stale_temp_files_of_live_processes_are_kept(tmp_path: Path) -> None:
