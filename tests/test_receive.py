@@ -344,6 +344,38 @@ def test_path_like_uids_are_refused(daemons: DaemonFactory, tmp_path: Path, uid:
     assert run([need("echoscu"), "127.0.0.1", str(d.port)]).returncode == 0
 
 
+def temp_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob(f"{TEMP_PREFIX}*") if p.is_file()]
+
+
+@pytest.mark.parametrize("end", ["release", "abort"])
+def test_spare_temp_file_for_the_next_object_never_outlives_the_association(
+    daemons: DaemonFactory, tmp_path: Path, end: str
+) -> None:
+    """From the second object on, the next object's temp file is made while the peer is busy."""
+    d = daemons.start()
+    files = [ct_file(tmp_path, f"f{i}.dcm") for i in range(3)]
+    assoc = associate(d.port, [(CT, [ExplicitVRLittleEndian])])
+    assert assoc.is_established
+    try:
+        assert int(assoc.send_c_store(files[0]).Status) == 0
+        assert temp_files(d.output) == []  # one object: maybe the only one, no spare yet
+        assert int(assoc.send_c_store(files[1]).Status) == 0
+        spare = wait_for(lambda: temp_files(d.output), timeout=10)
+        assert len(spare) == 1 and spare[0].stat().st_size == 0
+        assert int(assoc.send_c_store(files[2]).Status) == 0
+        assert not spare[0].exists()  # it became the third object
+    finally:
+        if end == "release":
+            assoc.release()
+        else:
+            assoc.abort()
+    if end == "release":  # gone before the release was answered
+        assert temp_files(d.output) == []
+    wait_for(lambda: not temp_files(d.output), timeout=10)
+    assert {p.name for p in stored(d.output)} == {f"CT.{dcmread(f).SOPInstanceUID}" for f in files}
+
+
 @pytest.mark.parametrize("how", ["vanish", "abort", "garbage-pdu", "release"])
 def test_abort_mid_object_leaves_nothing(daemons: DaemonFactory, how: str) -> None:
     d = daemons.start()
