@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,10 +107,34 @@ def verify(folder: Path, out: Path) -> tuple[int, int]:
     return len(got), sum(p.stat().st_size for p in got)
 
 
-def run_once(which: str, folder: Path, pdu: int, senders: int = 1) -> Result:
-    out = OUT / "received"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+RECEIVED = OUT / "received"
+
+
+def fresh_output(after_deletions: bool) -> Path:
+    """An empty directory for one run's received files.
+
+    By default a new directory per run, spread to another ext4 block group
+    (chattr +T, as for top-level directories): on ext4 without a journal every
+    new inode is checked against the inodes deleted in the last minute of its
+    group, so a run right after the previous run's files were deleted pays
+    ~0.3-1 ms per file for them, whichever receiver it is.  With
+    ``after_deletions`` every run writes into the same, just emptied directory:
+    what a receiver meets when a downstream consumer deletes what it picked up.
+    """
+    if after_deletions:
+        out = RECEIVED / "same"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        return out
+    RECEIVED.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["chattr", "+T", str(RECEIVED)], stderr=subprocess.DEVNULL, check=False)
+    return Path(tempfile.mkdtemp(dir=RECEIVED, prefix="run-"))
+
+
+def run_once(
+    which: str, folder: Path, pdu: int, senders: int = 1, *, after_deletions: bool = False
+) -> Result:
+    out = fresh_output(after_deletions)
     # Start each run on a quiet disk: the previous run's writeback and deletions
     # (discard/TRIM) would otherwise land on whichever receiver fsyncs, i.e. ours.
     os.sync()
@@ -127,7 +152,8 @@ def run_once(which: str, folder: Path, pdu: int, senders: int = 1) -> Result:
         proc.terminate()
         proc.wait(30)
     files, size = verify(folder, out)
-    shutil.rmtree(out, ignore_errors=True)
+    if not after_deletions:
+        shutil.rmtree(out, ignore_errors=True)
     return Result(seconds, cpu, files, size)
 
 
@@ -154,6 +180,11 @@ def main() -> int:
         action="store_true",
         help="also run dcmrecvd with output.fsync = false (like dcmrecv)",
     )
+    parser.add_argument(
+        "--after-deletions",
+        action="store_true",
+        help="every run into the same just-emptied directory (see fresh_output)",
+    )
     args = parser.parse_args()
     for tool in ("dcmrecv", "storescu"):
         if not shutil.which(tool):
@@ -175,7 +206,7 @@ def main() -> int:
             for rep in range(reps):
                 order = receivers if rep % 2 == 0 else tuple(reversed(receivers))
                 for which in order:
-                    results[which].append(run_once(which, folder, pdu))
+                    results[which].append(run_once(which, folder, pdu, after_deletions=args.after_deletions))
             for which in receivers:
                 rs = results[which]
                 secs = statistics.median(r.seconds for r in rs)
@@ -196,7 +227,7 @@ def main() -> int:
         for rep in range(reps):
             for which in ("dcmrecv", "dcmrecvd") if rep % 2 == 0 else ("dcmrecvd", "dcmrecv"):
                 try:
-                    r = run_once(which, folder, 16384, senders=4)
+                    r = run_once(which, folder, 16384, senders=4, after_deletions=args.after_deletions)
                     agg[which].append(r.files / r.seconds)
                 except RuntimeError as exc:  # dcmrecv serialises: late senders may time out
                     print(f"  {which}: {exc}")

@@ -91,8 +91,8 @@ class Association:
         self.log = log.bind(assoc_id=self.id, peer=peer)
         self.established = False
         self.requested = False
-        #: A temp file made in idle time for the next object (see Store.reserve),
-        #: and how many objects this association has stored so far.
+        #: The next object's temp file, made ahead (see _make_spare), and how many
+        #: objects this association has stored so far.
         self.spare: PendingFile | None = None
         self.spare_dir = PurePosixPath(".")
         self.stored = 0
@@ -406,22 +406,24 @@ class Association:
             return None
         return spare
 
-    def _reserve_spare(self, directory: PurePosixPath) -> None:
-        """Make the next object's temp file now, while the peer prepares that object.
+    def _make_spare(self, directory: PurePosixPath) -> None:
+        """Create the next object's temp file between this object's data flush and rename.
 
-        Only from an association's second object on: most associations that
-        send one or two objects end there, and the spare would be wasted.  On
-        the association's own thread: a helper thread measured slower (its
-        fsync competed with this thread's writes).
+        Why: without an ordered journal the first fsync of a new file also
+        writes its directory entry and the directory inode (ext4's new-entry
+        rule).  A temp file created now has its entry written by this
+        object's directory fsync, so the next object's fdatasync finds the
+        directory clean and writes only data and inode.  Only from an
+        association's second object on: most associations that send one or
+        two objects end there, and the spare would be wasted.
         """
-        self.stored += 1
-        if self.stored < 2 or self.spare is not None:
+        if self.stored < 1 or self.spare is not None:
             return
         try:
-            self.spare = self.runtime.store.reserve(directory)
+            self.spare = self.runtime.store.open(directory)
             self.spare_dir = directory
         except OSError as exc:  # the next object meets the problem and reports it
-            self.log.debug("store.reserve_failed", reason=str(exc))
+            self.log.debug("store.spare_failed", reason=str(exc))
 
     def _drop_spare(self) -> None:
         if self.spare is not None:
@@ -472,6 +474,9 @@ class Association:
         scheme = self.runtime.scheme
         file = message.file
         try:
+            file.flush()
+            if message.directory is not None:
+                self._make_spare(message.directory)
             for _attempt in range(100):
                 name = naming.file_name(
                     scheme,
@@ -512,8 +517,8 @@ class Association:
         if message.status == Status.SUCCESS:
             self.stats.add(stored=1, bytes=message.received)
             self.log.info("store.completed", path=path or None, **fields)
-            if path and message.directory is not None:
-                self._reserve_spare(message.directory)
+            if path:
+                self.stored += 1
         else:
             self.stats.add(failed=1)
             self.log.error("store.failed", reason=message.error, **fields)

@@ -93,6 +93,21 @@ class PendingFile:
             _start_writeback(self.fd, self._flushed_to, self.size - self._flushed_to)
             self._flushed_to = self.size
 
+    def flush(self) -> None:
+        """Make the data durable and close the file (``commit`` does it if needed).
+
+        Separate so that a caller can create files in the directory between
+        this and the commit, whose directory fsync then carries them too.
+        """
+        if self.direct is not None:
+            self.direct.finish()
+            self.direct = None
+        if self.fd >= 0:
+            if self.store.durable:
+                self.store.flush_data(self.fd, self.directory)
+            os.close(self.fd)
+            self.fd = -1
+
     def commit(self, name: str, *, replace: bool) -> tuple[Path, bool]:
         """Make the data durable under ``name``; return (path, replaced an older file).
 
@@ -102,14 +117,7 @@ class PendingFile:
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"not a plain file name: {name!r}")
         final = self.directory / name
-        if self.direct is not None:
-            self.direct.finish()
-            self.direct = None
-        if self.fd >= 0:
-            if self.store.durable:
-                self.store.flush_data(self.fd, self.directory)
-            os.close(self.fd)
-            self.fd = -1
+        self.flush()
         replaced = False
         if replace:
             replaced = os.path.lexists(final)
@@ -238,23 +246,6 @@ class Store:
                 continue
             appender = DirectAppender(fd, self._buffers) if direct else None
             return PendingFile(self, directory, temp, fd, appender)
-
-    def reserve(self, relative: PurePosixPath) -> PendingFile:
-        """A temp file made ahead of need, while the peer is busy sending.
-
-        Where the file itself must be fsynced (no ordered journal), the first
-        fsync of a new file also writes its directory entry and the
-        directory's inode (ext4's new-entry rule); doing that now, in idle
-        time, leaves the acknowledgement path only the data and the inode.
-        """
-        pending = self.open(relative)
-        if self.durable and not self._traits(pending.directory).ordered_journal:
-            try:
-                os.fsync(pending.fd)
-            except OSError:
-                pending.discard()
-                raise
-        return pending
 
     def sync_directory(self, path: Path) -> None:
         """fsync a directory so that a rename or mkdir in it survives a crash."""
