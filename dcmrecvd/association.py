@@ -85,6 +85,7 @@ class Association:
         self.contexts: dict[int, negotiation.AcceptedContext] = {}
         self.calling = ""
         self.called = ""
+        self.peer_max_pdu = 0  # as announced by the peer; 0 = no limit
         self.message: Message | None = None
         self.command_buf = bytearray()
         self.command_context = 0
@@ -190,6 +191,7 @@ class Association:
         except negotiation.BadRequest as exc:
             raise pdu.ProtocolViolation(str(exc), pdu.REASON_INVALID_PARAMETER) from None
         self.calling, self.called = request.calling_ae_title, request.called_ae_title
+        self.peer_max_pdu = request.peer_max_pdu
         self.log = self.log.bind(calling_aet=self.calling, called_aet=self.called)
         if not self.admit():
             outcome = negotiation.reject(request, negotiation.REJECT_LOCAL_LIMIT)
@@ -539,7 +541,7 @@ class Association:
             request.affected_sop_instance_uid,
             comment,
         )
-        self.sock.sendall(pdu.command_pdu(context.context_id, response))
+        self.sock.sendall(pdu.command_pdu(context.context_id, response, self.peer_max_pdu))
 
     def _drop_message(self) -> None:
         """Remove the partial object of a message that will never complete."""

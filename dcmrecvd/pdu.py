@@ -133,7 +133,18 @@ def release_rp_pdu() -> bytes:
     return PDU_HEADER.pack(A_RELEASE_RP, 4) + b"\x00\x00\x00\x00"
 
 
-def command_pdu(context_id: int, command: bytes) -> bytes:
-    """A P-DATA-TF holding one complete command set in one PDV."""
-    pdv = PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command
-    return PDU_HEADER.pack(P_DATA_TF, len(pdv)) + pdv
+def command_pdu(context_id: int, command: bytes, peer_max_pdu: int = 0) -> bytes:
+    """P-DATA-TF PDUs carrying one complete command set.
+
+    One PDV normally; split into as many PDUs as a peer that announced a tiny
+    maximum PDU length (``peer_max_pdu``, 0 = unlimited) needs.
+    """
+    room = peer_max_pdu - 6 if peer_max_pdu else len(command)
+    room = max(room, 1)
+    out = bytearray()
+    for start in range(0, max(len(command), 1), room):
+        piece = command[start : start + room]
+        control = 0x01 | (0x02 if start + room >= len(command) else 0)
+        pdv = PDV_HEADER.pack(len(piece) + 2, context_id, control) + piece
+        out += PDU_HEADER.pack(P_DATA_TF, len(pdv)) + pdv
+    return bytes(out)

@@ -76,7 +76,9 @@ class RawClient:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def associate(self, sop_class: str, transfer_syntax: str, called: str = "ANY-SCP") -> int:
+    def associate(
+        self, sop_class: str, transfer_syntax: str, called: str = "ANY-SCP", max_pdu: int = 16384
+    ) -> int:
         """Send an A-ASSOCIATE-RQ; return the PDU type of the answer."""
         primitive = A_ASSOCIATE()
         primitive.application_context_name = "1.2.840.10008.3.1.1.1"
@@ -86,7 +88,7 @@ class RawClient:
         context.context_id = 1
         primitive.presentation_context_definition_list = [context]
         max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = 16384
+        max_length.maximum_length_received = max_pdu
         primitive.user_information = [max_length]
         self.sock.sendall(A_ASSOCIATE_RQ(primitive).encode())
         pdu_type, _body = self.read_pdu()
@@ -129,11 +131,19 @@ class RawClient:
         pdv = struct.pack(">IBB", len(data) + 2, context_id, control) + data
         self.sock.sendall(struct.pack(">BxI", 4, len(pdv)) + pdv)
 
+    def response_pdus(self) -> list[bytes]:
+        """The P-DATA-TF PDU bodies that carry one response command set."""
+        bodies = []
+        while True:
+            pdu_type, body = self.read_pdu()
+            assert pdu_type == pdu.P_DATA_TF, f"PDU type {pdu_type}"
+            bodies.append(body)
+            if body[5] & 0x02:  # the (only) PDV of this PDU ends the command set
+                return bodies
+
     def response_status(self) -> int:
-        """Read a P-DATA with a response command set; return its status."""
-        pdu_type, body = self.read_pdu()
-        assert pdu_type == pdu.P_DATA_TF, f"PDU type {pdu_type}"
-        data = body[6:]
+        """Read a response command set (however fragmented); return its status."""
+        data = b"".join(body[6:] for body in self.response_pdus())
         pos = 0
         while pos < len(data):
             _, elem, length = struct.unpack_from("<HHI", data, pos)

@@ -376,6 +376,24 @@ def test_spare_temp_file_for_the_next_object_never_outlives_the_association(
     assert {p.name for p in stored(d.output)} == {f"CT.{dcmread(f).SOPInstanceUID}" for f in files}
 
 
+def test_response_respects_a_tiny_peer_max_pdu(daemons: DaemonFactory, tmp_path: Path) -> None:
+    """A peer announcing a 64-byte maximum PDU gets its response in fragments that fit."""
+    d = daemons.start()
+    data = dataset_bytes(ct_file(tmp_path))
+    client = RawClient(d.port)
+    try:
+        assert client.associate(CT, ExplicitVRLittleEndian, max_pdu=64) == 0x02
+        client.send_pdv(client.store_command(CT, "1.2.3.4"), command=True, last=True)
+        client.send_pdv(data, command=False, last=True)
+        bodies = client.response_pdus()
+    finally:
+        client.close()
+    assert len(bodies) > 1 and all(len(b) <= 64 for b in bodies)
+    command = b"".join(b[6:] for b in bodies)
+    assert b"1.2.3.4" in command
+    assert [p.name for p in stored(d.output)] == ["CT.1.2.3.4"]
+
+
 @pytest.mark.parametrize("how", ["vanish", "abort", "garbage-pdu", "release"])
 def test_abort_mid_object_leaves_nothing(daemons: DaemonFactory, how: str) -> None:
     d = daemons.start()
