@@ -48,12 +48,18 @@ def block_device_name(path: Path, sys_root: Path = Path("/sys")) -> str | None:
 def ext4_has_journal(path: Path, proc_root: Path = Path("/proc"), sys_root: Path = Path("/sys")) -> bool:
     """Whether the ext3/ext4 filesystem holding ``path`` has a journal.
 
-    ``/proc/fs/ext4/<dev>/options`` lists every option in force; a ``data=``
-    mode (ordered, journal, writeback) appears only when a journal exists.
+    ``/sys/fs/ext4/<dev>/journal_task`` names the journal thread (``<none>``
+    without a journal); it stays readable under systemd's ``ProcSubset=pid``,
+    which hides the older signal used as a fallback: a ``data=`` mode in
+    ``/proc/fs/ext4/<dev>/options``, listed only when a journal exists.
     """
     name = block_device_name(path, sys_root)
     if name is None:
         return False
+    try:
+        return (sys_root / "fs/ext4" / name / "journal_task").read_text().strip().isdigit()
+    except OSError:
+        pass
     try:
         options = (proc_root / "fs/ext4" / name / "options").read_text().split()
     except OSError:

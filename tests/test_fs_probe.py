@@ -68,6 +68,40 @@ def test_other_filesystems_are_not_trusted(tmp_path: Path) -> None:
     assert not fs_probe.ext4_has_journal(tmp_path, proc_root=tmp_path)  # no /proc/fs/ext4 there
 
 
+def fake_kernel(tmp_path: Path, journal_task: str | None, options: str | None) -> tuple[Path, Path]:
+    """A /sys and /proc holding what the kernel shows for the device under ``tmp_path``."""
+    sys_root, proc_root = tmp_path / "sys", tmp_path / "proc"
+    dev = os.stat(tmp_path).st_dev
+    (sys_root / "dev/block").mkdir(parents=True)
+    link = sys_root / "dev/block" / f"{os.major(dev)}:{os.minor(dev)}"
+    link.symlink_to("../../devices/virtual/block/vdz")
+    if journal_task is not None:
+        (sys_root / "fs/ext4/vdz").mkdir(parents=True)
+        (sys_root / "fs/ext4/vdz/journal_task").write_text(journal_task + "\n")
+    if options is not None:
+        (proc_root / "fs/ext4/vdz").mkdir(parents=True)
+        (proc_root / "fs/ext4/vdz/options").write_text(options.replace(" ", "\n") + "\n")
+    return sys_root, proc_root
+
+
+@pytest.mark.parametrize(
+    ("journal_task", "options", "journaled"),
+    [
+        ("26758", None, True),  # sysfs alone (systemd's ProcSubset=pid hides /proc/fs)
+        ("<none>", "rw data=ordered", False),  # sysfs wins
+        (None, "rw barrier data=ordered", True),  # older kernels: /proc/fs/ext4 only
+        (None, "rw barrier discard", False),
+        (None, None, False),
+    ],
+)
+def test_journal_signals(
+    tmp_path: Path, journal_task: str | None, options: str | None, journaled: bool
+) -> None:
+    sys_root, proc_root = fake_kernel(tmp_path, journal_task, options)
+    assert fs_probe.block_device_name(tmp_path, sys_root) == "vdz"
+    assert fs_probe.ext4_has_journal(tmp_path, proc_root=proc_root, sys_root=sys_root) is journaled
+
+
 def test_unknown_paths_give_conservative_answers(tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     assert fs_probe.filesystem_type(missing) == 0
