@@ -94,6 +94,7 @@ class Daemon:
             listen=[_describe(s) for s in self.listeners],
             profile=self.runtime.profile.name,
             output=str(self.runtime.store.root),
+            durability=self.runtime.store.durability(),
         )
         self.notifier.ready(self.stats.status_line())
         self.server.start()

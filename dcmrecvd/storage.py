@@ -189,6 +189,12 @@ class Store:
                 self._known_dirs[directory] = traits
         return traits
 
+    def durability(self, directory: Path | None = None) -> str:
+        """How objects in ``directory`` (default: the root) are made durable, for the log."""
+        if not self.durable:
+            return "off"
+        return "journal-ordered" if self._traits(directory or self.root).ordered_journal else "fdatasync"
+
     def flush_data(self, fd: int, directory: Path) -> None:
         """Put a file's data on disk, ahead of the directory fsync that publishes it."""
         if self._traits(directory).ordered_journal:

@@ -46,7 +46,7 @@ def test_ext4_with_a_journal_commits_in_order(ext4: MakeExt4) -> None:
     journaled = ext4()
     assert fs_probe.filesystem_type(journaled) == fs_probe.EXT_MAGIC
     assert fs_probe.journals_in_order(journaled)
-    assert Store(journaled)._traits(journaled).ordered_journal
+    assert Store(journaled).durability() == "journal-ordered"
 
 
 @needs_root
@@ -55,7 +55,8 @@ def test_ext4_without_a_journal_is_not_trusted(ext4: MakeExt4) -> None:
     assert fs_probe.filesystem_type(bare) == fs_probe.EXT_MAGIC
     assert not fs_probe.ext4_has_journal(bare)
     store = Store(bare)
-    assert not store._traits(bare).ordered_journal
+    assert store.durability() == "fdatasync"
+    assert Store(bare, durable=False).durability() == "off"
     pending = store.open(PurePosixPath("."))
     pending.write(b"x" * 10000)
     assert pending.commit("f", replace=True)[0].read_bytes() == b"x" * 10000
