@@ -69,10 +69,14 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30
 
 
 NO_FSYNC = OUT / "no-fsync.toml"
+IGNORE = "/ignore"
 
 
 def receiver_cmd(which: str, port: int, pdu: int, out: Path) -> list[str]:
     common = ["-xf", str(DCMTK_CFG), "Default", "-pdu", str(pdu), "-od", str(out), str(port)]
+    if which.endswith(IGNORE):  # the protocol alone: received and acknowledged, not stored
+        which = which.removesuffix(IGNORE)
+        common.insert(0, "--ignore")
     if which == "dcmrecv":
         return ["dcmrecv", *common]
     daemon = str(Path(sys.executable).parent / "dcmrecvd")
@@ -151,7 +155,10 @@ def run_once(
     finally:
         proc.terminate()
         proc.wait(30)
-    files, size = verify(folder, out)
+    if which.endswith(IGNORE):
+        files, size = len(list(folder.iterdir())), sum(p.stat().st_size for p in folder.iterdir())
+    else:
+        files, size = verify(folder, out)
     if not after_deletions:
         shutil.rmtree(out, ignore_errors=True)
     return Result(seconds, cpu, files, size)
@@ -181,6 +188,11 @@ def main() -> int:
         help="also run dcmrecvd with output.fsync = false (like dcmrecv)",
     )
     parser.add_argument(
+        "--also-ignore",
+        action="store_true",
+        help="also run both receivers with --ignore (the protocol alone, nothing stored)",
+    )
+    parser.add_argument(
         "--after-deletions",
         action="store_true",
         help="every run into the same just-emptied directory (see fresh_output)",
@@ -192,7 +204,7 @@ def main() -> int:
             return 2
     reps = 1 if args.quick else args.reps
     rows = []
-    header = f"{'data set':<20}{'pdu':>7}  {'receiver':<9}{'inst/s':>9}{'MB/s':>9}{'cpu s':>8}{'ratio':>8}"
+    header = f"{'data set':<20}{'pdu':>7}  {'receiver':<16}{'inst/s':>9}{'MB/s':>9}{'cpu s':>8}{'ratio':>8}"
     print(header)
     for kind in args.sets.split(","):
         label, count = SETS[kind]
@@ -201,7 +213,11 @@ def main() -> int:
             label = f"{label} /10"
         folder = ensure_data(kind, count)
         for pdu in map(int, args.pdus.split(",")):
-            receivers = ("dcmrecv", "dcmrecvd", "nofsync") if args.also_no_fsync else ("dcmrecv", "dcmrecvd")
+            receivers: tuple[str, ...] = ("dcmrecv", "dcmrecvd")
+            if args.also_no_fsync:
+                receivers += ("nofsync",)
+            if args.also_ignore:
+                receivers += ("dcmrecv" + IGNORE, "dcmrecvd" + IGNORE)
             results: dict[str, list[Result]] = {r: [] for r in receivers}
             for rep in range(reps):
                 order = receivers if rep % 2 == 0 else tuple(reversed(receivers))
@@ -212,10 +228,11 @@ def main() -> int:
                 secs = statistics.median(r.seconds for r in rs)
                 cpu = statistics.median(r.cpu for r in rs)
                 size = rs[0].bytes
-                paired = [b.seconds / a.seconds for a, b in zip(rs, results["dcmrecv"], strict=True)]
-                ratio = f"{statistics.median(paired):.2f}x" if which != "dcmrecv" else ""
+                baseline = "dcmrecv" + IGNORE if which.endswith(IGNORE) else "dcmrecv"
+                paired = [b.seconds / a.seconds for a, b in zip(rs, results[baseline], strict=True)]
+                ratio = f"{statistics.median(paired):.2f}x" if which != baseline else ""
                 line = (
-                    f"{label:<20}{pdu:>7}  {which:<9}{count / secs:>9.0f}{size / secs / 1e6:>9.0f}"
+                    f"{label:<20}{pdu:>7}  {which:<16}{count / secs:>9.0f}{size / secs / 1e6:>9.0f}"
                     f"{cpu:>8.2f}{ratio:>8}"
                 )
                 print(line, flush=True)
