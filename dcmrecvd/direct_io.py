@@ -63,9 +63,8 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
-def _set_direct(fd: int, on: bool) -> None:
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+def _clear_direct(fd: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
 
 class DirectAppender:
@@ -117,7 +116,7 @@ class DirectAppender:
                 raise
             # The filesystem will not do direct I/O for this file: go buffered.
             self.direct = False
-            _set_direct(self.fd, False)
+            _clear_direct(self.fd)
             _pwrite_all(self.fd, data, self.offset)
         self.offset += len(data)
 
@@ -127,7 +126,7 @@ class DirectAppender:
         if self.fill:
             if self.direct:
                 self.direct = False
-                _set_direct(self.fd, False)
+                _clear_direct(self.fd)
             self._pwrite(self.view[: self.fill])
             self.fill = 0
         self.release()
