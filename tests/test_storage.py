@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path, PurePosixPath
 
@@ -119,3 +120,33 @@ def test_stale_temp_files_of_live_processes_are_kept(tmp_path: Path) -> None:
         path.write_bytes(b"x")
     assert storage.remove_stale_temp_files(tmp_path) == [dead]
     assert live.exists() and other.exists()
+
+
+class MisalignedPool(direct_io.BufferPool):
+    """Hands out buffers one byte off alignment, which O_DIRECT refuses (EINVAL)."""
+
+    def take(self):  # type: ignore[no-untyped-def]
+        return memoryview(bytearray(self.size + 1))[1:]
+
+    def give(self, buf) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    try:
+        os.pwrite(fd, memoryview(bytearray(8193))[1:], 0)
+        pytest.skip("this filesystem takes misaligned direct writes")
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL
+    finally:
+        os.close(fd)
+    data = os.urandom(3 * direct_io.WRITE_AT + 5)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    appender = direct_io.DirectAppender(fd, MisalignedPool())
+    appender.write([data])
+    assert not appender.direct
+    appender.finish()
+    os.close(fd)
+    assert (tmp_path / "f").read_bytes() == data
