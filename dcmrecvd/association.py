@@ -22,6 +22,7 @@ from pathlib import PurePosixPath
 import structlog
 
 from dcmrecvd import dimse, naming, negotiation, part10, pdu, tls
+from dcmrecvd.config import NetworkConfig
 from dcmrecvd.dataset_scan import SeriesDateProbe
 from dcmrecvd.runtime import Runtime, Stats
 from dcmrecvd.status import Status, status_for_error
@@ -92,6 +93,9 @@ class Association:
         self.log = log.bind(assoc_id=self.id, peer=peer)
         self.established = False
         self.requested = False
+        #: True while this connection holds one of the server's association slots;
+        #: released exactly once, in ``run``'s finally, whatever path ends it.
+        self.holds_slot = False
         #: The next object's temp file, made ahead (see _make_spare), and how many
         #: objects this association has stored so far.
         self.spare: PendingFile | None = None
@@ -118,8 +122,11 @@ class Association:
             else:  # a port probe or health check: connected and closed without a word
                 self.log.debug("conn.closed", reason="closed before an A-ASSOCIATE-RQ")
         except TimeoutError:
-            self.log.warning("assoc.aborted", reason="timeout waiting for the peer")
-            self._send_quietly(pdu.abort_pdu())
+            if self.established:
+                self.log.warning("assoc.aborted", reason="timeout waiting for the peer")
+                self._send_quietly(pdu.abort_pdu())
+            else:  # ARTIM expired before a whole A-ASSOCIATE-RQ: close, no A-ABORT (PS3.8 AA-2)
+                self.log.warning("assoc.aborted", reason="timeout: no complete A-ASSOCIATE-RQ")
         except pdu.ProtocolViolation as exc:
             self.log.warning("assoc.aborted", reason=str(exc))
             self._send_quietly(pdu.abort_pdu(pdu.SOURCE_PROVIDER, exc.reason))
@@ -137,6 +144,8 @@ class Association:
                 pass
             if admitted:
                 self.stats.add(active=-1)
+            if self.holds_slot:
+                self.holds_slot = False
                 self.release_slot()
             if outcome == "released":
                 self.log.info("assoc.released")
@@ -175,7 +184,13 @@ class Association:
 
     def _negotiate(self) -> bool:
         config = self.runtime.config.network
-        self.sock.settimeout(config.acse_timeout)
+        self.reader.deadline = time.monotonic() + config.acse_timeout
+        try:
+            return self._negotiate_request(config)
+        finally:
+            self.reader.deadline = None
+
+    def _negotiate_request(self, config: NetworkConfig) -> bool:
         pdu_type, length = self.reader.header()
         self.requested = True
         if pdu_type != pdu.A_ASSOCIATE_RQ:
@@ -193,18 +208,22 @@ class Association:
         self.calling, self.called = request.calling_ae_title, request.called_ae_title
         self.peer_max_pdu = request.peer_max_pdu
         self.log = self.log.bind(calling_aet=self.calling, called_aet=self.called)
-        if not self.admit():
+        self.holds_slot = self.admit()
+        if not self.holds_slot:
             outcome = negotiation.reject(request, negotiation.REJECT_LOCAL_LIMIT)
         else:
-            outcome = negotiation.negotiate(
-                request,
-                self.runtime.profile,
-                self.runtime.contexts,
-                ae_title=config.ae_title,
-                max_pdu=config.max_pdu,
-            )
-            if not outcome.accepted:
-                self.release_slot()
+            try:
+                outcome = negotiation.negotiate(
+                    request,
+                    self.runtime.profile,
+                    self.runtime.contexts,
+                    ae_title=config.ae_title,
+                    max_pdu=config.max_pdu,
+                )
+            except Exception as exc:  # pynetdicom's codec on a request it cannot handle
+                raise pdu.ProtocolViolation(
+                    f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}: {exc}", pdu.REASON_INVALID_PARAMETER
+                ) from None
         self.sock.sendall(outcome.pdu)
         if not outcome.accepted:
             assert outcome.reject is not None

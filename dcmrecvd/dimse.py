@@ -109,9 +109,9 @@ def encode_response(
     body += _element(0x0120, _US.pack(message_id))
     body += _element(0x0800, _US.pack(NO_DATASET))
     body += _element(0x0900, _US.pack(status))
-    if sop_instance_uid:
-        body += _element(0x1000, _uid(sop_instance_uid))
-    if error_comment:
+    if error_comment:  # (0000,0902) before (0000,1000): command elements ascend by tag
         comment = error_comment.encode("ascii", "replace")[:64]
         body += _element(0x0902, comment + (b" " if len(comment) % 2 else b""))
+    if sop_instance_uid:
+        body += _element(0x1000, _uid(sop_instance_uid))
     return _element(0x0000, struct.pack("<I", len(body))) + body

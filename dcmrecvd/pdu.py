@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 A_ASSOCIATE_RQ = 0x01
@@ -65,6 +66,9 @@ class Reader:
         self.start = 0
         self.end = 0
         self.before_refill: Callable[[], None] | None = None
+        #: A monotonic time by which the reads in progress must be complete (PS3.8's
+        #: ARTIM bounds a whole A-ASSOCIATE-RQ, not each read); None: per-read timeouts.
+        self.deadline: float | None = None
 
     @property
     def available(self) -> int:
@@ -82,6 +86,11 @@ class Reader:
                 pending = self.end - self.start
                 self.buf[:pending] = self.buf[self.start : self.end]
                 self.start, self.end = 0, pending
+            if self.deadline is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("deadline passed")
+                self.sock.settimeout(left)
             try:
                 got = self.sock.recv_into(self.view[self.end :])
             except (ConnectionResetError, BrokenPipeError) as exc:

@@ -1,0 +1,159 @@
+"""Hostile and broken peers, from raw sockets: slots never leak, ARTIM bounds a whole request,
+command sets we send ascend by tag."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+from conftest import DaemonFactory, need, run, wait_for
+from peers import RawClient, associate
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dcmrecvd import pdu
+
+VERIFICATION = "1.2.840.10008.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+LIMIT = 4
+
+
+def _item(item_type: int, body: bytes) -> bytes:
+    return struct.pack(">BxH", item_type, len(body)) + body
+
+
+def _uid(value: str) -> bytes:
+    return value.encode()
+
+
+def associate_rq(transfer_syntaxes: list[str], sop: str = VERIFICATION) -> bytes:
+    """An A-ASSOCIATE-RQ built by hand, so that it may break rules pynetdicom would not."""
+    context = bytes((1, 0, 0, 0)) + _item(0x30, _uid(sop))
+    for ts in transfer_syntaxes:
+        context += _item(0x40, _uid(ts))
+    user = _item(0x51, struct.pack(">I", 16384))
+    body = (
+        struct.pack(">H2x", 1)
+        + b"ANY-SCP".ljust(16)
+        + b"HOSTILE".ljust(16)
+        + bytes(32)
+        + _item(0x10, _uid("1.2.840.10008.3.1.1.1"))
+        + _item(0x20, context)
+        + _item(0x50, user)
+    )
+    return pdu.PDU_HEADER.pack(pdu.A_ASSOCIATE_RQ, len(body)) + body
+
+
+def _reads_until_closed(sock: socket.socket, timeout: float = 10) -> bytes:
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while chunk := sock.recv(4096):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def _all_slots_free(port: int) -> None:
+    """``LIMIT`` associations at once are all accepted (retrying while the last floods end)."""
+
+    def open_all() -> bool:
+        held = [associate(port, [(VERIFICATION, [ImplicitVRLittleEndian])]) for _ in range(LIMIT)]
+        try:
+            return all(a.is_established for a in held)
+        finally:
+            for a in held:
+                if a.is_established:
+                    a.release()
+
+    wait_for(open_all, timeout=15, interval=0.2)
+
+
+def test_no_transfer_syntax_is_a_protocol_error_and_frees_its_slot(daemons: DaemonFactory) -> None:
+    d = daemons.start("--max-associations", str(LIMIT))
+    for _ in range(100):
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+            s.sendall(associate_rq([]))
+            answer = _reads_until_closed(s)
+            assert answer[:1] == bytes((pdu.A_ABORT,)), answer[:10]
+    _all_slots_free(d.port)
+    assert "internal error" not in d.log()
+    assert "malformed A-ASSOCIATE-RQ" in d.log()
+
+
+def test_peers_that_reset_before_the_answer_free_their_slots(daemons: DaemonFactory) -> None:
+    d = daemons.start("--max-associations", str(LIMIT))
+    for _ in range(100):
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.sendall(associate_rq([ImplicitVRLittleEndian]))
+        s.close()  # RST, before or while the A-ASSOCIATE-AC is on its way
+    _all_slots_free(d.port)
+    assert d.proc.poll() is None
+
+
+def test_silent_connection_is_closed_without_an_abort(daemons: DaemonFactory) -> None:
+    d = daemons.start("-ta", "1")
+    silent = RawClient(d.port)
+    try:
+        assert _reads_until_closed(silent.sock) == b""
+    finally:
+        silent.close()
+
+
+def test_trickled_request_is_bounded_by_artim_and_stalls_nobody(daemons: DaemonFactory) -> None:
+    d = daemons.start("-ta", "2")
+    request = associate_rq([ImplicitVRLittleEndian])
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    start = time.monotonic()
+    closed_after = None
+    try:
+        for byte in request:  # one byte every 0.1 s: every read is on time, the whole is not
+            try:
+                s.sendall(bytes((byte,)))
+            except OSError:
+                break
+            s.settimeout(0.1)
+            try:
+                if s.recv(100) == b"":
+                    closed_after = time.monotonic() - start
+                    break
+            except TimeoutError:
+                pass
+            except ConnectionResetError:
+                closed_after = time.monotonic() - start
+                break
+            if time.monotonic() - start > 1:  # meanwhile others are served at once
+                t = time.monotonic()
+                assert run([need("echoscu"), "127.0.0.1", str(d.port)]).returncode == 0
+                assert time.monotonic() - t < 1.5
+    finally:
+        s.close()
+    assert closed_after is not None, "a trickled A-ASSOCIATE-RQ was never dropped"
+    assert closed_after < 6
+    assert "no complete A-ASSOCIATE-RQ" in d.log()
+
+
+def _command_tags(data: bytes) -> list[int]:
+    tags, pos = [], 0
+    while pos < len(data):
+        group, elem, length = struct.unpack_from("<HHI", data, pos)
+        tags.append(group << 16 | elem)
+        pos += 8 + length
+    return tags
+
+
+def test_refused_store_response_elements_ascend(daemons: DaemonFactory) -> None:
+    d = daemons.start()
+    client = RawClient(d.port)
+    try:
+        assert client.associate(CT, ExplicitVRLittleEndian) == pdu.A_ASSOCIATE_AC
+        client.send_pdv(client.store_command(CT, "1.2..3"), command=True, last=True)
+        client.send_pdv(b"\x08\x00\x18\x00UI\x04\x001.2\x00", command=False, last=True)
+        data = b"".join(body[6:] for body in client.response_pdus())
+    finally:
+        client.close()
+    tags = _command_tags(data)
+    assert 0x00000902 in tags, "a refusal carries an Error Comment"
+    assert tags == sorted(tags)
