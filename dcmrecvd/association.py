@@ -21,9 +21,16 @@ from pathlib import PurePosixPath
 
 import structlog
 
-from dcmrecvd import dimse, naming, negotiation, part10, pdu, tls
+from dcmrecvd import dimse, naming, negotiation, part10, pdu, tls, uids
 from dcmrecvd.config import NetworkConfig
-from dcmrecvd.dataset_scan import SeriesDateProbe
+from dcmrecvd.dataset_walk import (
+    SERIES_DATE,
+    SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
+    DatasetWalker,
+    Malformed,
+    text_value,
+)
 from dcmrecvd.runtime import Runtime, Stats
 from dcmrecvd.status import Status, status_for_error
 from dcmrecvd.storage import FileExists, PendingFile
@@ -31,6 +38,9 @@ from dcmrecvd.storage import FileExists, PendingFile
 log = structlog.get_logger("dcmrecvd")
 
 MAX_COMMAND_SET = 64 * 1024
+#: Bytes kept in memory while waiting for the dataset's SOP UIDs (and Series Date)
+#: before the file is opened; they sit in the first few hundred bytes.
+MAX_PREFIX = 1 << 20
 _ids = itertools.count(1)
 
 Clock = Callable[[], dt.datetime]
@@ -52,7 +62,11 @@ class Message:
     error: str = ""
     file: PendingFile | None = None
     directory: PurePosixPath | None = None
-    probe: SeriesDateProbe | None = None
+    #: Checks the dataset's structure as it streams and reads its SOP UIDs;
+    #: None once it has refused the dataset (the rest is drained unread).
+    walker: DatasetWalker | None = None
+    #: The file is opened once the walk is past this top-level tag.
+    open_after: int = SOP_INSTANCE_UID
     prefix: bytearray = field(default_factory=bytearray)
     pending: list[memoryview] = field(default_factory=list)
     received: int = 0
@@ -372,52 +386,89 @@ class Association:
             message.error = "SOP class differs from the presentation context's"
             message.store = False
             return
-        if mode == "ignore":
-            message.store = False
-            return
+        wanted = [SOP_CLASS_UID, SOP_INSTANCE_UID]
         if self.runtime.scheme.needs_series_date:
-            message.probe = SeriesDateProbe(message.context.transfer_syntax)
-        else:
-            self._open(message, PurePosixPath("."))
-
-    def _open(self, message: Message, directory: PurePosixPath) -> None:
-        command = message.command
-        try:
-            message.directory = directory
-            message.file = self._take_spare(directory) or self.runtime.store.open(directory)
-            message.file.write(
-                part10.meta_header(
-                    command.affected_sop_class_uid,
-                    command.affected_sop_instance_uid,
-                    message.context.transfer_syntax,
-                    self.calling,
-                )
-            )
-        except OSError as exc:
-            self._fail(message, exc)
+            wanted.append(SERIES_DATE)
+            message.open_after = SERIES_DATE
+        message.walker = DatasetWalker(message.context.transfer_syntax, wanted)
+        if mode == "ignore":  # walked all the same: a success still means a well-formed dataset
+            message.store = False
 
     def _data(self, message: Message, chunk: memoryview) -> None:
         message.received += len(chunk)
-        if not message.store:
+        walker = message.walker
+        if walker is None:
             return
-        probe = message.probe
-        if probe is not None and not probe.done:
-            message.prefix += chunk
-            if probe.feed(chunk, last=False):
-                self._open_dated(message)
+        try:
+            walker.feed(chunk)
+        except Malformed as exc:
+            self._refuse(message, f"malformed dataset: {exc}")
+            return
+        if not message.store:
             return
         if message.file is not None:
             message.pending.append(chunk)
+            return
+        if not walker.past(message.open_after) and len(message.prefix) + len(chunk) <= MAX_PREFIX:
+            message.prefix += chunk
+            return
+        if not walker.past(SOP_INSTANCE_UID):
+            self._refuse(message, f"no SOP Instance UID in the first {MAX_PREFIX} bytes of the dataset")
+            return
+        self._open(message)
+        if message.file is not None:
+            message.pending.append(chunk)
 
-    def _open_dated(self, message: Message) -> None:
-        assert message.probe is not None
-        directory = naming.directory_for(self.runtime.scheme, message.probe.value, self.clock().date())
-        self._open(message, directory)
-        if message.file is not None and message.prefix:
-            try:
+    def _dataset_uids(self, message: Message) -> tuple[str, str] | None:
+        """The SOP Class and Instance UIDs for the file meta, from the dataset (PS3.10).
+
+        Refuses the object (and returns None) when the dataset's own SOP
+        Instance UID is missing or not a valid UID, or its SOP Class UID is
+        not one; a dataset that names no SOP class keeps the command's.  When
+        they differ from the command's, the file meta follows the dataset and
+        the file name the command, as in dcmrecv.
+        """
+        assert message.walker is not None
+        captured = message.walker.captured
+        command = message.command
+        instance = text_value(captured.get(SOP_INSTANCE_UID))
+        sop_class = text_value(captured.get(SOP_CLASS_UID))
+        if instance is None or not uids.is_valid_uid(instance):
+            what = "no SOP Instance UID" if instance is None else f"an invalid SOP Instance UID {instance!r}"
+            self._refuse(message, f"dataset has {what}")
+            return None
+        if sop_class is not None and not uids.is_valid_uid(sop_class):
+            self._refuse(message, f"dataset has an invalid SOP Class UID {sop_class!r}")
+            return None
+        sop_class = sop_class or command.affected_sop_class_uid
+        if (sop_class, instance) != (command.affected_sop_class_uid, command.affected_sop_instance_uid):
+            self.log.warning(
+                "store.uid_mismatch",
+                command_sop_class_uid=command.affected_sop_class_uid,
+                command_sop_instance_uid=command.affected_sop_instance_uid,
+                dataset_sop_class_uid=sop_class,
+                dataset_sop_instance_uid=instance,
+            )
+        return sop_class, instance
+
+    def _open(self, message: Message) -> None:
+        """Open the object's file (in its +ssd directory) and write the meta and the prefix."""
+        assert message.walker is not None
+        found = self._dataset_uids(message)
+        if found is None:
+            return
+        directory = PurePosixPath(".")
+        if message.open_after == SERIES_DATE:
+            series_date = text_value(message.walker.captured.get(SERIES_DATE))
+            directory = naming.directory_for(self.runtime.scheme, series_date, self.clock().date())
+        try:
+            message.directory = directory
+            message.file = self._take_spare(directory) or self.runtime.store.open(directory)
+            message.file.write(part10.meta_header(*found, message.context.transfer_syntax, self.calling))
+            if message.prefix:
                 message.file.write(message.prefix)
-            except OSError as exc:
-                self._fail(message, exc)
+        except OSError as exc:
+            self._fail(message, exc)
         message.prefix = bytearray()
 
     def _take_spare(self, directory: PurePosixPath) -> PendingFile | None:
@@ -472,6 +523,14 @@ class Association:
             message.file.discard()
             message.file = None
 
+    def _refuse(self, message: Message, reason: str) -> None:
+        """The dataset is not one we may acknowledge: 0xC000, no file, the rest drained unread."""
+        message.status, message.error = Status.CANNOT_UNDERSTAND, reason
+        message.store = False
+        message.walker = None
+        message.prefix = bytearray()
+        self._discard(message)
+
     def _discard(self, message: Message) -> None:
         message.pending = []
         if message.file is not None:
@@ -479,9 +538,17 @@ class Association:
             message.file = None
 
     def _finish(self, message: Message) -> None:
-        if message.probe is not None and not message.probe.done and message.store:
-            message.probe.feed(b"", last=True)
-            self._open_dated(message)
+        walker = message.walker
+        if walker is not None:
+            try:
+                walker.finish()
+            except Malformed as exc:
+                self._refuse(message, f"malformed dataset: {exc}")
+            else:
+                if message.store and message.file is None:
+                    self._open(message)  # a dataset that ended before the tags we wait for
+                elif not message.store and message.status == Status.SUCCESS:
+                    self._dataset_uids(message)  # -ignore: the same checks, nothing written
         self._flush_pending()
         path = ""
         if message.store and message.file is not None:

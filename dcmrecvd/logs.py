@@ -64,6 +64,7 @@ EVENTS = (
     "store.completed",
     "store.failed",
     "store.replaced",
+    "store.uid_mismatch",
     "store.incomplete",
     "storage.stale_temp_removed",
     "reload.started",

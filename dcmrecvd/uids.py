@@ -27,7 +27,7 @@ DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 
 def is_valid_uid(value: str) -> bool:
     """True for digits and dots, at most 64 characters, no empty component."""
-    return 0 < len(value) <= 64 and _UID_RE.match(value) is not None
+    return 0 < len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
 def _rows(name: str) -> list[list[str]]:

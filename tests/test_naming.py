@@ -9,7 +9,6 @@ from pathlib import PurePosixPath
 import pytest
 
 from dcmrecvd import naming
-from dcmrecvd.dataset_scan import SeriesDateProbe
 from dcmrecvd.naming import NamingScheme
 
 NOW = dt.datetime(2024, 5, 6, 7, 8, 9, 123456)
@@ -55,21 +54,3 @@ def test_unsafe_uids(uid: str) -> None:
 def test_series_date_directories(value: str | None, expected: str) -> None:
     scheme = NamingScheme(subdirectory="series-date")
     assert naming.directory_for(scheme, value, NOW.date()) == PurePosixPath(expected)
-
-
-def test_series_date_probe_needs_only_the_first_bytes() -> None:
-    from datasets import make_dataset
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset
-
-    ds = make_dataset(rows=64, columns=64, series_date="19990101")
-    buf = DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, False
-    write_dataset(buf, ds)
-    data = buf.getvalue()
-    probe = SeriesDateProbe("1.2.840.10008.1.2.1")
-    fed = 0
-    while not probe.feed(data[fed : fed + 16], last=False):
-        fed += 16
-    assert probe.value == "19990101"
-    assert fed < 512  # decided long before the pixel data

@@ -340,7 +340,9 @@ def test_drain_timeout_aborts_and_removes_partial(daemons: DaemonFactory) -> Non
     client = RawClient(d.port)
     assert client.associate(CT, ExplicitVRLittleEndian) == 0x02
     client.send_pdv(client.store_command(CT, "1.2.3.4"), command=True, last=True)
-    client.send_pdv(b"\x08\x00\x16\x00UI\x02\x001\x00", command=False, last=False)
+    # The temp file opens once the dataset's SOP Instance UID is known (past (0008,0018)).
+    head = b"\x08\x00\x16\x00UI\x02\x001\x00" + b"\x08\x00\x18\x00UI\x08\x001.2.3.4\x00"
+    client.send_pdv(head + b"\x08\x00\x20\x00DA\x08\x0020240131", command=False, last=False)
     wait_for(lambda: any(p.name.startswith(TEMP_PREFIX) for p in d.output.iterdir()))
     start = time.monotonic()
     assert d.stop() == 0
