@@ -11,7 +11,7 @@ RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev dcmtk
 TEST_PACKAGES := $(RUN_PACKAGES) openssl systemd systemd-container util-linux procps debhelper \
   dh-virtualenv dpkg-dev lintian debootstrap rpm rpmlint cpio man-db
 
-.PHONY: run test lint typecheck unit bench system-deps test-deps venv clean
+.PHONY: run test lint typecheck unit bench soak fuzz system-deps test-deps venv clean
 
 define apt_install_missing
 	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -54,6 +54,16 @@ test: lint typecheck unit
 
 bench: venv
 	$(PY) bench/run.py
+
+# 100,000 objects over 1,000 associations from 4 senders, the daemon's RSS sampled (a shorter
+# one runs in `make test`).
+soak: venv
+	$(PY) bench/soak.py --objects 100000
+
+# 10,000 seeded mutations of A-ASSOCIATE-RQ and P-DATA streams against a real daemon, with
+# oracles (alive, no slot leaked, nothing malformed stored, RSS bounded); `make test` runs 300.
+fuzz: venv test-deps
+	$(PY) tests/fuzz.py --cases 10000 --seed 1
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info received bench/out

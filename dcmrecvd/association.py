@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import select
 import socket
 import ssl
 import time
@@ -22,6 +23,7 @@ from pathlib import PurePosixPath
 import structlog
 
 from dcmrecvd import dimse, naming, negotiation, part10, pdu, tls, uids
+from dcmrecvd.buffers import BufferPool
 from dcmrecvd.config import NetworkConfig
 from dcmrecvd.dataset_walk import (
     SERIES_DATE,
@@ -42,8 +44,32 @@ MAX_COMMAND_SET = 64 * 1024
 #: before the file is opened; they sit in the first few hundred bytes.
 MAX_PREFIX = 1 << 20
 _ids = itertools.count(1)
+#: Receive buffers of established associations, shared by all of them.
+RECEIVE_BUFFERS = BufferPool(pdu.BUFFER_SIZE, keep=8)
 
 Clock = Callable[[], dt.datetime]
+
+
+def _handshake_by(sock: ssl.SSLSocket, deadline: float) -> None:
+    """Complete a TLS handshake before ``deadline`` (monotonic), else TimeoutError."""
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                events = select.POLLIN
+            except ssl.SSLWantWriteError:
+                events = select.POLLOUT
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("TLS handshake not complete within the ACSE timeout")
+            poller = select.poll()
+            poller.register(sock.fileno(), events)
+            poller.poll(left * 1000)
+    finally:
+        sock.setblocking(True)
 
 
 def next_association_id() -> int:
@@ -85,6 +111,8 @@ class Association:
         *,
         admit: Callable[[], bool] = lambda: True,
         release_slot: Callable[[], None] = lambda: None,
+        negotiated: Callable[[], None] = lambda: None,
+        buffers: BufferPool = RECEIVE_BUFFERS,
         clock: Clock = dt.datetime.now,
     ) -> None:
         self.sock = sock
@@ -93,6 +121,8 @@ class Association:
         self.stats = stats
         self.admit = admit
         self.release_slot = release_slot
+        self.negotiated = negotiated
+        self.buffers = buffers
         self.clock = clock
         self.id = next_association_id()
         self.reader = pdu.Reader(sock)
@@ -110,6 +140,9 @@ class Association:
         #: True while this connection holds one of the server's association slots;
         #: released exactly once, in ``run``'s finally, whatever path ends it.
         self.holds_slot = False
+        #: True until negotiation is over (accepted, rejected or failed): the server
+        #: bounds how many connections may be in that state; told exactly once.
+        self.pending = True
         #: The next object's temp file, made ahead (see _make_spare), and how many
         #: objects this association has stored so far.
         self.spare: PendingFile | None = None
@@ -126,6 +159,7 @@ class Association:
             if self.runtime.tls is not None and not self._handshake(self.runtime.tls):
                 return
             admitted = self._negotiate()
+            self._end_pending()
             if admitted:
                 outcome = self._serve()
             else:
@@ -150,8 +184,10 @@ class Association:
             self.log.exception("assoc.aborted", reason="internal error")
             self._send_quietly(pdu.abort_pdu())
         finally:
+            self._end_pending()
             self._drop_message()
             self._drop_spare()
+            self.reader.close()  # after the message: no view into the buffer is left
             try:
                 self.sock.close()
             except OSError:
@@ -164,12 +200,21 @@ class Association:
             if outcome == "released":
                 self.log.info("assoc.released")
 
+    def _end_pending(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.negotiated()
+
     def _handshake(self, context: ssl.SSLContext) -> bool:
-        """TLS handshake on this thread, bounded by the ACSE timeout."""
-        self.sock.settimeout(self.runtime.config.network.acse_timeout)
+        """TLS handshake on this thread; the ACSE timeout bounds it as a whole, like ARTIM.
+
+        Why not a socket timeout: that bounds each read, and a peer trickling its
+        ClientHello a byte at a time would hold the connection for ever.
+        """
+        deadline = time.monotonic() + self.runtime.config.network.acse_timeout
         try:
             wrapped = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-            wrapped.do_handshake()
+            _handshake_by(wrapped, deadline)
         except (ssl.SSLError, OSError) as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else str(exc)
             self.log.warning("tls.handshake_failed", reason=reason)
@@ -252,6 +297,7 @@ class Association:
             return False
         self.contexts = outcome.contexts
         self.established = True
+        self.reader.grow(self.buffers)
         self.stats.add(active=1, associations=1)
         fields: dict[str, object] = {"contexts": len(outcome.contexts)}
         if self.runtime.config.logging.verbose_pc:

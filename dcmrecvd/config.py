@@ -94,6 +94,13 @@ class NetworkConfig:
         minimum=1,
         maximum=1024,
     )
+    max_pending_connections: int = _opt(
+        256,
+        "Connections accepted but not yet negotiated (no A-ASSOCIATE-RQ answered yet); "
+        "more are closed at once. Each costs a thread and a few KiB until the ACSE timeout.",
+        minimum=1,
+        maximum=65536,
+    )
 
 
 @dataclass(frozen=True)

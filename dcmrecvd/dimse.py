@@ -40,7 +40,9 @@ class Command:
 
 
 def _text(value: bytes) -> str:
-    return value.decode("ascii", "replace").rstrip(" \x00")
+    """Latin-1, so that any bytes decode and encode back unchanged: a response echoes the
+    request's UIDs exactly, even invalid ones (which are refused, never stored)."""
+    return value.decode("latin-1").rstrip(" \x00")
 
 
 def decode(data: bytes | bytearray | memoryview) -> Command:
@@ -89,7 +91,7 @@ def _element(elem: int, value: bytes) -> bytes:
 
 
 def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
+    raw = value.encode("latin-1", "replace")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 

@@ -21,8 +21,9 @@ import errno
 import fcntl
 import mmap
 import os
-import threading
 from collections.abc import Sequence
+
+from dcmrecvd.buffers import BufferPool
 
 #: Offset, length and memory alignment good for every block size up to a page.
 ALIGN = 4096
@@ -31,29 +32,6 @@ STAGE_SIZE = 1 << 20
 #: Write to the disk once this much is staged: early enough to overlap with
 #: receiving, large enough to keep the number of system calls low.
 WRITE_AT = 256 * 1024
-
-
-class BufferPool:
-    """Page-aligned staging buffers, kept warm for reuse."""
-
-    def __init__(self, size: int = STAGE_SIZE, keep: int = 16) -> None:
-        self.size = size
-        self.keep = keep
-        self._free: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> mmap.mmap:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return mmap.mmap(-1, self.size)
-
-    def give(self, buf: mmap.mmap) -> None:
-        with self._lock:
-            if len(self._free) < self.keep:
-                self._free.append(buf)
-                return
-        buf.close()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -58,6 +58,7 @@ EVENTS = (
     "assoc.aborted",
     "assoc.peer_host",
     "conn.closed",
+    "conn.refused",
     "tls.handshake_failed",
     "assoc.release_mid_message",
     "echo",

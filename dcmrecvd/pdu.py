@@ -10,10 +10,13 @@ pynetdicom (see ``negotiation``).
 
 from __future__ import annotations
 
+import mmap
 import socket
 import struct
 import time
 from collections.abc import Callable
+
+from dcmrecvd.buffers import BufferPool
 
 A_ASSOCIATE_RQ = 0x01
 A_ASSOCIATE_AC = 0x02
@@ -35,7 +38,13 @@ REASON_INVALID_PARAMETER = 0x06
 
 PDU_HEADER = struct.Struct(">BxI")
 PDV_HEADER = struct.Struct(">IBB")
+#: The receive buffer of an established association: dataset fragments are
+#: handed on as views into it, so it is large enough for many PDUs per read.
 BUFFER_SIZE = 1 << 20
+#: The buffer of a connection that has not negotiated yet: enough for a usual
+#: A-ASSOCIATE-RQ (a larger one is read in pieces), so that idle or hostile
+#: connections cost a few KiB, not a MiB each.
+INITIAL_BUFFER_SIZE = 16 * 1024
 #: An A-ASSOCIATE-RQ larger than this is not a real one.
 MAX_ASSOCIATE_RQ = 1 << 20
 
@@ -55,20 +64,48 @@ class ProtocolViolation(Exception):
 class Reader:
     """Buffered reads from a socket, handing out views into one big buffer.
 
+    It starts small (a connection that has not negotiated costs a few KiB) and
+    ``grow`` moves it to a large pooled buffer once the association exists.
+
     A view returned by ``take`` stays valid until the next refill;
     ``before_refill`` is called first so the owner can flush the views it holds.
     """
 
-    def __init__(self, sock: socket.socket, size: int = BUFFER_SIZE) -> None:
+    def __init__(self, sock: socket.socket, size: int = INITIAL_BUFFER_SIZE) -> None:
         self.sock = sock
-        self.buf = bytearray(size)
+        self.buf: bytearray | mmap.mmap = bytearray(size)
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
+        self._pool: BufferPool | None = None
         self.before_refill: Callable[[], None] | None = None
         #: A monotonic time by which the reads in progress must be complete (PS3.8's
         #: ARTIM bounds a whole A-ASSOCIATE-RQ, not each read); None: per-read timeouts.
         self.deadline: float | None = None
+
+    def grow(self, pool: BufferPool) -> None:
+        """Move to a large buffer from ``pool`` (once the association is accepted)."""
+        if self._pool is not None:
+            return
+        buf = pool.take()
+        pending = self.end - self.start
+        buf[:pending] = self.view[self.start : self.end]
+        self.view.release()
+        self.buf, self.view, self._pool = buf, memoryview(buf), pool
+        self.start, self.end = 0, pending
+
+    def close(self) -> None:
+        """Give the large buffer back; every view taken from it must be dropped by now."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        buf = self.buf
+        assert isinstance(buf, mmap.mmap)
+        self.view.release()
+        self.buf = bytearray(0)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+        pool.give(buf)
 
     @property
     def available(self) -> int:

@@ -22,6 +22,9 @@ from dcmrecvd.runtime import Runtime, Stats
 
 log = structlog.get_logger("dcmrecvd")
 
+#: conn.refused is logged at most this often (seconds), with the count since the last one.
+REFUSED_LOG_INTERVAL = 10.0
+
 
 def bind_listener(address: str, port: int, backlog: int = 128) -> socket.socket:
     """A listening TCP socket (exit 64 when the port cannot be had)."""
@@ -79,6 +82,11 @@ class Server:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._slots = 0
+        #: Connections accepted that have not finished negotiating, and how many
+        #: were closed at once since the last warning because there were too many.
+        self._pending = 0
+        self._refused = 0
+        self._refused_logged = 0.0
         self._live: set[Association] = set()
         self._threads: set[threading.Thread] = set()
         self._all_done = threading.Condition(self._lock)
@@ -97,6 +105,29 @@ class Server:
     def _release(self) -> None:
         with self._lock:
             self._slots -= 1
+
+    def _negotiated(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def _take_pending(self) -> bool:
+        """Room for one more connection that has not negotiated yet?"""
+        limit = self.runtime().config.network.max_pending_connections
+        with self._lock:
+            if self._pending < limit:
+                self._pending += 1
+                return True
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged < REFUSED_LOG_INTERVAL:
+                return False
+            refused, self._refused, self._refused_logged = self._refused, 0, now
+        log.warning(
+            "conn.refused",
+            reason=f"more than {limit} connections not yet negotiated",
+            refused=refused,
+        )
+        return False
 
     @property
     def active(self) -> int:
@@ -139,6 +170,9 @@ class Server:
         except OSError as exc:  # EMFILE and friends: log, keep serving
             log.error("accept.failed", reason=str(exc))
             return
+        if not self._take_pending():  # a flood of idle connections must not cost a thread each
+            conn.close()
+            return
         conn.setblocking(True)
         try:
             tune_connection(conn)
@@ -147,7 +181,15 @@ class Server:
         host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
         peer = f"{host}:{addr[1]}" if isinstance(addr, tuple) else host
         runtime = self.runtime()
-        assoc = Association(conn, peer, runtime, self.stats, admit=self._admit, release_slot=self._release)
+        assoc = Association(
+            conn,
+            peer,
+            runtime,
+            self.stats,
+            admit=self._admit,
+            release_slot=self._release,
+            negotiated=self._negotiated,
+        )
         if runtime.config.network.host_lookup and isinstance(addr, tuple):
             bound = assoc.log
             resolve_peer(host, lambda name: bound.info("assoc.peer_host", peer_host=name))

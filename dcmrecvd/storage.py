@@ -20,7 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .direct_io import BufferPool, DirectAppender
+from .buffers import BufferPool
+from .direct_io import STAGE_SIZE, DirectAppender
 from .fs_probe import journals_in_order
 
 TEMP_PREFIX = ".dcmrecvd-"
@@ -179,7 +180,7 @@ class Store:
         #: be another mount (another filesystem).
         self._known_dirs: dict[Path, _DirectoryTraits] = {}
         self._lock = threading.Lock()
-        self._buffers = BufferPool()
+        self._buffers = BufferPool(STAGE_SIZE)
 
     def _traits(self, directory: Path) -> _DirectoryTraits:
         traits = self._known_dirs.get(directory)

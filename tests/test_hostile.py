@@ -157,3 +157,21 @@ def test_refused_store_response_elements_ascend(daemons: DaemonFactory) -> None:
     tags = _command_tags(data)
     assert 0x00000902 in tags, "a refusal carries an Error Comment"
     assert tags == sorted(tags)
+
+
+def test_non_ascii_uid_in_a_command_is_refused_and_echoed_byte_for_byte(daemons: DaemonFactory) -> None:
+    """Found by the fuzzer: a command UID with a byte >= 0x80 made the response an internal error."""
+    d = daemons.start()
+    client = RawClient(d.port)
+    bad = "1.2.\xff.4"
+    try:
+        assert client.associate(CT, ExplicitVRLittleEndian) == pdu.A_ASSOCIATE_AC
+        command = client.store_command(CT, "1.2.3.4").replace(b"1.2.3.4", bad.encode("latin-1"))
+        client.send_pdv(command, command=True, last=True)
+        client.send_pdv(b"\x08\x00\x18\x00UI\x08\x001.2.3.4\x00", command=False, last=True)
+        data = b"".join(body[6:] for body in client.response_pdus())
+    finally:
+        client.close()
+    assert bad.encode("latin-1") in data, "the response echoes the request's UID"
+    assert struct.pack("<HHIH", 0, 0x0900, 2, 0xC000) in data
+    assert "internal error" not in d.log()

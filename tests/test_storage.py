@@ -144,7 +144,7 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path) -> 
         os.close(fd)
     data = os.urandom(3 * direct_io.WRITE_AT + 5)
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
-    appender = direct_io.DirectAppender(fd, MisalignedPool())
+    appender = direct_io.DirectAppender(fd, MisalignedPool(direct_io.STAGE_SIZE))
     appender.write([data])
     assert not appender.direct
     appender.finish()

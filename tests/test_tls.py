@@ -399,3 +399,43 @@ def test_extra_cipher_refused_with_extended_profile(config_dir: Path, pki: PKI, 
     )
     assert result.returncode == 71
     assert "cannot be used with profile bcp195-extended" in result.stderr
+
+
+def test_a_trickled_tls_handshake_is_bounded_as_a_whole(daemons: DaemonFactory, pki: PKI) -> None:
+    """A ClientHello sent a byte every 0.2 s: each read is on time, the whole is not (ARTIM)."""
+    d = daemons.start(*tls_args(pki, None, "-ta", "2"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    try:
+        context.wrap_bio(incoming, outgoing).do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    assert len(hello) > 100
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    start = time.monotonic()
+    closed_after = None
+    try:
+        for byte in hello:
+            try:
+                s.sendall(bytes((byte,)))
+            except OSError:
+                closed_after = time.monotonic() - start
+                break
+            s.settimeout(0.2)
+            try:
+                if s.recv(100) == b"":
+                    closed_after = time.monotonic() - start
+                    break
+            except TimeoutError:
+                pass
+            except ConnectionResetError:
+                closed_after = time.monotonic() - start
+                break
+    finally:
+        s.close()
+    assert closed_after is not None, "a trickled TLS handshake was never dropped"
+    assert closed_after < 6
+    wait_for(lambda: "tls.handshake_failed" in d.log())
+
