@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dcmrecvd import __version__, daemon, flags, logs
+from dcmrecvd import __version__, ciphers, daemon, flags, logs
 from dcmrecvd import config as config_mod
 from dcmrecvd.errors import DcmrecvdError, ExitCode
 from dcmrecvd.runtime import Runtime, prepare
@@ -39,10 +39,8 @@ def version_text() -> str:
 
 
 def cipher_list() -> str:
-    """+cc: the TLS cipher suites the local OpenSSL offers."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.set_ciphers("ALL:@SECLEVEL=0")
-    return "".join(f"{c['name']}\n" for c in context.get_ciphers())
+    """+cc: the TLS cipher suites the local OpenSSL offers, by the names +cs takes."""
+    return "Supported TLS ciphersuites are:\n" + "".join(f"  {name}\n" for name in ciphers.supported())
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -86,8 +84,6 @@ def _main(args: list[str], env: dict[str, str]) -> int:
         return 0
     runtime = prepare(config, environ=env, warn=lambda m: print(f"{PROG}: warning: {m}", file=sys.stderr))
     if cmd.action == "check-config":
-        if config.logging.config_file:
-            logs.read_dcmtk_logger_config(config.logging.config_file)
         print(
             f"configuration OK: profile {runtime.profile.name} "
             f"({len(runtime.profile.contexts)} presentation contexts), "

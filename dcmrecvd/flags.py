@@ -705,11 +705,20 @@ def parse(argv: Sequence[str], cwd: Path | None = None) -> CommandLine:
     return cmd
 
 
+#: TLS options that stand on their own; every other one needs --enable-tls, as in dcmrecv.
+_TLS_STANDALONE = frozenset({"--enable-tls", "--disable-tls", "--list-ciphers"})
+
+
 def _check_requirements(cmd: CommandLine) -> None:
-    """DCMTK's "X only allowed with Y" checks, on the final values."""
+    """DCMTK's "X only allowed with Y" and "X not allowed with Y" checks, on the final values."""
+    tls_on = bool(_lookup(cmd, "tls.enabled", False))
     for opt in cmd.used:
+        if opt.group == G_TLS and opt.long not in _TLS_STANDALONE and not tls_on:
+            raise UsageError(f"{opt.long} only allowed with --enable-tls")
         if opt.requires is not None and not _lookup(cmd, opt.requires[1], None):
             raise UsageError(f"{opt.long} only allowed with {opt.requires[0]}")
+    if _lookup(cmd, "tls.ciphers", None) and _lookup(cmd, "tls.profile", "") == "bcp195-extended":
+        raise UsageError("--cipher not allowed with --profile-bcp195-ex")
 
 
 # --------------------------------------------------------------------------- help

@@ -128,7 +128,15 @@ def dcmrecvd_8() -> str:
             f".B {_esc(name)}",
             _esc(f"{profile.label}; TLS 1.2 suites: {profile.ciphers.replace(':', ' ')}"),
         ]
-    out += ["A profile whose suites the local OpenSSL lacks is refused (exit 71), never weakened."]
+    out += [
+        "A profile whose suites the local OpenSSL lacks is refused (exit 71), never weakened.",
+        ".PP",
+        "Every TLS option but +tls, -tls and +cc is only allowed with +tls (exit 1, as dcmrecv).",
+        "-der applies to the key, the certificate and the +cf, +cd and +crl files.",
+        "+cs takes the names +cc lists and adds them to the profile's suites; an unknown suite, or a",
+        "NULL suite under any profile but +pn, exits 71; +cs with +pz is a command-line error (exit 1).",
+        "+ps reads one line from standard input when it is not a terminal.",
+    ]
     out += [SECTIONS_8.rstrip(), ".TS", "l l."]
     out += [f"{event}\t{logs.message_id(event)}" for event in logs.EVENTS]
     out += [

@@ -28,7 +28,7 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4.
 REJECT_CALLED_AET = (0x01, 0x01, 0x07)
-REJECT_APP_CONTEXT = (0x01, 0x01, 0x02)
+REJECT_APP_CONTEXT = (0x02, 0x01, 0x02)  # rejected-transient, as dcmrecv answers it
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_PROTOCOL_VERSION = (0x01, 0x02, 0x02)
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)

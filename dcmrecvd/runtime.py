@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pynetdicom.presentation import PresentationContext
 
-from dcmrecvd import naming, negotiation, tls
+from dcmrecvd import logs, naming, negotiation, tls
 from dcmrecvd.config import Config
 from dcmrecvd.errors import OutputDirectoryError, UsageError
 from dcmrecvd.profiles import VERIFICATION_ONLY, Profile, load_profile, with_verification
@@ -90,13 +90,17 @@ def prepare(
     environ: Mapping[str, str] | None = None,
     warn: Callable[[str], None] = lambda message: None,
 ) -> Runtime:
-    """Validate in dcmrecv's order (profile 66, directory 45, TLS 71) and freeze."""
-    profile = load_association_profile(config)
+    """Validate in dcmrecv's order and freeze: the one pass every start, --check-config and
+    SIGHUP go through (command line and values 1, profile 66, directory 45, TLS 71; the
+    listener, 64, comes after)."""
     out = config.output
     try:
         naming.check_extension(out.extension)
     except naming.UnsafeIdentifier as exc:
         raise UsageError(str(exc)) from None
+    if config.logging.config_file:  # -lc: a bad file is a command-line error, before all else
+        logs.read_dcmtk_logger_config(config.logging.config_file)
+    profile = load_association_profile(config)
     root = check_output_directory(out.directory)
     context = tls.build_context(config.tls, environ, warn=warn) if config.tls.enabled else None
     return Runtime(

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dcmrecvd import ciphers
 from dcmrecvd.config import TLSConfig
 from dcmrecvd.errors import TransportError
 
@@ -102,15 +103,30 @@ def _first_line(path: Path, what: str) -> str:
     return text.splitlines()[0] if text else ""
 
 
+#: A password read from a non-terminal standard input, kept for reloads: the pipe
+#: it came from is at its end by the time SIGHUP asks again.
+_stdin_password: str | None = None
+
+
 def _prompt_callback(prompt: PasswordPrompt | None) -> Callable[[], str]:
     def ask() -> str:
+        global _stdin_password
         if prompt is not None:
             return prompt("Enter PEM pass phrase: ")
-        if not sys.stdin.isatty():
-            raise TransportError(
-                "the private key is encrypted and there is no terminal to ask for its password "
-                "(+ps); use tls.password_file or a systemd credential"
-            )
+        if sys.stdin is None or not sys.stdin.isatty():
+            # +ps as dcmrecv: `echo secret | dcmrecvd +tls enc.key cert.pem ...` works.
+            if _stdin_password is None:
+                try:
+                    line = sys.stdin.readline() if sys.stdin is not None else ""
+                except (OSError, ValueError):  # closed or unreadable
+                    line = ""
+                if not line:  # /dev/null, a closed pipe, systemd: nothing to read
+                    raise TransportError(
+                        "the private key is encrypted and there is no terminal or standard input "
+                        "to read its password from (+ps); use tls.password_file or a systemd credential"
+                    )
+                _stdin_password = line.rstrip("\r\n")
+            return _stdin_password
         return getpass.getpass("Enter PEM pass phrase: ")
 
     return ask
@@ -176,7 +192,7 @@ def build_context(
     if cfg.ciphers:
         if not profile.allow_extra_ciphers:
             raise TransportError(f"tls.ciphers (+cs) cannot be used with profile {cfg.profile}")
-        ciphers = ":".join([*cfg.ciphers, ciphers])
+        ciphers = ":".join([*_extra_ciphers(cfg, profile, warn), ciphers])
     try:
         context.set_ciphers(ciphers)
     except ssl.SSLError:
@@ -206,38 +222,74 @@ def build_context(
     return context
 
 
+def _extra_ciphers(cfg: TLSConfig, profile: TLSProfile, warn: Callable[[str], None]) -> list[str]:
+    """OpenSSL names of the +cs suites, checked against the profile as dcmrecv checks them."""
+    names = []
+    for name in cfg.ciphers:
+        try:
+            names.append(ciphers.openssl_name(name))
+        except ciphers.UnknownSuite:
+            raise TransportError(
+                f"unknown TLS ciphersuite '{name}' (--list-ciphers shows the supported ones)"
+            ) from None
+        if ciphers.is_unencrypted(name) and cfg.profile != "null":
+            raise TransportError(
+                f"Unencrypted ciphersuite '{name}' not permitted with security profile '{profile.label}'"
+            )
+        if ciphers.uses_rsa_key_transport(name):
+            warn(
+                f"Ciphersuite '{name}' uses RSA key transport. "
+                "RFC 7525 recommends that such cipher suites should not be used."
+            )
+    return names
+
+
 def _has_tls12_cipher(context: ssl.SSLContext) -> bool:
     return any(c.get("protocol") != "TLSv1.3" for c in context.get_ciphers())
 
 
 def _load_trust(context: ssl.SSLContext, cfg: TLSConfig, warn: Callable[[str], None]) -> None:
+    """CA certificates (+cf, +cd) and CRLs (+crl), in PEM or, with -der, DER, as dcmrecv reads them."""
+    der = cfg.key_format == "der"
     for path in cfg.ca_files:
         if not Path(path).is_file():
             warn(f"cannot read certificate file {path}, ignoring")  # as dcmrecv does
             continue
-        try:
-            context.load_verify_locations(cafile=path)
-        except ssl.SSLError as exc:
-            raise TransportError(f"cannot use certificate file {path}: {exc}") from None
+        _load_certificates(context, Path(path), der)
     for path in cfg.ca_dirs:
         if not Path(path).is_dir():
             raise TransportError(f"certificate directory {path} does not exist")
-        context.load_verify_locations(capath=path)
+        if not der:
+            context.load_verify_locations(capath=path)
         for entry in sorted(Path(path).iterdir()):
-            if entry.suffix in (".pem", ".crt") and entry.is_file():
-                try:
-                    context.load_verify_locations(cafile=str(entry))
-                except ssl.SSLError as exc:
-                    raise TransportError(f"cannot use certificate file {entry}: {exc}") from None
+            if entry.is_file() and (der or entry.suffix in (".pem", ".crt")):
+                _load_certificates(context, entry, der)
     for path in cfg.crl_files:
         try:
-            context.load_verify_locations(cafile=path)
+            if der:
+                with tempfile.TemporaryDirectory(prefix="dcmrecvd-crl-") as tmp:
+                    pem = Path(tmp) / "crl.pem"
+                    pem.write_text(_pem(Path(path).read_bytes(), "X509 CRL"))
+                    context.load_verify_locations(cafile=str(pem))
+            else:
+                context.load_verify_locations(cafile=path)
         except (OSError, ssl.SSLError) as exc:
             raise TransportError(f"cannot read certificate revocation list {path}: {exc}") from None
     if cfg.crl_check == "leaf":
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     elif cfg.crl_check == "chain":
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
+
+
+def _load_certificates(context: ssl.SSLContext, path: Path, der: bool) -> None:
+    try:
+        if der:
+            context.load_verify_locations(cadata=path.read_bytes())
+        else:
+            context.load_verify_locations(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        encoding = "DER" if der else "PEM"
+        raise TransportError(f"cannot use certificate file {path} ({encoding}): {exc}") from None
 
 
 def _expect_sni(expected: str) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None]:

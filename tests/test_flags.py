@@ -30,11 +30,36 @@ PREREQ = {
 ACTIONS = {"--help", "--version", "--list-ciphers", "--print-config", "--check-config"}
 
 
+TLS_STANDALONE = {"--enable-tls", "--disable-tls", "--list-ciphers"}
+
+
+def needs_tls(opt: flags.Option) -> bool:
+    """Every TLS option but +tls, -tls and +cc is only allowed with --enable-tls, as in dcmrecv."""
+    return opt.group == flags.G_TLS and opt.long not in TLS_STANDALONE
+
+
 def example(opt: flags.Option) -> list[str]:
     """A valid use of ``opt`` with sample values."""
     spelling = opt.short or opt.long
     values = [SAMPLE.get(spelling, f"v{i}") for i in range(len(opt.values))]
-    return [*PREREQ.get(spelling, []), spelling, *values]
+    prereq = PREREQ.get(spelling, [])
+    if needs_tls(opt) and "+tls" not in prereq:
+        prereq = ["+tls", "k", "c", *prereq]
+    return [*prereq, spelling, *values]
+
+
+@pytest.mark.parametrize("opt", [o for o in flags.OPTIONS if needs_tls(o)], ids=lambda o: o.long)
+def test_every_tls_option_without_enable_tls_is_a_syntax_error(opt: flags.Option, config_dir: Path) -> None:
+    """#11.1: dcmrecv's wording and exit code; never a plain receiver that ignores them."""
+    argv = [opt.short or opt.long, *example(opt)[len(example(opt)) - len(opt.values) :]]
+    for spelling in opt.spellings:
+        argv[argv.index(opt.short or opt.long)] = spelling
+        with pytest.raises(UsageError, match=f"^{opt.long} only allowed with --enable-tls$"):
+            flags.parse([*argv, "104"])
+        argv[argv.index(spelling)] = opt.short or opt.long
+    result = dcmrecvd(*argv, "104", config_dir=config_dir)
+    assert result.returncode == 1
+    assert f"{opt.long} only allowed with --enable-tls" in result.stderr
 
 
 CONFIG_OPTIONS = [o for o in flags.OPTIONS if any(not k.startswith("cli.") for k in o.sets) or o.appends]
@@ -129,10 +154,10 @@ def test_rightmost_wins_for_exclusive_options() -> None:
 
 
 def test_repeatable_options_accumulate() -> None:
-    cmd = flags.parse(["+cf", "a.pem", "+cf", "b.pem", "+crl", "c.crl"])
+    cmd = flags.parse(["+tls", "k", "c", "+cf", "a.pem", "+cf", "b.pem", "+crl", "c.crl"])
     assert cmd.overrides["tls"]["ca_files"] == ["a.pem", "b.pem"]
     assert cmd.overrides["tls"]["crl_check"] == "leaf"
-    cmd = flags.parse(["+cra", "+crl", "c.crl"])
+    cmd = flags.parse(["+tls", "k", "c", "+cra", "+crl", "c.crl"])
     assert cmd.overrides["tls"]["crl_check"] == "chain"
 
 
@@ -183,7 +208,9 @@ def test_arguments_prints_the_expansion(config_dir: Path, tmp_path: Path) -> Non
         (["+B", "+ssd", "104"], "--bit-preserving not allowed with --series-date-subdir"),
         (["@/nonexistent/cmd.txt"], "Cannot open command file '/nonexistent/cmd.txt'"),
         (["+pw", "secret", "104"], "--use-passwd only allowed with --enable-tls"),
-        (["+ws", "104"], "--write-seed only allowed with --seed"),
+        (["+ws", "104"], "--write-seed only allowed with --enable-tls"),
+        (["+tls", "k", "c", "+ws", "104"], "--write-seed only allowed with --seed"),
+        (["-ic", "104"], "--ignore-peer-cert only allowed with --enable-tls"),
     ],
 )
 def test_syntax_errors_exit_1_with_one_line(argv: list[str], message: str, config_dir: Path) -> None:
@@ -206,7 +233,8 @@ def test_help_lists_every_option(config_dir: Path) -> None:
 
 
 def test_compat_options_warn(config_dir: Path, tmp_path: Path) -> None:
-    result = dcmrecvd("+rs", str(tmp_path / "seed"), "--print-config", "104", config_dir=config_dir)
+    tls = ["+tls", "k", "c"]
+    result = dcmrecvd(*tls, "+rs", str(tmp_path / "seed"), "--print-config", "104", config_dir=config_dir)
     assert result.returncode == 0
     assert "--seed: accepted for compatibility only" in result.stderr
 

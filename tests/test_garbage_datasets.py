@@ -161,3 +161,4 @@ def test_pydicoms_corpus_sent_by_pynetdicom_is_all_accepted(daemons: DaemonFacto
         sent += 1
     assert sent > 40
     assert "store.failed" not in d.log()
+

@@ -175,3 +175,45 @@ def test_non_ascii_uid_in_a_command_is_refused_and_echoed_byte_for_byte(daemons:
     assert bad.encode("latin-1") in data, "the response echoes the request's UID"
     assert struct.pack("<HHIH", 0, 0x0900, 2, 0xC000) in data
     assert "internal error" not in d.log()
+
+
+def _command(fields: list[tuple[int, bytes]]) -> bytes:
+    body = b""
+    for element, value in fields:
+        value += b"\x00" * (len(value) % 2)
+        body += struct.pack("<HHI", 0, element, len(value)) + value
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+def test_every_kind_of_response_ascends_by_tag_with_a_true_group_length(daemons: DaemonFactory) -> None:
+    d = daemons.start()
+    client = RawClient(d.port)
+    us = lambda value: struct.pack("<H", value)  # noqa: E731
+    good = b"\x08\x00\x16\x00UI\x1a\x00" + CT.encode() + b"\x00" + b"\x08\x00\x18\x00UI\x08\x001.2.3.4\x00"
+    requests: list[tuple[str, bytes, bytes | None, int]] = [
+        ("echo", _command([(0x0100, us(0x0030)), (0x0110, us(1)), (0x0800, us(0x0101))]), None, 0x0000),
+        ("store", client.store_command(CT, "1.2.3.4", 2), good, 0x0000),
+        ("invalid UID", client.store_command(CT, "1.2..4", 3), good, 0xC000),
+        ("other SOP class", client.store_command("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4", 4), good, 0x0122),
+        (
+            "C-FIND",
+            _command([(0x0002, CT.encode()), (0x0100, us(0x0020)), (0x0110, us(5)), (0x0800, us(0x0101))]),
+            None,
+            0x0211,
+        ),
+    ]
+    try:
+        assert client.associate(CT, ExplicitVRLittleEndian) == pdu.A_ASSOCIATE_AC
+        for name, command, dataset, expected in requests:
+            client.send_pdv(command, command=True, last=True)
+            if dataset is not None:
+                client.send_pdv(dataset, command=False, last=True)
+            data = b"".join(body[6:] for body in client.response_pdus())
+            tags = _command_tags(data)
+            assert tags == sorted(tags), f"{name}: {[hex(t) for t in tags]}"
+            assert tags[0] == 0x00000000
+            assert struct.unpack_from("<I", data, 8)[0] == len(data) - 12, f"{name}: group length"
+            status_at = data.index(struct.pack("<HH", 0, 0x0900))
+            assert struct.unpack_from("<H", data, status_at + 8)[0] == expected, name
+    finally:
+        client.close()

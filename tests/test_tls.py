@@ -138,8 +138,18 @@ def test_revoked_intermediate_with_full_chain_check(daemons: DaemonFactory, pki:
     assert echoscu(full.port, *client_tls(pki, pki.client)) == 0
 
 
-def test_der_key_and_certificate(daemons: DaemonFactory, pki: PKI) -> None:
-    d = daemons.start("-der", "+tls", str(pki.der.key), str(pki.der.cert), "+cf", str(pki.root.cert))
+def test_der_key_and_certificate(daemons: DaemonFactory, pki: PKI, tmp_path: Path) -> None:
+    """-der applies to every file the TLS options name: key, certificate, +cf and +cd (#11.3)."""
+    ca_der = tmp_path / "ca.der"
+    run(["openssl", "x509", "-in", str(pki.root.cert), "-outform", "DER", "-out", str(ca_der)])
+    d = daemons.start("-der", "+tls", str(pki.der.key), str(pki.der.cert), "+cf", str(ca_der))
+    assert echoscu(d.port, *client_tls(pki, pki.client)) == 0
+    assert "no certificate" not in d.log()
+    d.stop()
+    ca_dir = tmp_path / "cas"
+    ca_dir.mkdir()
+    shutil.copy(ca_der, ca_dir / "root.der")
+    d = daemons.start("-der", "+tls", str(pki.der.key), str(pki.der.cert), "+cd", str(ca_dir))
     assert echoscu(d.port, *client_tls(pki, pki.client)) == 0
 
 
@@ -180,7 +190,7 @@ def test_password_never_printed(config_dir: Path, pki: PKI, tmp_path: Path) -> N
     ("args", "message"),
     [
         (["+pw", "wrong"], "cannot use private key"),
-        ([], "no terminal to ask for its password"),
+        ([], "no terminal or standard input to read its password from"),
     ],
 )
 def test_encrypted_key_problems_exit_71(
@@ -290,7 +300,7 @@ def test_unavailable_profile_exits_71(config_dir: Path, pki: PKI, tmp_path: Path
 
 def test_cipher_list(config_dir: Path) -> None:
     result = dcmrecvd("+cc", config_dir=config_dir)
-    assert result.returncode == 0 and "ECDHE-RSA-AES128-GCM-SHA256" in result.stdout
+    assert result.returncode == 0 and "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" in result.stdout
 
 
 def test_silent_and_stalled_clients_do_not_delay_others(daemons: DaemonFactory, pki: PKI) -> None:
@@ -385,18 +395,12 @@ def test_extra_cipher_and_dh_parameters(daemons: DaemonFactory, pki: PKI, tmp_pa
         assert conn.cipher()[0] == "DHE-RSA-AES128-SHA256"
 
 
-def test_extra_cipher_refused_with_extended_profile(config_dir: Path, pki: PKI, tmp_path: Path) -> None:
-    result = dcmrecvd(
-        "--check-config",
-        *tls_args(pki),
-        "+pz",
-        "+cs",
-        "AES128-SHA",
-        "-od",
-        str(tmp_path),
-        "104",
-        config_dir=config_dir,
+def test_extra_cipher_with_extended_profile_in_toml(config_dir: Path, pki: PKI, tmp_path: Path) -> None:
+    """On the command line this is exit 1 (see below); from TOML the TLS layer refuses it (71)."""
+    (config_dir / "dcmrecvd.toml").write_text(
+        '[tls]\nprofile = "bcp195-extended"\nciphers = ["TLS_RSA_WITH_AES_128_CBC_SHA"]\n'
     )
+    result = dcmrecvd("--check-config", *tls_args(pki), "-od", str(tmp_path), "104", config_dir=config_dir)
     assert result.returncode == 71
     assert "cannot be used with profile bcp195-extended" in result.stderr
 
@@ -439,3 +443,93 @@ def test_a_trickled_tls_handshake_is_bounded_as_a_whole(daemons: DaemonFactory, 
     assert closed_after < 6
     wait_for(lambda: "tls.handshake_failed" in d.log())
 
+
+
+def test_password_from_standard_input(config_dir: Path, pki: PKI, tmp_path: Path) -> None:
+    """+ps (the default) reads one line from standard input when it is not a terminal (#11.2)."""
+    import subprocess
+
+    enc = ["+tls", str(pki.encrypted.key), str(pki.encrypted.cert), "+cf", str(pki.root.cert)]
+    cmd = [*__import__("conftest").dcmrecvd_cmd(), "--check-config", *enc, "-od", str(tmp_path), "104"]
+    env = isolated_env(config_dir)
+    good = subprocess.run(cmd, env=env, input="s3cret\n", capture_output=True, text=True, timeout=30)
+    assert good.returncode == 0, good.stderr
+    assert "TLS on" in good.stdout
+    wrong = subprocess.run(cmd, env=env, input="nope\n", capture_output=True, text=True, timeout=30)
+    assert wrong.returncode == 71 and "cannot use private key" in wrong.stderr
+
+
+def test_password_from_a_pipe_serves_storescu(pki: PKI, tmp_path: Path, config_dir: Path) -> None:
+    """`echo secret | dcmrecvd +tls enc.key cert.pem ...` runs, and TLS clients are served."""
+    import subprocess
+
+    from conftest import free_port, port_open
+
+    port = free_port()
+    out = tmp_path / "out"
+    out.mkdir()
+    enc = ["+tls", str(pki.encrypted.key), str(pki.encrypted.cert), "+cf", str(pki.root.cert)]
+    proc = subprocess.Popen(
+        [*__import__("conftest").dcmrecvd_cmd(), *enc, "-od", str(out), str(port)],
+        env=isolated_env(config_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write("s3cret\n")
+        proc.stdin.close()
+        wait_for(lambda: port_open(port) or proc.poll() is not None, timeout=20)
+        assert proc.poll() is None
+        assert echoscu(port, *client_tls(pki, pki.client)) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cipher_suites_added_with_cs(daemons: DaemonFactory, pki: PKI) -> None:
+    """+cs adds a suite to the profile: a client that offers only it (+pa) gets in (#11.4)."""
+    aes_only = [*client_tls(pki, pki.client), "+pa"]
+    plain = daemons.start(*tls_args(pki))
+    assert echoscu(plain.port, *aes_only) != 0
+    added = daemons.start(*tls_args(pki, None, "+cs", "TLS_RSA_WITH_AES_128_CBC_SHA"))
+    assert echoscu(added.port, *aes_only) == 0
+    assert "RSA key transport" in added.log()
+    assert echoscu(added.port, *client_tls(pki, pki.client)) == 0  # the profile's own suites stay
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "words"),
+    [
+        (["+cs", "TLS_NO_SUCH_SUITE"], 71, "unknown TLS ciphersuite 'TLS_NO_SUCH_SUITE'"),
+        (["+cs", "TLS_RSA_WITH_NULL_SHA"], 71, "Unencrypted ciphersuite 'TLS_RSA_WITH_NULL_SHA'"),
+        (["+cs", "TLS_RSA_WITH_AES_128_CBC_SHA", "+pz"], 1, "--cipher not allowed with --profile-bcp195-ex"),
+        (["+pz", "+cs", "TLS_RSA_WITH_AES_128_CBC_SHA"], 1, "--cipher not allowed with --profile-bcp195-ex"),
+    ],
+    ids=["unknown", "NULL under the default profile", "+cs then +pz", "+pz then +cs"],
+)
+def test_cipher_suite_errors_exit_as_dcmrecv_does(
+    config_dir: Path, pki: PKI, tmp_path: Path, extra: list[str], code: int, words: str
+) -> None:
+    args = [*tls_args(pki), *extra, "-od", str(tmp_path)]
+    ours = dcmrecvd("--check-config", *args, "104", config_dir=config_dir)
+    assert ours.returncode == code, ours.stderr
+    assert words in ours.stderr
+    theirs = run([need("dcmrecv"), *args, str(_busy_port())], timeout=30)
+    assert theirs.returncode == code, theirs.stdout + theirs.stderr
+
+
+def _busy_port() -> int:
+    """A port dcmrecv cannot bind, so that it exits instead of serving if all checks pass."""
+    import socket as socket_mod
+
+    holder = socket_mod.socket()
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    _held.append(holder)
+    return int(holder.getsockname()[1])
+
+
+_held: list[socket.socket] = []
