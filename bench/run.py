@@ -86,8 +86,18 @@ def receiver_cmd(which: str, port: int, pdu: int, out: Path) -> list[str]:
     return [daemon, *common]
 
 
+#: TCP_NODELAY=1 for DCMTK's tools (the bench's default); ``--nagle`` empties it: Debian's DCMTK
+#: then leaves Nagle on, as people actually run it.
+NODELAY_ENV = {"TCP_NODELAY": "1"}
+
+
+def tool_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    return {**env, **NODELAY_ENV}
+
+
 def send(port: int, folder: Path, senders: int = 1) -> float:
-    env = {**os.environ, "TCP_NODELAY": "1"}
+    env = tool_env()
     files = sorted(folder.iterdir())
     groups = [files[i::senders] for i in range(senders)]
     start = time.monotonic()
@@ -143,7 +153,7 @@ def run_once(
     # (discard/TRIM) would otherwise land on whichever receiver fsyncs, i.e. ours.
     os.sync()
     port = free_port()
-    env = {**os.environ, "TCP_NODELAY": "1"}
+    env = tool_env()
     proc = subprocess.Popen(
         receiver_cmd(which, port, pdu, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -183,6 +193,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a tenth of each set, one repetition")
     parser.add_argument("--no-concurrent", action="store_true")
     parser.add_argument(
+        "--nagle",
+        action="store_true",
+        help="DCMTK's tools without TCP_NODELAY=1 (Nagle on, as Debian ships them), both sides",
+    )
+    parser.add_argument(
         "--also-no-fsync",
         action="store_true",
         help="also run dcmrecvd with output.fsync = false (like dcmrecv)",
@@ -203,6 +218,9 @@ def main() -> int:
             print(f"{tool} not found: apt-get install dcmtk", file=sys.stderr)
             return 2
     reps = 1 if args.quick else args.reps
+    if args.nagle:
+        NODELAY_ENV.clear()
+        print("Nagle on: storescu and dcmrecv without TCP_NODELAY=1")
     rows = []
     header = f"{'data set':<20}{'pdu':>7}  {'receiver':<16}{'inst/s':>9}{'MB/s':>9}{'cpu s':>8}{'ratio':>8}"
     print(header)

@@ -78,6 +78,7 @@ class Reader:
         self.start = 0
         self.end = 0
         self._pool: BufferPool | None = None
+        self._quickack = hasattr(socket, "TCP_QUICKACK")
         self.before_refill: Callable[[], None] | None = None
         #: A monotonic time by which the reads in progress must be complete (PS3.8's
         #: ARTIM bounds a whole A-ASSOCIATE-RQ, not each read); None: per-read timeouts.
@@ -135,6 +136,23 @@ class Reader:
             if got == 0:
                 raise PeerClosed("connection closed by peer")
             self.end += got
+            if self._quickack:
+                self._rearm_quickack()
+
+    def _rearm_quickack(self) -> None:
+        """ACK at once what we just read, instead of up to 40 ms later.
+
+        Why: a sender with Nagle on (DCMTK's tools unless TCP_NODELAY=1 is in
+        their environment) holds its last small segment of a message until its
+        previous data is acknowledged, and Linux delays that ACK; each C-STORE
+        then waits for the delayed-ACK timer.  The kernel leaves quick-ACK mode
+        by itself, so it is re-armed after every read (one setsockopt, ~1 us;
+        cheaper than knowing which read ends a message).
+        """
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except OSError:  # not TCP (a socketpair in tests): nothing to re-arm
+            self._quickack = False
 
     def take(self, n: int) -> memoryview:
         """The next ``n`` buffered bytes (``n`` <= available)."""
