@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Debian packages: what running needs (and dcmtk, to try it), and what the tests add.
 RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev dcmtk
 TEST_PACKAGES := $(RUN_PACKAGES) openssl systemd systemd-container util-linux procps debhelper \
-  dh-virtualenv dpkg-dev lintian debootstrap rpm rpmlint cpio man-db
+  dh-virtualenv dpkg-dev lintian debootstrap rpm rpmlint cpio man-db haproxy prometheus curl
 
 .PHONY: run test lint typecheck unit bench soak fuzz system-deps test-deps venv clean
 

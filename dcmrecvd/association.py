@@ -11,6 +11,7 @@ nothing else.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import itertools
 import select
 import socket
@@ -33,6 +34,7 @@ from dcmrecvd.dataset_walk import (
     Malformed,
     text_value,
 )
+from dcmrecvd.metrics import METRICS
 from dcmrecvd.runtime import Runtime, Stats
 from dcmrecvd.status import Status, status_for_error
 from dcmrecvd.storage import FileExists, PendingFile
@@ -40,6 +42,7 @@ from dcmrecvd.storage import FileExists, PendingFile
 log = structlog.get_logger("dcmrecvd")
 
 MAX_COMMAND_SET = 64 * 1024
+DISK_LOW = "output directory below output.min_free"
 #: Bytes kept in memory while waiting for the dataset's SOP UIDs (and Series Date)
 #: before the file is opened; they sit in the first few hundred bytes.
 MAX_PREFIX = 1 << 20
@@ -96,6 +99,8 @@ class Message:
     prefix: bytearray = field(default_factory=bytearray)
     pending: list[memoryview] = field(default_factory=list)
     received: int = 0
+    #: Bytes of this object counted against the free-space watermark while on their way.
+    disk_counted: int = 0
     store: bool = True
 
 
@@ -268,7 +273,11 @@ class Association:
         self.peer_max_pdu = request.peer_max_pdu
         self.log = self.log.bind(calling_aet=self.calling, called_aet=self.called)
         self.holds_slot = self.admit()
+        why = ""
         if not self.holds_slot:
+            outcome = negotiation.reject(request, negotiation.REJECT_LOCAL_LIMIT)
+        elif not self.runtime.disk.has_room():
+            why = DISK_LOW
             outcome = negotiation.reject(request, negotiation.REJECT_LOCAL_LIMIT)
         else:
             try:
@@ -287,9 +296,11 @@ class Association:
         if not outcome.accepted:
             assert outcome.reject is not None
             self.stats.add(rejected=1)
+            reason = why or negotiation.REJECT_TEXT.get(outcome.reject, "rejected")
+            METRICS.rejected.labels(reason).inc()
             self.log.warning(
                 "assoc.rejected",
-                reason=negotiation.REJECT_TEXT.get(outcome.reject, "rejected"),
+                reason=reason,
                 result=outcome.reject[0],
                 source=outcome.reject[1],
                 diagnostic=outcome.reject[2],
@@ -297,6 +308,7 @@ class Association:
             return False
         self.contexts = outcome.contexts
         self.established = True
+        METRICS.accepted.inc()
         self.reader.grow(self.buffers)
         self.stats.add(active=1, associations=1)
         fields: dict[str, object] = {"contexts": len(outcome.contexts)}
@@ -432,6 +444,9 @@ class Association:
             message.error = "SOP class differs from the presentation context's"
             message.store = False
             return
+        if mode != "ignore" and not self.runtime.disk.has_room():
+            message.status, message.error, message.store = Status.OUT_OF_RESOURCES, DISK_LOW, False
+            return
         wanted = [SOP_CLASS_UID, SOP_INSTANCE_UID]
         if self.runtime.scheme.needs_series_date:
             wanted.append(SERIES_DATE)
@@ -445,6 +460,13 @@ class Association:
         walker = message.walker
         if walker is None:
             return
+        disk = self.runtime.disk
+        if disk.watermark.enabled and message.store:
+            disk.received(len(chunk))
+            message.disk_counted += len(chunk)
+            if not disk.has_room():  # this object would take the disk below output.min_free
+                self._fail(message, OSError(errno.ENOSPC, DISK_LOW))
+                return
         try:
             walker.feed(chunk)
         except Malformed as exc:
@@ -564,6 +586,8 @@ class Association:
         message.status = status_for_error(exc)
         message.error = str(exc)
         message.store = False
+        message.walker = None  # the answer is this failure; the rest is drained unread
+        self._uncount(message)
         message.pending = []
         if message.file is not None:
             message.file.discard()
@@ -577,7 +601,14 @@ class Association:
         message.prefix = bytearray()
         self._discard(message)
 
+    def _uncount(self, message: Message) -> None:
+        """The object will not reach the disk: its bytes no longer count against the watermark."""
+        if message.disk_counted:
+            self.runtime.disk.received(-message.disk_counted)
+            message.disk_counted = 0
+
     def _discard(self, message: Message) -> None:
+        self._uncount(message)
         message.pending = []
         if message.file is not None:
             message.file.discard()
@@ -607,6 +638,7 @@ class Association:
         command = message.command
         scheme = self.runtime.scheme
         file = message.file
+        started = time.monotonic()
         try:
             file.flush()
             if message.directory is not None:
@@ -627,6 +659,7 @@ class Association:
                         "store.replaced", path=str(final), sop_instance_uid=command.affected_sop_instance_uid
                     )
                 message.file = None
+                METRICS.commit_seconds.observe(time.monotonic() - started)
                 return str(final)
             raise FileExistsError("no free file name after 100 attempts")
         except (OSError, naming.UnsafeIdentifier) as exc:
@@ -639,8 +672,15 @@ class Association:
             return
         response_field = command.command_field | 0x8000
         comment = message.error if message.status.is_failure else ""
+        elapsed = time.monotonic() - message.started
+        duration_ms = round(elapsed * 1000, 3)
+        # Counted before the response goes out: a scrape right after it sees the object.
+        METRICS.objects.labels(
+            f"0x{int(message.status):04X}", self.runtime.config.network.ae_title or "any"
+        ).inc()
+        METRICS.received.inc(message.received)
+        METRICS.store_seconds.observe(elapsed)
         self._respond(message.context, response_field, command, message.status, comment)
-        duration_ms = round((time.monotonic() - message.started) * 1000, 3)
         fields = {
             "sop_class_uid": command.affected_sop_class_uid,
             "sop_instance_uid": command.affected_sop_instance_uid,

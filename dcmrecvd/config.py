@@ -13,13 +13,14 @@ import dataclasses
 import difflib
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from dcmrecvd.disk_space import parse_min_free
 from dcmrecvd.errors import ConfigError
 
 DEFAULT_CONFIG_DIR = Path("/etc/dcmrecvd")
@@ -31,6 +32,20 @@ CONFIG_DIR_ENV = "DCMRECVD_CONFIG_DIR"
 COMMAND_LINE = "<command line>"
 
 LOG_LEVELS = ("fatal", "error", "warn", "info", "debug", "trace")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError says what is wrong."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"'{text}' is not host:port (e.g. '127.0.0.1:9104')")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _listen_or_empty(text: str) -> object:
+    return parse_listen(text) if text else None
+
+
 TLS_PROFILES = (
     "bcp195-rfc8996",
     "bcp195-rfc8996-modified",
@@ -51,9 +66,14 @@ def _opt(
     minimum: int | None = None,
     maximum: int | None = None,
     secret: bool = False,
+    parse: Callable[[str], object] | None = None,
 ) -> Any:
-    """Declare one setting: its default and what the docs and validator need."""
-    meta = {"doc": doc, "choices": choices, "min": minimum, "max": maximum, "secret": secret}
+    """Declare one setting: its default and what the docs and validator need.
+
+    ``parse`` checks a string's form (a size, an address); its ValueError becomes the
+    config error, naming file and key.
+    """
+    meta = {"doc": doc, "choices": choices, "min": minimum, "max": maximum, "secret": secret, "parse": parse}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -141,6 +161,13 @@ class OutputConfig:
         "Flush each object (and its directory) to disk before acknowledging it. Turning "
         "this off breaks the promise that an acknowledged object survives a power cut.",
     )
+    min_free: str = _opt(
+        "",
+        "Free-space watermark of the output directory, e.g. '2GiB', '500MB' or '5%'; empty: "
+        "off. Below it new associations are rejected (transient, local limit exceeded), an "
+        "object that would cross it answers 0xA700, and the agent check says drain.",
+        parse=parse_min_free,
+    )
 
 
 @dataclass(frozen=True)
@@ -199,6 +226,27 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics, health probes and HAProxy's agent check (all off by default)."""
+
+    listen: str = _opt(
+        "",
+        "host:port of the HTTP listener for /metrics (Prometheus), /livez and /readyz; "
+        "empty: off. Needs a restart to change.",
+        parse=_listen_or_empty,
+    )
+    agent_listen: str = _opt(
+        "",
+        "host:port of the HAProxy agent-check responder (up, drain, maint); empty: off. "
+        "Needs a restart to change.",
+        parse=_listen_or_empty,
+    )
+    agent_weight: bool = _opt(
+        False, "Append a weight (NN%) from the free association slots to the agent's 'up'."
+    )
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """Service lifecycle settings with no dcmrecv counterpart."""
 
@@ -219,6 +267,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
 
 
@@ -356,6 +405,11 @@ def check_value(source: str, dotted: str, f: dataclasses.Field[Any], value: Any)
                 dotted,
                 f"'{value}' is not one of {', '.join(meta['choices'])}" + _suggest(value, meta["choices"]),
             )
+        if meta["parse"] is not None:
+            try:
+                meta["parse"](value)
+            except ValueError as exc:
+                raise ConfigError(source, dotted, str(exc)) from None
     elif expected == "list[str]":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(source, dotted, "expected an array of strings")

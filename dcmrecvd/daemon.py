@@ -24,6 +24,8 @@ from dcmrecvd import config as config_mod
 from dcmrecvd import logs, storage
 from dcmrecvd.config import Config
 from dcmrecvd.errors import DcmrecvdError, UsageError
+from dcmrecvd.health import Health, OpsListeners
+from dcmrecvd.metrics import METRICS, LiveFigures
 from dcmrecvd.runtime import Runtime, Stats, prepare
 from dcmrecvd.server import Server, bind_listener
 from dcmrecvd.systemd import Notifier, listen_fds
@@ -31,7 +33,12 @@ from dcmrecvd.systemd import Notifier, listen_fds
 log = structlog.get_logger("dcmrecvd")
 
 #: Settings a reload cannot apply to a bound socket.
-RESTART_KEYS = (("network", "port"), ("network", "address"))
+RESTART_KEYS = (
+    ("network", "port"),
+    ("network", "address"),
+    ("metrics", "listen"),
+    ("metrics", "agent_listen"),
+)
 
 
 @dataclass
@@ -67,6 +74,9 @@ class Daemon:
     stats: Stats = field(default_factory=Stats)
     signals: queue.SimpleQueue[int] = field(default_factory=queue.SimpleQueue)
     server: Server | None = None
+    ops: OpsListeners | None = None
+    #: Set on SIGTERM: probes and the agent say so while associations drain.
+    draining: bool = False
 
     def current(self) -> Runtime:
         """The Runtime new associations get (read once per association)."""
@@ -87,6 +97,16 @@ class Daemon:
             heartbeat=self.notifier.watchdog if watchdog else None,
             heartbeat_interval=watchdog,
         )
+        metrics = self.runtime.config.metrics
+        if metrics.listen or metrics.agent_listen:  # bound before READY: a busy port is exit 64
+            self.ops = OpsListeners(
+                metrics.listen,
+                metrics.agent_listen,
+                exposition=METRICS.exposition,
+                health=self.health,
+                agent_weight=metrics.agent_weight,
+            )
+            METRICS.watch(self.live_figures)
         # The listeners are bound (or adopted) already, so the kernel queues early
         # connections: announcing readiness first keeps the log in causal order.
         log.info(
@@ -98,7 +118,39 @@ class Daemon:
         )
         self.notifier.ready(self.stats.status_line())
         self.server.start()
+        if self.ops is not None:
+            self.ops.start()
         return self._main_loop()
+
+    # ------------------------------------------------------------------ probes
+
+    def health(self) -> Health:
+        """What /livez, /readyz and the agent check report (called on their threads)."""
+        runtime = self.runtime
+        server = self.server
+        disk = runtime.disk
+        room = disk.has_room()
+        interval = max(5.0, 3 * (server.heartbeat_interval if server else 0.0))
+        return Health(
+            alive=server is not None and time.monotonic() - server.turned < interval,
+            listening=server is not None and server.listening,
+            draining=self.draining,
+            usable=disk.usable and os.access(runtime.store.root, os.W_OK | os.X_OK),
+            disk_low=not room,
+            active=self.stats.active,
+            capacity=runtime.config.network.max_associations,
+        )
+
+    def live_figures(self) -> LiveFigures:
+        """The gauges a scrape reads now."""
+        runtime = self.runtime
+        return LiveFigures(
+            active=self.stats.active,
+            pending=self.server.pending if self.server else 0,
+            free_bytes={str(runtime.store.root): runtime.disk.free_bytes()},
+            disk_low=runtime.disk.low,
+            draining=self.draining,
+        )
 
     def _main_loop(self) -> int:
         status_every = 5.0
@@ -114,6 +166,8 @@ class Daemon:
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 return self.stop()
             if time.monotonic() >= next_status:
+                self.runtime.disk.has_room()  # re-reads free space now and then: disk.low / disk.ok
+                self.stats.disk_low = self.runtime.disk.low
                 line = self.stats.status_line()
                 if line != last_status:
                     self.notifier.status(line)
@@ -146,6 +200,7 @@ class Daemon:
             if new.config.logging != old.config.logging:
                 self._reconfigure_logging(new)
         except DcmrecvdError as exc:
+            METRICS.reloads.labels("failed").inc()
             self.stats.last_reload = f"failed: {exc}"
             log.error("reload.rejected", reason=str(exc))
             self.notifier.ready(self.stats.status_line())
@@ -157,6 +212,7 @@ class Daemon:
                 log.warning("reload.needs_restart", key=f"{section}.{key}", running=before, configured=after)
                 new = _keep_setting(new, old, section, key)
         self.runtime = new
+        METRICS.reloads.labels("ok").inc()
         self.stats.last_reload = "ok"
         log.info("reload.completed", generation=new.generation, profile=new.profile.name)
         self.notifier.ready(self.stats.status_line())
@@ -172,6 +228,7 @@ class Daemon:
 
     def stop(self) -> int:
         """Stop accepting, drain, abort stragglers, exit 0."""
+        self.draining = True  # the agent says drain, /readyz says 503, from now on
         self.notifier.stopping("draining associations")
         log.info("daemon.stopping", active=self.server.active if self.server else 0)
         assert self.server is not None
@@ -181,6 +238,8 @@ class Daemon:
                 listener.close()
         aborted = self.server.drain(self.runtime.config.daemon.drain_timeout)
         self.server.close()
+        if self.ops is not None:
+            self.ops.close()
         log.info("daemon.stopped", aborted=aborted, stored=self.stats.stored)
         return 0
 

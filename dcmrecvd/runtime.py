@@ -18,6 +18,7 @@ from pynetdicom.presentation import PresentationContext
 
 from dcmrecvd import logs, naming, negotiation, tls
 from dcmrecvd.config import Config
+from dcmrecvd.disk_space import DiskWatch, Watermark, parse_min_free, watch_directory
 from dcmrecvd.errors import OutputDirectoryError, UsageError
 from dcmrecvd.profiles import VERIFICATION_ONLY, Profile, load_profile, with_verification
 from dcmrecvd.storage import Store
@@ -34,6 +35,8 @@ class Runtime:
     store: Store
     tls: ssl.SSLContext | None = None
     generation: int = 0
+    #: The output directory's free-space watermark (shared across reloads).
+    disk: DiskWatch = field(default_factory=lambda: DiskWatch(".", Watermark()))
 
 
 @dataclass
@@ -47,6 +50,7 @@ class Stats:
     failed: int = 0
     rejected: int = 0
     last_reload: str = "none"
+    disk_low: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -57,10 +61,11 @@ class Stats:
 
     def status_line(self) -> str:
         """One human line for systemd's STATUS=."""
-        return (
+        line = (
             f"{self.active} active, {self.associations} associations, {self.stored} stored "
             f"({self.bytes / 1e6:.1f} MB), {self.failed} failed; last reload: {self.last_reload}"
         )
+        return "disk below output.min_free, refusing new objects; " + line if self.disk_low else line
 
 
 def check_output_directory(directory: str) -> Path:
@@ -102,6 +107,7 @@ def prepare(
         logs.read_dcmtk_logger_config(config.logging.config_file)
     profile = load_association_profile(config)
     root = check_output_directory(out.directory)
+    disk = watch_directory(str(root), parse_min_free(out.min_free))
     context = tls.build_context(config.tls, environ, warn=warn) if config.tls.enabled else None
     return Runtime(
         config=config,
@@ -111,4 +117,5 @@ def prepare(
         store=Store(root, durable=out.fsync),
         tls=context,
         generation=generation,
+        disk=disk,
     )

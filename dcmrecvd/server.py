@@ -18,6 +18,7 @@ import structlog
 
 from dcmrecvd.association import Association
 from dcmrecvd.errors import ListenError
+from dcmrecvd.metrics import METRICS
 from dcmrecvd.runtime import Runtime, Stats
 
 log = structlog.get_logger("dcmrecvd")
@@ -87,6 +88,8 @@ class Server:
         self._pending = 0
         self._refused = 0
         self._refused_logged = 0.0
+        #: When the accept loop last went round (monotonic): the liveness signal.
+        self.turned = time.monotonic()
         self._live: set[Association] = set()
         self._threads: set[threading.Thread] = set()
         self._all_done = threading.Condition(self._lock)
@@ -118,6 +121,7 @@ class Server:
                 self._pending += 1
                 return True
             self._refused += 1
+            METRICS.refused.inc()
             now = time.monotonic()
             if now - self._refused_logged < REFUSED_LOG_INTERVAL:
                 return False
@@ -128,6 +132,17 @@ class Server:
             refused=refused,
         )
         return False
+
+    @property
+    def pending(self) -> int:
+        """Connections accepted that have not negotiated yet."""
+        with self._lock:
+            return self._pending
+
+    @property
+    def listening(self) -> bool:
+        """The accept loop runs and takes new connections."""
+        return self.thread is not None and self.thread.is_alive() and not self._stopping.is_set()
 
     @property
     def active(self) -> int:
@@ -149,9 +164,11 @@ class Server:
     def _accept_loop(self) -> None:
         """Accept until stopped; the heartbeat (the systemd watchdog) comes from here,
         because a responsive accept loop is what "healthy" means for a receiver."""
-        timeout = self.heartbeat_interval if self.heartbeat else None
+        # Wake at least every second, so that /livez can tell a turning loop from a stuck one.
+        timeout = min(self.heartbeat_interval, 1.0) if self.heartbeat else 1.0
         next_beat = time.monotonic()
         while not self._stopping.is_set():
+            self.turned = time.monotonic()
             if self.heartbeat is not None and time.monotonic() >= next_beat:
                 self.heartbeat()
                 next_beat = time.monotonic() + self.heartbeat_interval
