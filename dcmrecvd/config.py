@@ -244,6 +244,14 @@ class MetricsConfig:
     agent_weight: bool = _opt(
         False, "Append a weight (NN%) from the free association slots to the agent's 'up'."
     )
+    drain_notice: int = _opt(
+        2,
+        "With agent_listen set: on SIGTERM, seconds during which the agent already says drain "
+        "but new associations are still accepted, so that HAProxy (agent-inter) stops sending "
+        "before the port closes. Then the usual drain (daemon.drain_timeout) follows.",
+        minimum=0,
+        maximum=300,
+    )
 
 
 @dataclass(frozen=True)

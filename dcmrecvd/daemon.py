@@ -232,6 +232,17 @@ class Daemon:
         self.notifier.stopping("draining associations")
         log.info("daemon.stopping", active=self.server.active if self.server else 0)
         assert self.server is not None
+        metrics = self.runtime.config.metrics
+        if self.ops is not None and metrics.agent_listen and metrics.drain_notice:
+            # Let the load balancer hear "drain" before the port closes; a second SIGTERM
+            # (or SIGINT) ends the notice at once.
+            deadline = time.monotonic() + metrics.drain_notice
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    if self.signals.get(timeout=left) in (signal.SIGTERM, signal.SIGINT):
+                        break
+                except queue.Empty:
+                    break
         self.server.stop_accepting()
         if self.owns_listeners:
             for listener in self.listeners:

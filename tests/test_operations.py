@@ -128,18 +128,24 @@ def test_health_probes_and_bad_requests(daemons: DaemonFactory, tmp_path: Path) 
 
 
 def test_agent_weight_and_drain_on_sigterm(daemons: DaemonFactory, tmp_path: Path) -> None:
-    d = ops_daemon(
-        daemons, tmp_path, "agent_weight = true\n", "--max-associations", "4", "--drain-timeout", "20"
-    )
+    extra = "agent_weight = true\ndrain_notice = 5\n"
+    d = ops_daemon(daemons, tmp_path, extra, "--max-associations", "4", "--drain-timeout", "20")
     assert agent(d) == "up ready 100%\n"
     held = associate(d.port, [(CT, [ExplicitVRLittleEndian])])
     assert held.is_established
     try:
         wait_for(lambda: agent(d) == "up ready 75%\n")
         d.proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: agent(d) == "drain\n")  # while the association in flight still drains
+        noticed = time.monotonic()
+        wait_for(lambda: agent(d) == "drain\n")
         status, why = http(d, "/readyz")
         assert status == 503 and "draining" in why
+        # The drain notice: the agent says drain while the port still takes associations ...
+        assert run([need("echoscu"), "127.0.0.1", str(d.port)]).returncode == 0
+        assert time.monotonic() - noticed < 5
+        # ... then the port closes, and the association in flight still drains.
+        wait_for(lambda: not port_open(d.port), timeout=15)
+        assert agent(d) == "drain\n"
         ds = make_dataset(rows=16, columns=16)
         ds.file_meta = __import__("pydicom").dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
