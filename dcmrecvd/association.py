@@ -23,7 +23,7 @@ from pathlib import PurePosixPath
 
 import structlog
 
-from dcmrecvd import dimse, naming, negotiation, part10, pdu, tls, uids
+from dcmrecvd import dimse, naming, negotiation, part10, pdu, proxy_protocol, tls, uids
 from dcmrecvd.buffers import BufferPool
 from dcmrecvd.config import NetworkConfig
 from dcmrecvd.dataset_walk import (
@@ -114,14 +114,18 @@ class Association:
         runtime: Runtime,
         stats: Stats,
         *,
-        admit: Callable[[], bool] = lambda: True,
-        release_slot: Callable[[], None] = lambda: None,
+        admit: Callable[[str], bool] = lambda host: True,
+        release_slot: Callable[[str], None] = lambda host: None,
         negotiated: Callable[[], None] = lambda: None,
+        host: str = "",
         buffers: BufferPool = RECEIVE_BUFFERS,
         clock: Clock = dt.datetime.now,
     ) -> None:
         self.sock = sock
         self.peer = peer
+        #: The address access rules and per-peer limits see: the TCP peer's, or the
+        #: client's from a PROXY header.
+        self.host = host or peer.rsplit(":", 1)[0]
         self.runtime = runtime
         self.stats = stats
         self.admit = admit
@@ -160,7 +164,12 @@ class Association:
         """Serve until release, abort or error; never raises."""
         outcome = "aborted"
         admitted = False
+        #: PS3.8's ARTIM: the PROXY header, the TLS handshake and the A-ASSOCIATE-RQ must all
+        #: arrive within the ACSE timeout of the connection being accepted.
+        self.artim = time.monotonic() + self.runtime.config.network.acse_timeout
         try:
+            if self.runtime.config.network.proxy_protocol != "off" and not self._proxy_header():
+                return
             if self.runtime.tls is not None and not self._handshake(self.runtime.tls):
                 return
             admitted = self._negotiate()
@@ -201,9 +210,38 @@ class Association:
                 self.stats.add(active=-1)
             if self.holds_slot:
                 self.holds_slot = False
-                self.release_slot()
+                self.release_slot(self.host)
             if outcome == "released":
                 self.log.info("assoc.released")
+
+    def _take_slot(self) -> bool:
+        self.holds_slot = self.admit(self.host)
+        return self.holds_slot
+
+    def _proxy_header(self) -> bool:
+        """Read the PROXY header the balancer must send first; False: connection refused."""
+        network = self.runtime.config.network
+        if not self.runtime.trusts_proxy(self.host):
+            self.log.warning("conn.proxy_rejected", reason=f"{self.host} is not in network.trusted_proxies")
+            return False
+        try:
+            proxied = proxy_protocol.read_header(self.sock, network.proxy_protocol, self.artim)
+        except proxy_protocol.ProxyHeaderError as exc:
+            self.log.warning("conn.proxy_rejected", reason=str(exc))
+            return False
+        except TimeoutError:
+            self.log.warning("conn.proxy_rejected", reason="no complete PROXY header within the ACSE timeout")
+            return False
+        if proxied.host is not None:
+            balancer = self.peer
+            self.host = proxied.host
+            self.peer = (
+                f"[{proxied.host}]:{proxied.port}"
+                if ":" in proxied.host
+                else f"{proxied.host}:{proxied.port}"
+            )
+            self.log = self.log.bind(peer=self.peer, proxy=balancer)
+        return True
 
     def _end_pending(self) -> None:
         if self.pending:
@@ -216,7 +254,7 @@ class Association:
         Why not a socket timeout: that bounds each read, and a peer trickling its
         ClientHello a byte at a time would hold the connection for ever.
         """
-        deadline = time.monotonic() + self.runtime.config.network.acse_timeout
+        deadline = self.artim
         try:
             wrapped = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
             _handshake_by(wrapped, deadline)
@@ -248,7 +286,7 @@ class Association:
 
     def _negotiate(self) -> bool:
         config = self.runtime.config.network
-        self.reader.deadline = time.monotonic() + config.acse_timeout
+        self.reader.deadline = self.artim
         try:
             return self._negotiate_request(config)
         finally:
@@ -272,9 +310,14 @@ class Association:
         self.calling, self.called = request.calling_ae_title, request.called_ae_title
         self.peer_max_pdu = request.peer_max_pdu
         self.log = self.log.bind(calling_aet=self.calling, called_aet=self.called)
-        self.holds_slot = self.admit()
+        decision = self.runtime.access.decide(self.calling, self.called, self.host)
         why = ""
-        if not self.holds_slot:
+        decided: dict[str, object] = {}
+        if not decision.allowed:
+            why = "access denied"
+            decided = {"rule": decision.rule or "default", "rule_file": self.runtime.access.source or None}
+            outcome = negotiation.reject(request, (0x01, 0x01, decision.reason))
+        elif not self._take_slot():
             outcome = negotiation.reject(request, negotiation.REJECT_LOCAL_LIMIT)
         elif not self.runtime.disk.has_room():
             why = DISK_LOW
@@ -292,7 +335,8 @@ class Association:
                 raise pdu.ProtocolViolation(
                     f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}: {exc}", pdu.REASON_INVALID_PARAMETER
                 ) from None
-        self.sock.sendall(outcome.pdu)
+        # Logged before the answer goes out, so that the log is in causal order for anyone
+        # who reads it after hearing the answer.
         if not outcome.accepted:
             assert outcome.reject is not None
             self.stats.add(rejected=1)
@@ -301,22 +345,25 @@ class Association:
             self.log.warning(
                 "assoc.rejected",
                 reason=reason,
+                **decided,
                 result=outcome.reject[0],
                 source=outcome.reject[1],
                 diagnostic=outcome.reject[2],
             )
+            self.sock.sendall(outcome.pdu)
             return False
         self.contexts = outcome.contexts
-        self.established = True
         METRICS.accepted.inc()
-        self.reader.grow(self.buffers)
-        self.stats.add(active=1, associations=1)
         fields: dict[str, object] = {"contexts": len(outcome.contexts)}
         if self.runtime.config.logging.verbose_pc:
             fields["presentation_contexts"] = [
                 f"{c.context_id}:{c.abstract_syntax}:{c.transfer_syntax}" for c in outcome.contexts.values()
             ]
         self.log.info("assoc.accepted", **fields)
+        self.sock.sendall(outcome.pdu)
+        self.established = True
+        self.reader.grow(self.buffers)
+        self.stats.add(active=1, associations=1)
         return True
 
     # ------------------------------------------------------------------ data transfer

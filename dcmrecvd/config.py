@@ -20,6 +20,7 @@ from typing import Any
 
 import tomli_w
 
+from dcmrecvd.access import check_network, check_rules
 from dcmrecvd.disk_space import parse_min_free
 from dcmrecvd.errors import ConfigError
 
@@ -113,6 +114,25 @@ class NetworkConfig:
         "Associations served at once; more are rejected as transient 'local limit exceeded'.",
         minimum=1,
         maximum=1024,
+    )
+    max_associations_per_peer: int = _opt(
+        0,
+        "Associations one source address may hold at once (0: no limit); more are rejected "
+        "as transient 'local limit exceeded'. Behind a PROXY-protocol balancer the address "
+        "is the client's.",
+        minimum=0,
+        maximum=1024,
+    )
+    proxy_protocol: str = _opt(
+        "off",
+        "PROXY protocol header before each connection (HAProxy's send-proxy / send-proxy-v2): "
+        "off (never parsed), v1, v2, or any (v1 or v2; still required).",
+        choices=("off", "v1", "v2", "any"),
+    )
+    trusted_proxies: list[str] = _opt(
+        ["127.0.0.1/32", "::1/128"],
+        "Networks a PROXY header is accepted from; a connection from elsewhere is closed.",
+        parse=check_network,
     )
     max_pending_connections: int = _opt(
         256,
@@ -226,6 +246,25 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class AccessConfig:
+    """Who may send: rules on calling AE title, called AE title and source address."""
+
+    default: str = _opt(
+        "allow",
+        "What happens when no rule matches: allow (dcmrecv's behaviour) or deny.",
+        choices=("allow", "deny"),
+    )
+    rule: list[dict[str, Any]] = _opt(
+        [],
+        "Rules ([[access.rule]] tables), the first that matches decides: action = 'allow' | "
+        "'deny'; calling_aet, called_aet = glob patterns (exact, case-sensitive, trailing "
+        "spaces ignored); from = IPv4/IPv6 networks, e.g. ['10.1.0.0/16', '2001:db8::/32']. "
+        "A rule's fields are ANDed; an absent field matches anything. Reloadable (SIGHUP).",
+        parse=check_rules,
+    )
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """Prometheus metrics, health probes and HAProxy's agent check (all off by default)."""
 
@@ -275,13 +314,21 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    #: Which file set each dotted key (for messages such as "rule 2 of 10-access.toml");
+    #: not a table, not compared.
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={"table": False})
 
 
 def sections() -> dict[str, type]:
     """TOML table name -> dataclass, in documentation order."""
-    return {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+    return {
+        f.name: f.default_factory  # type: ignore[misc]
+        for f in dataclasses.fields(Config)
+        if f.metadata.get("table", True)
+    }
 
 
 def all_keys() -> list[str]:
@@ -351,10 +398,12 @@ def load(
 def build(layers: Iterable[Layer]) -> Config:
     """Validate each layer against the schema, merge in order, freeze."""
     merged: dict[str, dict[str, Any]] = {}
+    origins: dict[str, str] = {}
     for layer in layers:
         for section, values in validate_layer(layer).items():
             merged.setdefault(section, {}).update(values)
-    config = Config(**{s: cls(**merged.get(s, {})) for s, cls in sections().items()})
+            origins.update({f"{section}.{name}": layer.source for name in values})
+    config = Config(**{s: cls(**merged.get(s, {})) for s, cls in sections().items()}, origins=origins)
     check_combinations(config)
     return config
 
@@ -422,6 +471,18 @@ def check_value(source: str, dotted: str, f: dataclasses.Field[Any], value: Any)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(source, dotted, "expected an array of strings")
         value = list(value)
+        if meta["parse"] is not None:
+            for item in value:
+                try:
+                    meta["parse"](item)
+                except ValueError as exc:
+                    raise ConfigError(source, dotted, str(exc)) from None
+    elif expected == "list[dict[str, Any]]":
+        try:
+            meta["parse"](value)
+        except ValueError as exc:
+            raise ConfigError(source, dotted, str(exc)) from None
+        value = [dict(v) for v in value]
     return value
 
 
@@ -500,6 +561,7 @@ def documented_toml(settings: Mapping[str, Mapping[str, Any]] = PACKAGE_SETTINGS
             if f.name in settings.get(section, {}):
                 lines.append(tomli_w.dumps({f.name: settings[section][f.name]}).rstrip())
             else:
-                lines.append("#" + tomli_w.dumps({f.name: defaults[section][f.name]}).rstrip())
+                dumped = tomli_w.dumps({f.name: defaults[section][f.name]}).rstrip()
+                lines.extend("#" + line for line in dumped.splitlines())  # arrays span lines
         lines.append("")
     return "\n".join(lines)

@@ -59,6 +59,7 @@ EVENTS = (
     "assoc.peer_host",
     "conn.closed",
     "conn.refused",
+    "conn.proxy_rejected",
     "disk.low",
     "disk.ok",
     "disk.unusable",

@@ -17,6 +17,7 @@ from pathlib import Path
 from pynetdicom.presentation import PresentationContext
 
 from dcmrecvd import logs, naming, negotiation, tls
+from dcmrecvd.access import Network, Policy, check_network, compile_rules, parse_address
 from dcmrecvd.config import Config
 from dcmrecvd.disk_space import DiskWatch, Watermark, parse_min_free, watch_directory
 from dcmrecvd.errors import OutputDirectoryError, UsageError
@@ -37,6 +38,15 @@ class Runtime:
     generation: int = 0
     #: The output directory's free-space watermark (shared across reloads).
     disk: DiskWatch = field(default_factory=lambda: DiskWatch(".", Watermark()))
+    access: Policy = field(default_factory=Policy)
+    proxies: tuple[Network, ...] = ()
+
+    def trusts_proxy(self, host: str) -> bool:
+        """May ``host`` send us a PROXY header (network.trusted_proxies)?"""
+        address = parse_address(host)
+        return address is not None and any(
+            address.version == n.version and address in n for n in self.proxies
+        )
 
 
 @dataclass
@@ -118,4 +128,10 @@ def prepare(
         tls=context,
         generation=generation,
         disk=disk,
+        access=Policy(
+            default_allow=config.access.default == "allow",
+            rules=compile_rules(config.access.rule),
+            source=config.origins.get("access.rule", ""),
+        ),
+        proxies=tuple(check_network(text) for text in config.network.trusted_proxies),
     )

@@ -83,6 +83,8 @@ class Server:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._slots = 0
+        #: Slots held per source address (the client's, behind a PROXY balancer).
+        self._per_peer: dict[str, int] = {}
         #: Connections accepted that have not finished negotiating, and how many
         #: were closed at once since the last warning because there were too many.
         self._pending = 0
@@ -97,17 +99,26 @@ class Server:
 
     # ------------------------------------------------------------------ slots
 
-    def _admit(self) -> bool:
-        limit = self.runtime().config.network.max_associations
+    def _admit(self, host: str) -> bool:
+        network = self.runtime().config.network
         with self._lock:
-            if self._slots >= limit or self._stopping.is_set():
+            if self._slots >= network.max_associations or self._stopping.is_set():
+                return False
+            held = self._per_peer.get(host, 0)
+            if network.max_associations_per_peer and held >= network.max_associations_per_peer:
                 return False
             self._slots += 1
+            self._per_peer[host] = held + 1
             return True
 
-    def _release(self) -> None:
+    def _release(self, host: str) -> None:
         with self._lock:
             self._slots -= 1
+            left = self._per_peer.get(host, 1) - 1
+            if left > 0:
+                self._per_peer[host] = left
+            else:
+                self._per_peer.pop(host, None)
 
     def _negotiated(self) -> None:
         with self._lock:
@@ -206,6 +217,7 @@ class Server:
             admit=self._admit,
             release_slot=self._release,
             negotiated=self._negotiated,
+            host=host,
         )
         if runtime.config.network.host_lookup and isinstance(addr, tuple):
             bound = assoc.log

@@ -118,7 +118,28 @@ class DaemonFactory:
         wait: bool = True,
         verbose: bool = True,
     ) -> Daemon:
-        port = port or free_port()
+        if port is None and wait:
+            # free_port() only finds a port that was free a moment ago; a client socket of
+            # another test may take it before the daemon binds. Retry on that one failure.
+            for _ in range(4):
+                daemon = self._start(args, output, free_port(), profile, env, wait, verbose, retry=True)
+                if daemon is not None:
+                    return daemon
+        result = self._start(args, output, port or free_port(), profile, env, wait, verbose, retry=False)
+        assert result is not None
+        return result
+
+    def _start(
+        self,
+        args: tuple[str, ...],
+        output: Path | None,
+        port: int,
+        profile: str | None,
+        env: dict[str, str] | None,
+        wait: bool,
+        verbose: bool,
+        retry: bool,
+    ) -> Daemon | None:
         if output is None:
             output = self.tmp_path / f"out{len(self.started)}"
             output.mkdir(exist_ok=True)
@@ -142,6 +163,9 @@ class DaemonFactory:
         self.started.append(daemon)
         if wait:
             wait_for(lambda: port_open(port) or proc.poll() is not None, timeout=20)
+            if retry and proc.poll() == 64 and "Address already in use" in daemon.log():
+                self.started.remove(daemon)
+                return None
             assert proc.poll() is None, f"daemon exited early:\n{daemon.log()}"
         return daemon
 

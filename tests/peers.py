@@ -72,17 +72,28 @@ def send_file(port: int, path: Path, **kwargs: str) -> int:
 class RawClient:
     """Speaks the upper layer by hand, to send what no well-behaved SCU would."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, source: str = "", prefix: bytes = b"") -> None:
+        """``source``: a loopback address to connect from; ``prefix``: bytes sent first (a PROXY header)."""
+        address = (source, 0) if source else None
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if prefix:
+            self.sock.sendall(prefix)
+        #: The body of the last answer to an A-ASSOCIATE-RQ (for RJ result/source/reason).
+        self.answer = b""
 
     def associate(
-        self, sop_class: str, transfer_syntax: str, called: str = "ANY-SCP", max_pdu: int = 16384
+        self,
+        sop_class: str,
+        transfer_syntax: str,
+        called: str = "ANY-SCP",
+        max_pdu: int = 16384,
+        calling: str = "RAW",
     ) -> int:
         """Send an A-ASSOCIATE-RQ; return the PDU type of the answer."""
         primitive = A_ASSOCIATE()
         primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-        primitive.calling_ae_title = "RAW"
+        primitive.calling_ae_title = calling
         primitive.called_ae_title = called
         context = build_context(sop_class, [transfer_syntax])
         context.context_id = 1
@@ -91,7 +102,7 @@ class RawClient:
         max_length.maximum_length_received = max_pdu
         primitive.user_information = [max_length]
         self.sock.sendall(A_ASSOCIATE_RQ(primitive).encode())
-        pdu_type, _body = self.read_pdu()
+        pdu_type, self.answer = self.read_pdu()
         return pdu_type
 
     def read_pdu(self) -> tuple[int, bytes]:

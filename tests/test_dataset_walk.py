@@ -126,8 +126,9 @@ def test_deflate_is_walked_inflated_and_corruption_is_refused() -> None:
     assert text_value(walker.captured[SOP_INSTANCE_UID]) == "1.2.3.4.5"
     with pytest.raises(Malformed):
         walk(deflated[:40] + bytes(200) + deflated[240:], uids.DEFLATED_LE)
+    unfinished = zlib.compressobj(6, zlib.DEFLATED, -15)  # every byte there, no final block
     with pytest.raises(Malformed, match="final block"):
-        walk(deflated[:-1], uids.DEFLATED_LE)
+        walk(unfinished.compress(plain) + unfinished.flush(zlib.Z_SYNC_FLUSH), uids.DEFLATED_LE)
     cut = zlib.compressobj(6, zlib.DEFLATED, -15)
     with pytest.raises(Malformed, match="ends inside"):
         walk(cut.compress(plain[:-50]) + cut.flush(), uids.DEFLATED_LE)
