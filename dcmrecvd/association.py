@@ -226,6 +226,9 @@ class Association:
             return False
         try:
             proxied = proxy_protocol.read_header(self.sock, network.proxy_protocol, self.artim)
+        except proxy_protocol.ClosedBeforeHeader:  # a port probe or a TCP health check
+            self.log.debug("conn.closed", reason="closed before a PROXY header")
+            return False
         except proxy_protocol.ProxyHeaderError as exc:
             self.log.warning("conn.proxy_rejected", reason=str(exc))
             return False

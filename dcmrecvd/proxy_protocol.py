@@ -33,6 +33,10 @@ class ProxyHeaderError(ValueError):
     """No valid PROXY header where one is required (short text for the log)."""
 
 
+class ClosedBeforeHeader(ProxyHeaderError):
+    """Connected and closed without a byte: a port probe, not an attack."""
+
+
 @dataclass(frozen=True)
 class ProxiedPeer:
     """What the header says: the client's address, or None (LOCAL/UNKNOWN: keep the balancer's)."""
@@ -101,7 +105,7 @@ def parse_v2(header: bytes, body: bytes) -> ProxiedPeer:
 
 def read_header(sock: socket.socket, mode: str, deadline: float) -> ProxiedPeer:
     """Read exactly one header from ``sock`` before ``deadline`` (monotonic); ``mode`` v1, v2, any."""
-    start = _recv_exact(sock, 12, deadline)
+    start = _recv_exact(sock, 12, deadline, first=True)
     if start == V2_SIGNATURE:
         if mode == "v1":
             raise ProxyHeaderError("a v2 header where v1 is configured")
@@ -122,7 +126,7 @@ def read_header(sock: socket.socket, mode: str, deadline: float) -> ProxiedPeer:
     raise ProxyHeaderError("no PROXY header")
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float, *, first: bool = False) -> bytes:
     out = bytearray()
     while len(out) < n:
         left = deadline - time.monotonic()
@@ -131,6 +135,8 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
         sock.settimeout(left)
         chunk = sock.recv(n - len(out))
         if not chunk:
+            if first and not out:  # nothing at all was sent
+                raise ClosedBeforeHeader("closed before a PROXY header")
             raise ProxyHeaderError("connection closed inside the PROXY header")
         out += chunk
     return bytes(out)

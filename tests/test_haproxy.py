@@ -26,7 +26,10 @@ def haproxy_config(tmp_path: Path, front: int, receivers: list[tuple[int, int]])
     text, binds = re.subn(r"(?m)^(\s+bind) :104$", rf"\1 127.0.0.1:{front}", text)
     assert binds == 1
     for number, (port, agent) in enumerate(receivers, start=1):
-        line = r"(\s+server rcv{}) \S+ (check inter )2s( agent-check agent-port )9105( agent-inter )2s"
+        line = (
+            r"(\s+server rcv{}) \S+ (send-proxy-v2 check check-send-proxy inter )2s"
+            r"( agent-check agent-port )9105( agent-inter )2s"
+        )
         pattern = "(?m)^" + line.format(number) + "$"
         text, n = re.subn(pattern, rf"\1 127.0.0.1:{port} \g<2>1s\g<3>{agent}\g<4>1s", text)
         assert n == 1, f"rcv{number} line changed shape"
@@ -56,8 +59,11 @@ def server_states(admin: Path) -> dict[str, str]:
 def receiver(daemons: DaemonFactory, tmp_path: Path, name: str) -> tuple[Daemon, int, Path]:
     agent = free_port()
     toml = tmp_path / f"{name}.toml"
-    toml.write_text(f'[metrics]\nagent_listen = "127.0.0.1:{agent}"\n')
-    d = daemons.start("--config", str(toml), verbose=False)
+    toml.write_text(
+        f'[metrics]\nagent_listen = "127.0.0.1:{agent}"\n'
+        '[network]\nproxy_protocol = "v2"\ntrusted_proxies = ["127.0.0.1/32"]\n'
+    )
+    d = daemons.start("--config", str(toml))
     wait_for(lambda: port_open(agent))
     return d, agent, toml
 
@@ -99,6 +105,8 @@ def test_two_receivers_behind_haproxy_one_drains_when_its_disk_crosses_the_water
         received = {str(dcmread(p).SOPInstanceUID) for d in (one, two) for p in stored(d.output)}
         assert received == set(sent), "every acknowledged object is on one of the two disks"
         assert "disk.low" in one.log()
+        assert "proxy=127.0.0.1:" in one.log() + two.log(), "the PROXY header reached the receivers"
+        assert "conn.proxy_rejected" not in one.log() + two.log(), "health checks send the header too"
     finally:
         proxy.kill()
         proxy.wait()

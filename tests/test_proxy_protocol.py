@@ -162,6 +162,7 @@ def test_a_trickled_header_is_bounded_by_artim_and_stalls_nobody(
 def test_the_header_address_is_the_peer_for_rules_and_logs(daemons: DaemonFactory, tmp_path: Path) -> None:
     rule = '[access]\ndefault = "allow"\n[[access.rule]]\naction = "deny"\nfrom = ["10.66.0.0/16"]\n'
     d = proxied_daemon(daemons, tmp_path, "any", rule)
+    assert "conn.proxy_rejected" not in d.log(), "a port probe (connect, close) is not an attack"
     for header, host in ((v2("10.5.5.5", 5555), "10.5.5.5:5555"), (v1("10.6.6.6", 6666), "10.6.6.6:6666")):
         client = RawClient(d.port, source=BALANCER, prefix=header)
         try:
