@@ -48,7 +48,6 @@ JOURNAL_FIELDS = {
 
 #: Every event we emit; MESSAGE_ID is derived from the name, so it never changes.
 EVENTS = (
-    "daemon.started",
     "daemon.ready",
     "daemon.stopping",
     "daemon.stopped",
@@ -70,6 +69,7 @@ EVENTS = (
     "store.completed",
     "store.failed",
     "store.replaced",
+    "store.spare_failed",
     "store.uid_mismatch",
     "store.incomplete",
     "storage.stale_temp_removed",
