@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from conftest import DaemonFactory, wait_for  # noqa: E402
 from malformed import INSTANCE_UID, base_dataset, encode  # noqa: E402
-from peers import RawClient, associate  # noqa: E402
+from peers import RawClient, all_slots_accepted  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
@@ -174,18 +174,7 @@ def check(output: Path, port: int, pid: int, log: str, rss_limit_mib: float) -> 
     assert Path(f"/proc/{pid}").exists(), "the daemon died"
     assert "internal error" not in log, "an internal error was logged"
 
-    def all_slots() -> bool:
-        held = [associate(port, [(VERIFICATION, ["1.2.840.10008.1.2"])]) for _ in range(SLOTS)]
-        try:
-            return all(a.is_established for a in held)
-        finally:
-            for a in held:
-                if a.is_established:
-                    a.release()
-                else:
-                    a.abort()
-
-    wait_for(all_slots, timeout=20, interval=0.2)
+    wait_for(lambda: all_slots_accepted(port, SLOTS), timeout=20, interval=0.2)
     wait_for(lambda: not any(p.name.startswith(TEMP_PREFIX) for p in output.rglob("*")), timeout=20)
     for path in output.rglob("*"):
         if path.is_file():  # the structure is decoded at read time; values are not our promise

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom import dcmread
@@ -186,3 +188,44 @@ def send_exact(port: int, path: Path, fragment: int = 16000) -> int:
         return status
     finally:
         client.close()
+
+
+def all_slots_accepted(port: int, slots: int) -> bool:
+    """``slots`` Verification associations opened at once are all accepted (then released)."""
+    held = [associate(port, [("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])]) for _ in range(slots)]
+    try:
+        return all(a.is_established for a in held)
+    finally:
+        for a in held:
+            if a.is_established:
+                a.release()
+            else:
+                a.abort()
+
+
+def trickle(
+    sock: socket.socket,
+    data: bytes,
+    interval: float,
+    meanwhile: Callable[[float], None] = lambda elapsed: None,
+) -> float | None:
+    """Send ``data`` a byte every ``interval`` s; seconds until the peer closed (None: never).
+
+    ``meanwhile(elapsed)`` runs between bytes: where a test shows that others are served.
+    """
+    start = time.monotonic()
+    for byte in data:
+        try:
+            sock.sendall(bytes((byte,)))
+        except OSError:
+            return time.monotonic() - start
+        sock.settimeout(interval)
+        try:
+            if sock.recv(100) == b"":
+                return time.monotonic() - start
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            return time.monotonic() - start
+        meanwhile(time.monotonic() - start)
+    return None

@@ -8,7 +8,7 @@ import struct
 import time
 
 from conftest import DaemonFactory, need, run, wait_for
-from peers import RawClient, associate
+from peers import RawClient, all_slots_accepted, trickle
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dcmrecvd import pdu
@@ -57,17 +57,7 @@ def _reads_until_closed(sock: socket.socket, timeout: float = 10) -> bytes:
 
 def _all_slots_free(port: int) -> None:
     """``LIMIT`` associations at once are all accepted (retrying while the last floods end)."""
-
-    def open_all() -> bool:
-        held = [associate(port, [(VERIFICATION, [ImplicitVRLittleEndian])]) for _ in range(LIMIT)]
-        try:
-            return all(a.is_established for a in held)
-        finally:
-            for a in held:
-                if a.is_established:
-                    a.release()
-
-    wait_for(open_all, timeout=15, interval=0.2)
+    wait_for(lambda: all_slots_accepted(port, LIMIT), timeout=15, interval=0.2)
 
 
 def test_no_transfer_syntax_is_a_protocol_error_and_frees_its_slot(daemons: DaemonFactory) -> None:
@@ -106,28 +96,15 @@ def test_trickled_request_is_bounded_by_artim_and_stalls_nobody(daemons: DaemonF
     d = daemons.start("-ta", "2")
     request = associate_rq([ImplicitVRLittleEndian])
     s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
-    start = time.monotonic()
-    closed_after = None
+
+    def others_are_served(elapsed: float) -> None:
+        if elapsed > 1:  # every read is on time, the whole is not; meanwhile others are served at once
+            t = time.monotonic()
+            assert run([need("echoscu"), "127.0.0.1", str(d.port)]).returncode == 0
+            assert time.monotonic() - t < 1.5
+
     try:
-        for byte in request:  # one byte every 0.1 s: every read is on time, the whole is not
-            try:
-                s.sendall(bytes((byte,)))
-            except OSError:
-                break
-            s.settimeout(0.1)
-            try:
-                if s.recv(100) == b"":
-                    closed_after = time.monotonic() - start
-                    break
-            except TimeoutError:
-                pass
-            except ConnectionResetError:
-                closed_after = time.monotonic() - start
-                break
-            if time.monotonic() - start > 1:  # meanwhile others are served at once
-                t = time.monotonic()
-                assert run([need("echoscu"), "127.0.0.1", str(d.port)]).returncode == 0
-                assert time.monotonic() - t < 1.5
+        closed_after = trickle(s, request, 0.1, others_are_served)
     finally:
         s.close()
     assert closed_after is not None, "a trickled A-ASSOCIATE-RQ was never dropped"

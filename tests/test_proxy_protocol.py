@@ -6,13 +6,12 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from conftest import DaemonFactory, free_port, need, port_open, run, wait_for
 from datasets import make_dataset, write
-from peers import RawClient
+from peers import RawClient, trickle
 from test_hostile import associate_rq
 from test_receive import stored
 
@@ -128,31 +127,17 @@ def test_a_trickled_header_is_bounded_by_artim_and_stalls_nobody(
 ) -> None:
     d = proxied_daemon(daemons, tmp_path, "v1", "", "-ta", "2")
     slow = RawClient(d.port, source=BALANCER)
-    started = time.monotonic()
-    closed_after = None
+
+    def a_proper_client_is_served(elapsed: float) -> None:
+        if 0.5 < elapsed < 1.5:
+            quick = RawClient(d.port, source=BALANCER, prefix=v1("10.0.0.5"))
+            try:
+                assert quick.associate(VERIFICATION, "1.2.840.10008.1.2") == pdu.A_ASSOCIATE_AC
+            finally:
+                quick.close()
+
     try:
-        for byte in v1():
-            try:
-                slow.sock.sendall(bytes((byte,)))
-            except OSError:
-                closed_after = time.monotonic() - started
-                break
-            slow.sock.settimeout(0.2)
-            try:
-                if slow.sock.recv(10) == b"":
-                    closed_after = time.monotonic() - started
-                    break
-            except TimeoutError:
-                pass
-            except ConnectionResetError:
-                closed_after = time.monotonic() - started
-                break
-            if 0.5 < time.monotonic() - started < 1.5:  # meanwhile a proper client is served
-                quick = RawClient(d.port, source=BALANCER, prefix=v1("10.0.0.5"))
-                try:
-                    assert quick.associate(VERIFICATION, "1.2.840.10008.1.2") == pdu.A_ASSOCIATE_AC
-                finally:
-                    quick.close()
+        closed_after = trickle(slow.sock, v1(), 0.2, a_proper_client_is_served)
     finally:
         slow.close()
     assert closed_after is not None and closed_after < 6

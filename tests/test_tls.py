@@ -15,6 +15,7 @@ import pytest
 from conftest import DaemonFactory, dcmrecvd, isolated_env, need, run, wait_for
 from datasets import make_dataset, write
 from notify import NotifySocket
+from peers import trickle
 from pki import CA, Issued, chain_file, to_der
 from pynetdicom import AE
 from test_receive import stored
@@ -418,31 +419,13 @@ def test_a_trickled_tls_handshake_is_bounded_as_a_whole(daemons: DaemonFactory, 
     hello = outgoing.read()
     assert len(hello) > 100
     s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
-    start = time.monotonic()
-    closed_after = None
     try:
-        for byte in hello:
-            try:
-                s.sendall(bytes((byte,)))
-            except OSError:
-                closed_after = time.monotonic() - start
-                break
-            s.settimeout(0.2)
-            try:
-                if s.recv(100) == b"":
-                    closed_after = time.monotonic() - start
-                    break
-            except TimeoutError:
-                pass
-            except ConnectionResetError:
-                closed_after = time.monotonic() - start
-                break
+        closed_after = trickle(s, hello, 0.2)
     finally:
         s.close()
     assert closed_after is not None, "a trickled TLS handshake was never dropped"
     assert closed_after < 6
     wait_for(lambda: "tls.handshake_failed" in d.log())
-
 
 
 def test_password_from_standard_input(config_dir: Path, pki: PKI, tmp_path: Path) -> None:
