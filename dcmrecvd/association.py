@@ -127,6 +127,8 @@ class Association:
         #: client's from a PROXY header.
         self.host = host or peer.rsplit(":", 1)[0]
         self.runtime = runtime
+        #: The AE this association was called as (chosen at negotiation; the default AE until then).
+        self.rx = runtime.receiver_for("")
         self.stats = stats
         self.admit = admit
         self.release_slot = release_slot
@@ -312,26 +314,27 @@ class Association:
             raise pdu.ProtocolViolation(str(exc), pdu.REASON_INVALID_PARAMETER) from None
         self.calling, self.called = request.calling_ae_title, request.called_ae_title
         self.peer_max_pdu = request.peer_max_pdu
-        self.log = self.log.bind(calling_aet=self.calling, called_aet=self.called)
-        decision = self.runtime.access.decide(self.calling, self.called, self.host)
+        self.rx = rx = self.runtime.receiver_for(self.called)
+        self.log = self.log.bind(calling_aet=self.calling, called_aet=self.called, ae=rx.name)
+        decision = rx.access.decide(self.calling, self.called, self.host)
         why = ""
         decided: dict[str, object] = {}
         if not decision.allowed:
             why = "access denied"
-            decided = {"rule": decision.rule or "default", "rule_file": self.runtime.access.source or None}
+            decided = {"rule": decision.rule or "default", "rule_file": rx.access.source or None}
             outcome = negotiation.reject(request, (0x01, 0x01, decision.reason))
         elif not self._take_slot():
             outcome = negotiation.reject(request, negotiation.REJECT_LOCAL_LIMIT)
-        elif not self.runtime.disk.has_room():
+        elif not rx.disk.has_room():
             why = DISK_LOW
             outcome = negotiation.reject(request, negotiation.REJECT_LOCAL_LIMIT)
         else:
             try:
                 outcome = negotiation.negotiate(
                     request,
-                    self.runtime.profile,
-                    self.runtime.contexts,
-                    ae_title=config.ae_title,
+                    rx.profile,
+                    rx.contexts,
+                    ae_title=rx.title or config.ae_title,
                     max_pdu=config.max_pdu,
                 )
             except Exception as exc:  # pynetdicom's codec on a request it cannot handle
@@ -482,7 +485,7 @@ class Association:
 
     def _start_store(self, message: Message) -> None:
         command = message.command
-        mode = self.runtime.config.output.mode
+        mode = self.rx.mode
         try:
             naming.check_uid(command.affected_sop_class_uid, "Affected SOP Class UID")
             naming.check_uid(command.affected_sop_instance_uid, "Affected SOP Instance UID")
@@ -494,11 +497,11 @@ class Association:
             message.error = "SOP class differs from the presentation context's"
             message.store = False
             return
-        if mode != "ignore" and not self.runtime.disk.has_room():
+        if mode != "ignore" and not self.rx.disk.has_room():
             message.status, message.error, message.store = Status.OUT_OF_RESOURCES, DISK_LOW, False
             return
         wanted = [SOP_CLASS_UID, SOP_INSTANCE_UID]
-        if self.runtime.scheme.needs_series_date:
+        if self.rx.scheme.needs_series_date:
             wanted.append(SERIES_DATE)
             message.open_after = SERIES_DATE
         message.walker = DatasetWalker(message.context.transfer_syntax, wanted)
@@ -510,7 +513,7 @@ class Association:
         walker = message.walker
         if walker is None:
             return
-        disk = self.runtime.disk
+        disk = self.rx.disk
         if disk.watermark.enabled and message.store:
             disk.received(len(chunk))
             message.disk_counted += len(chunk)
@@ -578,10 +581,10 @@ class Association:
         directory = PurePosixPath(".")
         if message.open_after == SERIES_DATE:
             series_date = text_value(message.walker.captured.get(SERIES_DATE))
-            directory = naming.directory_for(self.runtime.scheme, series_date, self.clock().date())
+            directory = naming.directory_for(self.rx.scheme, series_date, self.clock().date())
         try:
             message.directory = directory
-            message.file = self._take_spare(directory) or self.runtime.store.open(directory)
+            message.file = self._take_spare(directory) or self.rx.store.open(directory)
             message.file.write(part10.meta_header(*found, message.context.transfer_syntax, self.calling))
             if message.prefix:
                 message.file.write(message.prefix)
@@ -610,7 +613,7 @@ class Association:
         if self.stored < 1 or self.spare is not None:
             return
         try:
-            self.spare = self.runtime.store.open(directory)
+            self.spare = self.rx.store.open(directory)
             self.spare_dir = directory
         except OSError as exc:  # the next object meets the problem and reports it
             self.log.debug("store.spare_failed", reason=str(exc))
@@ -654,7 +657,7 @@ class Association:
     def _uncount(self, message: Message) -> None:
         """The object will not reach the disk: its bytes no longer count against the watermark."""
         if message.disk_counted:
-            self.runtime.disk.received(-message.disk_counted)
+            self.rx.disk.received(-message.disk_counted)
             message.disk_counted = 0
 
     def _discard(self, message: Message) -> None:
@@ -686,7 +689,7 @@ class Association:
     def _commit(self, message: Message) -> str:
         assert message.file is not None
         command = message.command
-        scheme = self.runtime.scheme
+        scheme = self.rx.scheme
         file = message.file
         started = time.monotonic()
         try:
@@ -726,7 +729,7 @@ class Association:
         duration_ms = round(elapsed * 1000, 3)
         # Counted before the response goes out: a scrape right after it sees the object.
         METRICS.objects.labels(
-            f"0x{int(message.status):04X}", self.runtime.config.network.ae_title or "any"
+            f"0x{int(message.status):04X}", self.rx.name if self.rx.name != "*" else "any"
         ).inc()
         METRICS.received.inc(message.received)
         METRICS.store_seconds.observe(elapsed)

@@ -88,6 +88,10 @@ def _main(args: list[str], env: dict[str, str]) -> int:
             f"configuration OK: profile {runtime.profile.name} "
             f"({len(runtime.profile.contexts)} presentation contexts), "
             f"output {runtime.store.root}, TLS {'on' if runtime.tls else 'off'}"
+            + "".join(
+                f"; AE {rx.title}: profile {rx.profile.name}, output {rx.store.root}"
+                for rx in runtime.receivers.values()
+            )
         )
         return int(ExitCode.OK)
     return _run(cmd, runtime, loader, env)

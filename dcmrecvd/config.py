@@ -317,9 +317,22 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    #: ``[ae.<TITLE>]``: per called AE title, the keys of association, output and access
+    #: that differ from the tables above (see ``receiver_tables``).
+    ae: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict, metadata={"table": False})
     #: Which file set each dotted key (for messages such as "rule 2 of 10-access.toml");
     #: not a table, not compared.
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={"table": False})
+
+
+def receiver_tables(config: Config, title: str) -> tuple[AssociationConfig, OutputConfig, AccessConfig]:
+    """The association, output and access tables of AE ``title`` (its overrides on the defaults)."""
+    overrides = config.ae.get(title, {})
+    return (
+        dataclasses.replace(config.association, **overrides.get("association", {})),
+        dataclasses.replace(config.output, **overrides.get("output", {})),
+        dataclasses.replace(config.access, **overrides.get("access", {})),
+    )
 
 
 def sections() -> dict[str, type]:
@@ -398,12 +411,19 @@ def load(
 def build(layers: Iterable[Layer]) -> Config:
     """Validate each layer against the schema, merge in order, freeze."""
     merged: dict[str, dict[str, Any]] = {}
+    aes: dict[str, dict[str, dict[str, Any]]] = {}
     origins: dict[str, str] = {}
     for layer in layers:
         for section, values in validate_layer(layer).items():
+            if section == "ae":  # per title, per table: tables merge, values replace
+                for title, tables in values.items():
+                    for name, table in tables.items():
+                        aes.setdefault(title, {}).setdefault(name, {}).update(table)
+                        origins.update({f"ae.{title}.{name}.{key}": layer.source for key in table})
+                continue
             merged.setdefault(section, {}).update(values)
             origins.update({f"{section}.{name}": layer.source for name in values})
-    config = Config(**{s: cls(**merged.get(s, {})) for s, cls in sections().items()}, origins=origins)
+    config = Config(**{s: cls(**merged.get(s, {})) for s, cls in sections().items()}, ae=aes, origins=origins)
     check_combinations(config)
     return config
 
@@ -413,11 +433,54 @@ def _suggest(name: str, known: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+#: The tables an ``[ae.<TITLE>]`` may override for the associations called by that title.
+AE_SECTIONS = ("association", "output", "access")
+
+
+def _validate_table(source: str, prefix: str, cls: type, table: Any) -> dict[str, Any]:
+    if not isinstance(table, Mapping):
+        raise ConfigError(source, prefix, "must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for name, value in table.items():
+        dotted = f"{prefix}.{name}"
+        if name not in fields:
+            raise ConfigError(source, dotted, "unknown key" + _suggest(name, fields))
+        out[name] = check_value(source, dotted, fields[name], value)
+    return out
+
+
+def _validate_aes(source: str, table: Any) -> dict[str, dict[str, dict[str, Any]]]:
+    """``[ae.<TITLE>.<section>]`` tables: a valid AE title, only AE_SECTIONS, their keys checked."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(source, "ae", "must be a table of AE titles ([ae.TITLE.output] ...)")
+    schema = sections()
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for title, per_title in table.items():
+        if not (
+            0 < len(title) <= 16 and title == title.strip() and title.isprintable() and "\\" not in title
+        ):
+            raise ConfigError(source, f"ae.{title}", "not an AE title (1-16 characters, no backslash)")
+        if not isinstance(per_title, Mapping):
+            raise ConfigError(source, f"ae.{title}", "must be a table")
+        out[title] = {}
+        for section, values in per_title.items():
+            if section not in AE_SECTIONS:
+                raise ConfigError(
+                    source, f"ae.{title}.{section}", f"an AE can override only {', '.join(AE_SECTIONS)}"
+                )
+            out[title][section] = _validate_table(source, f"ae.{title}.{section}", schema[section], values)
+    return out
+
+
 def validate_layer(layer: Layer) -> dict[str, dict[str, Any]]:
     """Check one layer's tables and values; return a normalised copy."""
     schema = sections()
     result: dict[str, dict[str, Any]] = {}
     for section, table in layer.data.items():
+        if section == "ae":
+            result["ae"] = _validate_aes(layer.source, table)
+            continue
         if section not in schema:
             raise ConfigError(layer.source, section, "unknown table" + _suggest(section, schema))
         if not isinstance(table, Mapping):
@@ -497,6 +560,16 @@ def check_combinations(config: Config) -> None:
         )
     if config.association.profile and not config.association.config_file:
         raise ConfigError("configuration", "association.config_file", "a profile needs a config_file")
+    for title in config.ae:
+        association, output, _ = receiver_tables(config, title)
+        if output.mode == "bit-preserving" and output.subdirectory == "series-date":
+            raise ConfigError(
+                "configuration", f"ae.{title}.output.mode", "bit-preserving not allowed with series-date"
+            )
+        if association.profile and not association.config_file:
+            raise ConfigError(
+                "configuration", f"ae.{title}.association.config_file", "a profile needs a config_file"
+            )
 
 
 # --------------------------------------------------------------------------- output
@@ -513,6 +586,10 @@ def to_mapping(config: Config, *, redact: bool = True) -> dict[str, dict[str, An
                 continue
             table[f.name] = getattr(obj, f.name)
         out[section] = table
+    if config.ae:
+        out["ae"] = {
+            title: {name: dict(t) for name, t in tables.items()} for title, tables in config.ae.items()
+        }
     return out
 
 

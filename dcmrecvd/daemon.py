@@ -115,6 +115,16 @@ class Daemon:
             profile=self.runtime.profile.name,
             output=str(self.runtime.store.root),
             durability=self.runtime.store.durability(),
+            **(
+                {
+                    "aes": {
+                        rx.title: f"{rx.store.root} ({rx.store.durability()})"
+                        for rx in self.runtime.receivers.values()
+                    }
+                }
+                if self.runtime.receivers
+                else {}
+            ),
         )
         self.notifier.ready(self.stats.status_line())
         self.server.start()
@@ -128,14 +138,14 @@ class Daemon:
         """What /livez, /readyz and the agent check report (called on their threads)."""
         runtime = self.runtime
         server = self.server
-        disk = runtime.disk
-        room = disk.has_room()
+        receivers = runtime.all_receivers()
+        room = all([rx.disk.has_room() for rx in receivers])  # every AE's directory, each re-read
         interval = max(5.0, 3 * (server.heartbeat_interval if server else 0.0))
         return Health(
             alive=server is not None and time.monotonic() - server.turned < interval,
             listening=server is not None and server.listening,
             draining=self.draining,
-            usable=disk.usable and os.access(runtime.store.root, os.W_OK | os.X_OK),
+            usable=all(rx.disk.usable and os.access(rx.store.root, os.W_OK | os.X_OK) for rx in receivers),
             disk_low=not room,
             active=self.stats.active,
             capacity=runtime.config.network.max_associations,
@@ -147,8 +157,8 @@ class Daemon:
         return LiveFigures(
             active=self.stats.active,
             pending=self.server.pending if self.server else 0,
-            free_bytes={str(runtime.store.root): runtime.disk.free_bytes()},
-            disk_low=runtime.disk.low,
+            free_bytes={str(rx.store.root): rx.disk.free_bytes() for rx in runtime.all_receivers()},
+            disk_low=any(rx.disk.low for rx in runtime.all_receivers()),
             draining=self.draining,
         )
 
@@ -166,8 +176,10 @@ class Daemon:
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 return self.stop()
             if time.monotonic() >= next_status:
-                self.runtime.disk.has_room()  # re-reads free space now and then: disk.low / disk.ok
-                self.stats.disk_low = self.runtime.disk.low
+                receivers = self.runtime.all_receivers()
+                for rx in receivers:  # re-reads free space now and then: disk.low / disk.ok
+                    rx.disk.has_room()
+                self.stats.disk_low = any(rx.disk.low for rx in receivers)
                 line = self.stats.status_line()
                 if line != last_status:
                     self.notifier.status(line)
@@ -175,13 +187,16 @@ class Daemon:
                 next_status = time.monotonic() + status_every
 
     def _remove_stale_temp_files(self, runtime: Runtime) -> None:
-        try:
-            removed = storage.remove_stale_temp_files(runtime.store.root)
-        except OSError as exc:
-            log.warning("storage.stale_temp_removed", reason=str(exc))
-            return
-        for path in removed:
-            log.warning("storage.stale_temp_removed", path=str(path))
+        for root in dict.fromkeys(
+            rx.store.root for rx in runtime.all_receivers()
+        ):  # each AE's directory once
+            try:
+                removed = storage.remove_stale_temp_files(root)
+            except OSError as exc:
+                log.warning("storage.stale_temp_removed", reason=str(exc))
+                continue
+            for path in removed:
+                log.warning("storage.stale_temp_removed", path=str(path))
 
     # ------------------------------------------------------------------ reload
 

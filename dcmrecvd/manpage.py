@@ -180,7 +180,19 @@ def dcmrecvd_toml_5() -> str:
                 f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})",
                 _esc(f.metadata["doc"] + choices),
             ]
-    out += [".SH SEE ALSO", ".BR dcmrecvd (8)"]
+    out += [
+        ".SH [ae.\\fITITLE\\fR]",
+        _esc(
+            "Several AE titles in one daemon. [ae.TITLE.association], [ae.TITLE.output] and "
+            "[ae.TITLE.access] (with [[ae.TITLE.access.rule]]) take any key of the tables above "
+            f"({', '.join(config.AE_SECTIONS)}) and apply it to associations whose called AE title "
+            "is exactly TITLE; other keys come from the top-level tables, the default AE. A "
+            "called title without a table goes to the default AE, which rejects it (reason 7) "
+            "when network.ae_title is set. Each AE's output directory is checked at start (exit 45)."
+        ),
+        ".SH SEE ALSO",
+        ".BR dcmrecvd (8)",
+    ]
     return "\n".join(out) + "\n"
 
 

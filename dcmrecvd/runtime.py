@@ -7,6 +7,7 @@ validate exactly the same way (and fail with the same exit codes).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import ssl
 import threading
@@ -18,11 +19,26 @@ from pynetdicom.presentation import PresentationContext
 
 from dcmrecvd import logs, naming, negotiation, tls
 from dcmrecvd.access import Network, Policy, check_network, compile_rules, parse_address
-from dcmrecvd.config import Config
+from dcmrecvd.config import AccessConfig, Config, OutputConfig, receiver_tables
 from dcmrecvd.disk_space import DiskWatch, Watermark, parse_min_free, watch_directory
 from dcmrecvd.errors import OutputDirectoryError, UsageError
 from dcmrecvd.profiles import VERIFICATION_ONLY, Profile, load_profile, with_verification
 from dcmrecvd.storage import Store
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """One logical receiver: the default AE, or an ``[ae.<TITLE>]`` chosen by the called AE title."""
+
+    name: str  # for logs and metrics: the AE title, or the default AE's -aet, or "*"
+    title: str  # the AE title it answers to; "" for the default AE (network.ae_title applies)
+    profile: Profile
+    contexts: list[PresentationContext]
+    scheme: naming.NamingScheme
+    store: Store
+    disk: DiskWatch
+    access: Policy
+    mode: str  # output.mode: normal, bit-preserving, ignore
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,22 @@ class Runtime:
     disk: DiskWatch = field(default_factory=lambda: DiskWatch(".", Watermark()))
     access: Policy = field(default_factory=Policy)
     proxies: tuple[Network, ...] = ()
+    #: The default AE as a Receiver, and the ``[ae.<TITLE>]`` ones by title.
+    default: Receiver | None = None
+    receivers: Mapping[str, Receiver] = field(default_factory=dict)
+
+    def receiver_for(self, called: str) -> Receiver:
+        """The AE an A-ASSOCIATE-RQ calls: its own table by exact title, else the default AE
+        (whose network.ae_title, when set, then rejects a title it does not answer to)."""
+        named = self.receivers.get(called.rstrip(" "))
+        if named is not None:
+            return named
+        assert self.default is not None
+        return self.default
+
+    def all_receivers(self) -> list[Receiver]:
+        assert self.default is not None
+        return [self.default, *self.receivers.values()]
 
     def trusts_proxy(self, host: str) -> bool:
         """May ``host`` send us a PROXY header (network.trusted_proxies)?"""
@@ -116,9 +148,26 @@ def prepare(
     if config.logging.config_file:  # -lc: a bad file is a command-line error, before all else
         logs.read_dcmtk_logger_config(config.logging.config_file)
     profile = load_association_profile(config)
+    titles = sorted(config.ae)
+    tables = {title: receiver_tables(config, title) for title in titles}
+    for _association, ae_output, _access in tables.values():
+        try:
+            naming.check_extension(ae_output.extension)
+        except naming.UnsafeIdentifier as exc:
+            raise UsageError(str(exc)) from None
+    profiles = {
+        title: load_association_profile(dataclasses.replace(config, association=tables[title][0]))
+        for title in titles
+    }
     root = check_output_directory(out.directory)
+    roots = {title: check_output_directory(tables[title][1].directory) for title in titles}
     disk = watch_directory(str(root), parse_min_free(out.min_free))
     context = tls.build_context(config.tls, environ, warn=warn) if config.tls.enabled else None
+    receivers = {
+        title: _receiver(config, title, profiles[title], roots[title], tables[title][1], tables[title][2])
+        for title in titles
+    }
+    default = _receiver(config, "", profile, root, out, config.access, disk)
     return Runtime(
         config=config,
         profile=profile,
@@ -134,4 +183,33 @@ def prepare(
             source=config.origins.get("access.rule", ""),
         ),
         proxies=tuple(check_network(text) for text in config.network.trusted_proxies),
+        default=default,
+        receivers=receivers,
+    )
+
+
+def _receiver(
+    config: Config,
+    title: str,
+    profile: Profile,
+    root: Path,
+    output: OutputConfig,
+    access: AccessConfig,
+    disk: DiskWatch | None = None,
+) -> Receiver:
+    rules_key = f"ae.{title}.access.rule" if title else "access.rule"
+    return Receiver(
+        name=title or config.network.ae_title or "*",
+        title=title,
+        profile=profile,
+        contexts=negotiation.acceptor_contexts(profile),
+        scheme=naming.NamingScheme(output.subdirectory, output.filenames, output.extension),
+        store=Store(root, durable=output.fsync),
+        disk=disk or watch_directory(str(root), parse_min_free(output.min_free)),
+        access=Policy(
+            default_allow=access.default == "allow",
+            rules=compile_rules(access.rule),
+            source=config.origins.get(rules_key, config.origins.get("access.rule", "")),
+        ),
+        mode=output.mode,
     )
