@@ -743,6 +743,8 @@ class Association:
         }
         if message.status == Status.SUCCESS:
             self.stats.add(stored=1, bytes=message.received)
+            if self.rx.title:
+                self.stats.stored_for(self.rx.title)
             self.log.info("store.completed", path=path or None, **fields)
             if path:
                 self.stored += 1

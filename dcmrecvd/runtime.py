@@ -93,6 +93,8 @@ class Stats:
     rejected: int = 0
     last_reload: str = "none"
     disk_low: bool = False
+    #: Objects stored per named AE ([ae.<TITLE>]); shown on the STATUS line when there are any.
+    stored_by_ae: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -101,11 +103,18 @@ class Stats:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
 
+    def stored_for(self, ae: str) -> None:
+        """One more object stored by the named AE ``ae``."""
+        with self.lock:
+            self.stored_by_ae[ae] = self.stored_by_ae.get(ae, 0) + 1
+
     def status_line(self) -> str:
         """One human line for systemd's STATUS=."""
+        by_ae = ", ".join(f"{ae} {n}" for ae, n in sorted(self.stored_by_ae.items()))
         line = (
             f"{self.active} active, {self.associations} associations, {self.stored} stored "
-            f"({self.bytes / 1e6:.1f} MB), {self.failed} failed; last reload: {self.last_reload}"
+            f"({self.bytes / 1e6:.1f} MB{'; ' + by_ae if by_ae else ''}), {self.failed} failed; "
+            f"last reload: {self.last_reload}"
         )
         return "disk below output.min_free, refusing new objects; " + line if self.disk_low else line
 

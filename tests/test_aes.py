@@ -83,3 +83,13 @@ def test_each_ae_directory_is_checked_and_printed(config_dir: Path, tmp_path: Pa
         "--check-config", "--config", str(bad), "-od", str(tmp_path), "104", config_dir=config_dir
     )
     assert result.returncode == 1 and "ae.RESEARCH.network: an AE can override only" in result.stderr
+
+
+def test_status_shows_what_each_named_ae_stored() -> None:
+    from dcmrecvd.runtime import Stats
+
+    stats = Stats()
+    stats.add(stored=3)
+    assert "3 stored (0.0 MB)," in stats.status_line()
+    stats.stored_for("RESEARCH")
+    assert "3 stored (0.0 MB; RESEARCH 1)," in stats.status_line()
