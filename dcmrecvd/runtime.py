@@ -20,7 +20,7 @@ from pynetdicom.presentation import PresentationContext
 from dcmrecvd import logs, naming, negotiation, tls
 from dcmrecvd.access import Network, Policy, check_network, compile_rules, parse_address
 from dcmrecvd.config import AccessConfig, Config, OutputConfig, receiver_tables
-from dcmrecvd.disk_space import DiskWatch, Watermark, parse_min_free, watch_directory
+from dcmrecvd.disk_space import DiskWatch, parse_min_free, watch_directory
 from dcmrecvd.errors import OutputDirectoryError, UsageError
 from dcmrecvd.profiles import VERIFICATION_ONLY, Profile, load_profile, with_verification
 from dcmrecvd.storage import Store
@@ -46,31 +46,29 @@ class Runtime:
     """Settings frozen for the associations that start under them."""
 
     config: Config
-    profile: Profile
-    contexts: list[PresentationContext]
-    scheme: naming.NamingScheme
-    store: Store
+    #: The default AE (the top-level tables), and the ``[ae.<TITLE>]`` ones by title.
+    default: Receiver
+    receivers: Mapping[str, Receiver] = field(default_factory=dict)
     tls: ssl.SSLContext | None = None
     generation: int = 0
-    #: The output directory's free-space watermark (shared across reloads).
-    disk: DiskWatch = field(default_factory=lambda: DiskWatch(".", Watermark()))
-    access: Policy = field(default_factory=Policy)
     proxies: tuple[Network, ...] = ()
-    #: The default AE as a Receiver, and the ``[ae.<TITLE>]`` ones by title.
-    default: Receiver | None = None
-    receivers: Mapping[str, Receiver] = field(default_factory=dict)
+
+    @property
+    def profile(self) -> Profile:
+        """The default AE's association profile."""
+        return self.default.profile
+
+    @property
+    def store(self) -> Store:
+        """The default AE's output directory."""
+        return self.default.store
 
     def receiver_for(self, called: str) -> Receiver:
         """The AE an A-ASSOCIATE-RQ calls: its own table by exact title, else the default AE
         (whose network.ae_title, when set, then rejects a title it does not answer to)."""
-        named = self.receivers.get(called.rstrip(" "))
-        if named is not None:
-            return named
-        assert self.default is not None
-        return self.default
+        return self.receivers.get(called.rstrip(" "), self.default)
 
     def all_receivers(self) -> list[Receiver]:
-        assert self.default is not None
         return [self.default, *self.receivers.values()]
 
     def trusts_proxy(self, host: str) -> bool:
@@ -179,21 +177,11 @@ def prepare(
     default = _receiver(config, "", profile, root, out, config.access, disk)
     return Runtime(
         config=config,
-        profile=profile,
-        contexts=negotiation.acceptor_contexts(profile),
-        scheme=naming.NamingScheme(out.subdirectory, out.filenames, out.extension),
-        store=Store(root, durable=out.fsync),
-        tls=context,
-        generation=generation,
-        disk=disk,
-        access=Policy(
-            default_allow=config.access.default == "allow",
-            rules=compile_rules(config.access.rule),
-            source=config.origins.get("access.rule", ""),
-        ),
-        proxies=tuple(check_network(text) for text in config.network.trusted_proxies),
         default=default,
         receivers=receivers,
+        tls=context,
+        generation=generation,
+        proxies=tuple(check_network(text) for text in config.network.trusted_proxies),
     )
 
 
