@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from conftest import DaemonFactory, wait_for  # noqa: E402
 from malformed import INSTANCE_UID, base_dataset, encode  # noqa: E402
-from peers import RawClient, all_slots_accepted  # noqa: E402
+from peers import RawClient, all_slots_accepted, command_elements  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
@@ -157,13 +157,7 @@ def successes(answer: bytes) -> int:
         pos += 6 + length
         if pdu_type != pdu.P_DATA_TF or len(body) < 6 or not body[5] & 0x01:
             continue
-        command = body[6:]
-        fields: dict[int, bytes] = {}
-        at = 0
-        while at + 8 <= len(command):
-            _, element, size = struct.unpack_from("<HHI", command, at)
-            fields[element] = command[at + 8 : at + 8 + size]
-            at += 8 + size
+        fields = {tag & 0xFFFF: value for tag, value in command_elements(body[6:])}
         if fields.get(0x0100) == struct.pack("<H", 0x8001) and fields.get(0x0900) == b"\x00\x00":
             count += 1
     return count

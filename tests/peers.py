@@ -154,19 +154,33 @@ class RawClient:
             if body[5] & 0x02:  # the (only) PDV of this PDU ends the command set
                 return bodies
 
+    def response(self) -> dict[int, bytes]:
+        """Read a response command set (however fragmented): element number -> value."""
+        return {tag & 0xFFFF: value for tag, value in command_elements(self.response_bytes())}
+
+    def response_bytes(self) -> bytes:
+        """Read a response command set (however fragmented): its encoded elements."""
+        return b"".join(body[6:] for body in self.response_pdus())
+
     def response_status(self) -> int:
         """Read a response command set (however fragmented); return its status."""
-        data = b"".join(body[6:] for body in self.response_pdus())
-        pos = 0
-        while pos < len(data):
-            _, elem, length = struct.unpack_from("<HHI", data, pos)
-            if elem == 0x0900:
-                return int(struct.unpack_from("<H", data, pos + 8)[0])
-            pos += 8 + length
-        raise AssertionError("no status in response")
+        status = self.response().get(0x0900)
+        assert status is not None, "no status in response"
+        return int(struct.unpack("<H", status)[0])
 
     def close(self) -> None:
         self.sock.close()
+
+
+def command_elements(data: bytes) -> list[tuple[int, bytes]]:
+    """(tag, value) of each element of an Implicit VR Little Endian command set, in order
+    (a truncated last element is dropped: the fuzzer reads what it gets)."""
+    out, pos = [], 0
+    while pos + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHI", data, pos)
+        out.append((group << 16 | element, data[pos + 8 : pos + 8 + length]))
+        pos += 8 + length
+    return out
 
 
 def send_exact(port: int, path: Path, fragment: int = 16000) -> int:

@@ -37,17 +37,9 @@ def store(
         client.send_pdv(b"", command=False, last=True)
     for start in range(0, len(data), fragment):
         client.send_pdv(data[start : start + fragment], command=False, last=start + fragment >= len(data))
-    response = b"".join(body[6:] for body in client.response_pdus())
-    status, comment, pos = -1, "", 0
-    while pos < len(response):
-        _, element, length = struct.unpack_from("<HHI", response, pos)
-        value = response[pos + 8 : pos + 8 + length]
-        if element == 0x0900:
-            status = struct.unpack("<H", value)[0]
-        elif element == 0x0902:
-            comment = value.decode().rstrip(" \x00")
-        pos += 8 + length
-    return status, comment
+    fields = client.response()
+    comment = fields.get(0x0902, b"").decode().rstrip(" \x00")
+    return int(struct.unpack("<H", fields[0x0900])[0]), comment
 
 
 def store_once(port: int, data: bytes, instance: str = INSTANCE_UID) -> tuple[int, str]:
@@ -161,4 +153,3 @@ def test_pydicoms_corpus_sent_by_pynetdicom_is_all_accepted(daemons: DaemonFacto
         sent += 1
     assert sent > 40
     assert "store.failed" not in d.log()
-

@@ -8,7 +8,7 @@ import struct
 import time
 
 from conftest import DaemonFactory, need, run, wait_for
-from peers import RawClient, all_slots_accepted, trickle
+from peers import RawClient, all_slots_accepted, command_elements, trickle
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dcmrecvd import pdu
@@ -113,12 +113,7 @@ def test_trickled_request_is_bounded_by_artim_and_stalls_nobody(daemons: DaemonF
 
 
 def _command_tags(data: bytes) -> list[int]:
-    tags, pos = [], 0
-    while pos < len(data):
-        group, elem, length = struct.unpack_from("<HHI", data, pos)
-        tags.append(group << 16 | elem)
-        pos += 8 + length
-    return tags
+    return [tag for tag, _ in command_elements(data)]
 
 
 def test_refused_store_response_elements_ascend(daemons: DaemonFactory) -> None:
@@ -128,7 +123,7 @@ def test_refused_store_response_elements_ascend(daemons: DaemonFactory) -> None:
         assert client.associate(CT, ExplicitVRLittleEndian) == pdu.A_ASSOCIATE_AC
         client.send_pdv(client.store_command(CT, "1.2..3"), command=True, last=True)
         client.send_pdv(b"\x08\x00\x18\x00UI\x04\x001.2\x00", command=False, last=True)
-        data = b"".join(body[6:] for body in client.response_pdus())
+        data = client.response_bytes()
     finally:
         client.close()
     tags = _command_tags(data)
@@ -146,7 +141,7 @@ def test_non_ascii_uid_in_a_command_is_refused_and_echoed_byte_for_byte(daemons:
         command = client.store_command(CT, "1.2.3.4").replace(b"1.2.3.4", bad.encode("latin-1"))
         client.send_pdv(command, command=True, last=True)
         client.send_pdv(b"\x08\x00\x18\x00UI\x08\x001.2.3.4\x00", command=False, last=True)
-        data = b"".join(body[6:] for body in client.response_pdus())
+        data = client.response_bytes()
     finally:
         client.close()
     assert bad.encode("latin-1") in data, "the response echoes the request's UID"
@@ -185,7 +180,7 @@ def test_every_kind_of_response_ascends_by_tag_with_a_true_group_length(daemons:
             client.send_pdv(command, command=True, last=True)
             if dataset is not None:
                 client.send_pdv(dataset, command=False, last=True)
-            data = b"".join(body[6:] for body in client.response_pdus())
+            data = client.response_bytes()
             tags = _command_tags(data)
             assert tags == sorted(tags), f"{name}: {[hex(t) for t in tags]}"
             assert tags[0] == 0x00000000

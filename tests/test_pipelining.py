@@ -19,16 +19,8 @@ COUNT = 20
 
 
 def message_ids_and_statuses(client: RawClient, count: int) -> list[tuple[int, int]]:
-    out = []
-    for _ in range(count):
-        data = b"".join(body[6:] for body in client.response_pdus())
-        fields, pos = {}, 0
-        while pos < len(data):
-            _, element, length = struct.unpack_from("<HHI", data, pos)
-            fields[element] = data[pos + 8 : pos + 8 + length]
-            pos += 8 + length
-        out.append((struct.unpack("<H", fields[0x0120])[0], struct.unpack("<H", fields[0x0900])[0]))
-    return out
+    answers = [client.response() for _ in range(count)]
+    return [(struct.unpack("<H", a[0x0120])[0], struct.unpack("<H", a[0x0900])[0]) for a in answers]
 
 
 def test_pipelined_stores_without_a_negotiated_window(daemons: DaemonFactory) -> None:
