@@ -8,9 +8,9 @@ object (which never waits for the disk) says what ratio is reachable here.
     python bench/floor.py [--count 1000] [--sizes 3000,524288]
 
 Per size, into a fresh directory (see run.fresh_output): the acknowledgement
-path as an association runs it from its second object on (write, flush,
-next temp file, rename, directory fsync), and the same without fsync (what
-dcmrecv does).
+path through ``storage.Writer``, the code an association runs (write, flush,
+next temp file from the second file on, rename, directory fsync), and the
+same without fsync (what dcmrecv does).
 """
 
 from __future__ import annotations
@@ -28,32 +28,31 @@ sys.path.insert(0, str(HERE))
 from run import fresh_output  # noqa: E402
 
 from dcmrecvd.fs_probe import journals_in_order  # noqa: E402
-from dcmrecvd.storage import Store  # noqa: E402
+from dcmrecvd.storage import Store, Writer  # noqa: E402
 
 
 def measure(size: int, count: int, durable: bool) -> float:
-    """Median ms per file of write + flush + commit, the next temp file made on the way.
-
-    The same order as an association from its second object on: data flushed,
-    the next object's temp file created, rename, directory fsync.
-    """
+    """Median ms per file of write + commit, through the same ``storage.Writer`` an
+    association uses (data flushed, the next temp file created, rename, directory fsync)."""
     out = fresh_output(after_deletions=False)
     os.sync()
-    store = Store(out, durable=durable)
+    writer = Writer(Store(out, durable=durable))
+    here = PurePosixPath(".")
     payload = os.urandom(size)
     ack_ms = []
-    pending = store.open(PurePosixPath("."))
     try:
         for i in range(count):
             t0 = time.perf_counter()
-            pending.write(payload)
-            pending.flush()
-            spare = store.open(PurePosixPath("."))
-            pending.commit(f"f{i}", replace=True)
+            pending = writer.open(here)
+            try:
+                pending.write(payload)
+                writer.commit(pending, here, lambda i=i: f"f{i}", replace=True)
+            except BaseException:
+                pending.discard()
+                raise
             ack_ms.append((time.perf_counter() - t0) * 1e3)
-            pending = spare
     finally:
-        pending.discard()
+        writer.close()
         shutil.rmtree(out, ignore_errors=True)
     return statistics.median(ack_ms)
 

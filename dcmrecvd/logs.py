@@ -72,6 +72,7 @@ EVENTS = (
     "store.spare_failed",
     "store.uid_mismatch",
     "store.incomplete",
+    "store.internal_error",
     "storage.stale_temp_removed",
     "reload.started",
     "reload.completed",

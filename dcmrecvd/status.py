@@ -22,8 +22,24 @@ class Status(IntEnum):
         return self is not Status.SUCCESS
 
 
+class Failure(Exception):
+    """One C-STORE cannot succeed, for a reason that names its status class.
+
+    Raised where the reason is known (a refused dataset, a full disk); the
+    association answers that one request with ``status`` and goes on.
+    """
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
 def status_for_error(exc: BaseException) -> Status:
-    """Disk and permission trouble -> 0xA700; data we cannot understand -> 0xC000."""
+    """The one map from what went wrong to the status sent: a declared ``Failure`` says
+    its own; disk and permission trouble -> 0xA700; data we cannot understand -> 0xC000;
+    anything unexpected -> 0xA700 (it is ours, not the sender's)."""
+    if isinstance(exc, Failure):
+        return exc.status
     if isinstance(exc, UnsafeIdentifier):
         return Status.CANNOT_UNDERSTAND
     if isinstance(exc, OSError):

@@ -16,7 +16,7 @@ import errno
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -263,6 +263,91 @@ class Store:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Where a file ended up, and whether it replaced an older one of that name."""
+
+    path: Path
+    replaced: bool
+
+
+#: Names tried for one file before giving up (a name scheme with a random or
+#: time-based part collides only by chance).
+MAX_NAME_ATTEMPTS = 100
+
+
+class Writer:
+    """Files written one after another into a ``Store``, each made durable in order.
+
+    The one home of the durability order: ``commit`` flushes the data, creates
+    the next file's spare temp file, renames (or links without replacing) under
+    a name from ``names`` (retried on a collision) and fsyncs the directory;
+    when it returns, the file is durable under its final name.  One writer per
+    association: the spare pays only for the files that follow.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.committed = 0
+        self._spare: PendingFile | None = None
+        self._spare_dir = PurePosixPath(".")
+        #: Why the last spare could not be made ("" if it could): the next file meets it.
+        self.spare_error = ""
+
+    def open(self, relative: PurePosixPath) -> PendingFile:
+        """A temp file in ``relative``: the spare made for it, or a new one."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            if relative == self._spare_dir:
+                return spare
+            spare.discard()
+        return self.store.open(relative)
+
+    def commit(
+        self, file: PendingFile, relative: PurePosixPath, names: Callable[[], str], *, replace: bool
+    ) -> Committed:
+        """Make ``file`` durable under the first free name that ``names`` gives.
+
+        With ``replace`` the first name is taken whatever is there.  On any
+        error the caller still owns ``file`` (and discards it).
+        """
+        file.flush()
+        self._make_spare(relative)
+        for _attempt in range(MAX_NAME_ATTEMPTS):
+            try:
+                final, replaced = file.commit(names(), replace=replace)
+            except FileExists:
+                continue
+            self.committed += 1
+            return Committed(final, replaced)
+        raise FileExistsError(f"no free file name after {MAX_NAME_ATTEMPTS} attempts")
+
+    def _make_spare(self, relative: PurePosixPath) -> None:
+        """Create the next file's temp file between this file's data flush and rename.
+
+        Why: without an ordered journal the first fsync of a new file also
+        writes its directory entry and the directory inode (ext4's new-entry
+        rule).  A temp file created now has its entry written by this file's
+        directory fsync, so the next file's fdatasync finds the directory clean
+        and writes only data and inode.  Only from the second file on: most
+        associations send one or two objects, and the spare would be wasted.
+        """
+        if self.committed < 1 or self._spare is not None:
+            return
+        try:
+            self._spare = self.store.open(relative)
+            self._spare_dir = relative
+            self.spare_error = ""
+        except OSError as exc:  # the next file meets the problem and reports it
+            self.spare_error = str(exc)
+
+    def close(self) -> None:
+        """Remove the spare; never raises."""
+        if self._spare is not None:
+            self._spare.discard()
+            self._spare = None
 
 
 def _pid_alive(pid: int) -> bool:
