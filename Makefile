@@ -11,7 +11,7 @@ RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev dcmtk
 TEST_PACKAGES := $(RUN_PACKAGES) openssl systemd systemd-container util-linux procps debhelper \
   dh-virtualenv dpkg-dev lintian debootstrap rpm rpmlint cpio man-db haproxy prometheus curl
 
-.PHONY: run test lint typecheck unit bench soak fuzz system-deps test-deps venv clean
+.PHONY: run test check lint typecheck unit bench soak fuzz system-deps test-deps venv clean
 
 define apt_install_missing
 	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -52,6 +52,14 @@ unit: venv test-deps
 
 test: lint typecheck unit
 
+# The developer loop (~30 s): lint, types and the in-process tests; needs only the venv.
+# `make test` runs everything and is what CI runs.
+check: venv
+	$(VENV)/bin/ruff check dcmrecvd tests bench
+	$(VENV)/bin/ruff format --check dcmrecvd
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -m inprocess $(PYTEST_ARGS)
+
 bench: venv
 	$(PY) bench/run.py
 
@@ -62,7 +70,9 @@ soak: venv
 
 # 10,000 seeded mutations of A-ASSOCIATE-RQ and P-DATA streams against a real daemon, with
 # oracles (alive, no slot leaked, nothing malformed stored, RSS bounded); `make test` runs 300.
+# First 20,000 hypothesis examples against the upper-layer core alone (`make test` runs 300).
 fuzz: venv test-deps
+	DCMRECVD_CORE_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/test_upper_layer_fuzz.py
 	$(PY) tests/fuzz.py --cases 10000 --seed 1
 
 clean:

@@ -71,6 +71,59 @@ def send_file(port: int, path: Path, **kwargs: str) -> int:
         assoc.release()
 
 
+def associate_rq(
+    sop_class: str,
+    transfer_syntax: str,
+    called: str = "ANY-SCP",
+    max_pdu: int = 16384,
+    calling: str = "RAW",
+    context_id: int = 1,
+) -> bytes:
+    """An A-ASSOCIATE-RQ PDU proposing one presentation context (encoded by pynetdicom)."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    context = build_context(sop_class, [transfer_syntax])
+    context.context_id = context_id
+    primitive.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    primitive.user_information = [max_length]
+    return bytes(A_ASSOCIATE_RQ(primitive).encode())
+
+
+def store_command(sop_class: str, sop_instance: str, message_id: int = 1, has_dataset: bool = True) -> bytes:
+    """A C-STORE-RQ command set (Implicit VR Little Endian), with its group length."""
+
+    def elem(tag: int, value: bytes) -> bytes:
+        if len(value) % 2:
+            value += b"\x00"
+        return struct.pack("<HHI", 0, tag, len(value)) + value
+
+    body = (
+        elem(0x0002, sop_class.encode())
+        + elem(0x0100, struct.pack("<H", dimse.C_STORE_RQ))
+        + elem(0x0110, struct.pack("<H", message_id))
+        + elem(0x0700, struct.pack("<H", 0))
+        + elem(0x0800, struct.pack("<H", 0x0000 if has_dataset else dimse.NO_DATASET))
+        + elem(0x1000, sop_instance.encode())
+    )
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+def pdv(data: bytes, command: bool, last: bool, context_id: int = 1) -> bytes:
+    """One presentation data value item."""
+    control = (0x01 if command else 0) | (0x02 if last else 0)
+    return struct.pack(">IBB", len(data) + 2, context_id, control) + data
+
+
+def p_data(*pdvs: bytes) -> bytes:
+    """A P-DATA-TF PDU carrying ``pdvs``."""
+    body = b"".join(pdvs)
+    return struct.pack(">BxI", pdu.P_DATA_TF, len(body)) + body
+
+
 class RawClient:
     """Speaks the upper layer by hand, to send what no well-behaved SCU would."""
 
@@ -93,17 +146,7 @@ class RawClient:
         calling: str = "RAW",
     ) -> int:
         """Send an A-ASSOCIATE-RQ; return the PDU type of the answer."""
-        primitive = A_ASSOCIATE()
-        primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-        primitive.calling_ae_title = calling
-        primitive.called_ae_title = called
-        context = build_context(sop_class, [transfer_syntax])
-        context.context_id = 1
-        primitive.presentation_context_definition_list = [context]
-        max_length = MaximumLengthNotification()
-        max_length.maximum_length_received = max_pdu
-        primitive.user_information = [max_length]
-        self.sock.sendall(A_ASSOCIATE_RQ(primitive).encode())
+        self.sock.sendall(associate_rq(sop_class, transfer_syntax, called, max_pdu, calling))
         pdu_type, self.answer = self.read_pdu()
         return pdu_type
 
@@ -123,26 +166,10 @@ class RawClient:
 
     def store_command(self, sop_class: str, sop_instance: str, message_id: int = 1) -> bytes:
         """A C-STORE-RQ command set (Implicit VR Little Endian)."""
-
-        def elem(tag: int, value: bytes) -> bytes:
-            if len(value) % 2:
-                value += b"\x00"
-            return struct.pack("<HHI", 0, tag, len(value)) + value
-
-        body = (
-            elem(0x0002, sop_class.encode())
-            + elem(0x0100, struct.pack("<H", dimse.C_STORE_RQ))
-            + elem(0x0110, struct.pack("<H", message_id))
-            + elem(0x0700, struct.pack("<H", 0))
-            + elem(0x0800, struct.pack("<H", 0x0000))
-            + elem(0x1000, sop_instance.encode())
-        )
-        return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+        return store_command(sop_class, sop_instance, message_id)
 
     def send_pdv(self, data: bytes, command: bool, last: bool, context_id: int = 1) -> None:
-        control = (0x01 if command else 0) | (0x02 if last else 0)
-        pdv = struct.pack(">IBB", len(data) + 2, context_id, control) + data
-        self.sock.sendall(struct.pack(">BxI", 4, len(pdv)) + pdv)
+        self.sock.sendall(p_data(pdv(data, command, last, context_id)))
 
     def response_pdus(self) -> list[bytes]:
         """The P-DATA-TF PDU bodies that carry one response command set."""

@@ -10,6 +10,8 @@ from conftest import dcmrecvd
 from dcmrecvd import config
 from dcmrecvd.errors import ConfigError
 
+pytestmark = pytest.mark.inprocess
+
 
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,8 @@ from dcmrecvd.dataset_walk import (
     text_value,
 )
 
+pytestmark = pytest.mark.inprocess
+
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 CAPTURE = (SOP_CLASS_UID, SOP_INSTANCE_UID, SERIES_DATE)
 

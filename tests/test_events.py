@@ -7,8 +7,12 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 import dcmrecvd
 from dcmrecvd import logs
+
+pytestmark = pytest.mark.inprocess
 
 LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
 EVENT = re.compile(r"^[a-z_]+(\.[a-z_]+)?$")

@@ -11,6 +11,8 @@ from conftest import dcmrecvd
 from dcmrecvd import config, flags
 from dcmrecvd.errors import UsageError
 
+pytestmark = pytest.mark.inprocess
+
 SAMPLE = {
     "-ll": "debug",
     "-ta": "7",

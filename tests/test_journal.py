@@ -13,6 +13,8 @@ from datasets import make_dataset, write
 
 from dcmrecvd.logs import message_id
 
+pytestmark = pytest.mark.systemd
+
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
 

@@ -11,6 +11,8 @@ import pytest
 from dcmrecvd import naming
 from dcmrecvd.naming import NamingScheme
 
+pytestmark = pytest.mark.inprocess
+
 NOW = dt.datetime(2024, 5, 6, 7, 8, 9, 123456)
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

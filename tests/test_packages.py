@@ -20,6 +20,8 @@ import pytest
 from conftest import ROOT, need, port_open, run, wait_for
 from datasets import make_dataset, write
 
+pytestmark = pytest.mark.container
+
 CACHE = Path(os.environ.get("DCMRECVD_CI_CACHE", "/var/tmp/dcmrecvd-ci"))
 ROOTFS = CACHE / "rootfs-bookworm"
 DIST = ROOT / "dist"

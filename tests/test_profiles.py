@@ -11,6 +11,8 @@ from conftest import DCMTK_PROFILES, PROFILES, dcmrecvd
 from dcmrecvd import profiles, uids
 from dcmrecvd.errors import ProfileError
 
+pytestmark = pytest.mark.inprocess
+
 HEAD = """[[TransferSyntaxes]]
 [Uncompressed]
 TransferSyntax1 = LocalEndianExplicit

@@ -11,6 +11,8 @@ import pytest
 from dcmrecvd import direct_io, storage
 from dcmrecvd.storage import FileExists, Store
 
+pytestmark = pytest.mark.inprocess
+
 
 def test_commit_is_atomic_and_hidden_until_then(tmp_path: Path) -> None:
     store = Store(tmp_path)

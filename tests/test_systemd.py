@@ -30,6 +30,8 @@ from test_receive import stored, write_huge
 
 from dcmrecvd.storage import TEMP_PREFIX
 
+pytestmark = pytest.mark.systemd
+
 UNITS = ROOT / "systemd"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
