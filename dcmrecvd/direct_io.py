@@ -18,12 +18,11 @@ then on; nothing is lost, it is only slower.
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
-import os
 from collections.abc import Sequence
 
 from dcmrecvd.buffers import BufferPool
+from dcmrecvd.file_ops import REAL, FileOps
 
 #: Offset, length and memory alignment good for every block size up to a page.
 ALIGN = 4096
@@ -34,15 +33,11 @@ STAGE_SIZE = 1 << 20
 WRITE_AT = 256 * 1024
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def _pwrite_all(ops: FileOps, fd: int, data: memoryview, offset: int) -> None:
     while data:
-        n = os.pwrite(fd, data, offset)
+        n = ops.pwrite(fd, data, offset)
         data = data[n:]
         offset += n
-
-
-def _clear_direct(fd: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
 
 class DirectAppender:
@@ -52,8 +47,9 @@ class DirectAppender:
     buffer's worth of data exists only here.
     """
 
-    def __init__(self, fd: int, pool: BufferPool) -> None:
+    def __init__(self, fd: int, pool: BufferPool, ops: FileOps = REAL) -> None:
         self.fd = fd
+        self.ops = ops
         self.pool = pool
         self.buf: mmap.mmap | None = pool.take()
         self.view = memoryview(self.buf)
@@ -88,14 +84,14 @@ class DirectAppender:
 
     def _pwrite(self, data: memoryview) -> None:
         try:
-            _pwrite_all(self.fd, data, self.offset)
+            _pwrite_all(self.ops, self.fd, data, self.offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL or not self.direct:
                 raise
             # The filesystem will not do direct I/O for this file: go buffered.
             self.direct = False
-            _clear_direct(self.fd)
-            _pwrite_all(self.fd, data, self.offset)
+            self.ops.clear_direct(self.fd)
+            _pwrite_all(self.ops, self.fd, data, self.offset)
         self.offset += len(data)
 
     def finish(self) -> None:
@@ -104,7 +100,7 @@ class DirectAppender:
         if self.fill:
             if self.direct:
                 self.direct = False
-                _clear_direct(self.fd)
+                self.ops.clear_direct(self.fd)
             self._pwrite(self.view[: self.fill])
             self.fill = 0
         self.release()

@@ -10,8 +10,6 @@ and an older file of the same name survives.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import os
 import secrets
@@ -22,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from .buffers import BufferPool
 from .direct_io import STAGE_SIZE, DirectAppender
+from .file_ops import HAS_SYNC_FILE_RANGE, REAL, SYNC_FILE_RANGE_WRITE, WRITE_AND_WAIT, FileOps
 from .fs_probe import journals_in_order
 
 TEMP_PREFIX = ".dcmrecvd-"
@@ -31,24 +30,9 @@ DIR_MODE = 0o750
 #: Start writeback every this many bytes, so the final fsync has little left to do.
 WRITEBACK_CHUNK = 128 * 1024
 
-_SYNC_FILE_RANGE_WAIT_BEFORE = 1
-_SYNC_FILE_RANGE_WRITE = 2
-_SYNC_FILE_RANGE_WAIT_AFTER = 4
-_WRITE_AND_WAIT = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-
 
 class FileExists(Exception):
     """The final name is taken and the scheme forbids replacing it."""
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to begin writing a range now (best effort, Linux only)."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 @dataclass
@@ -74,7 +58,8 @@ class PendingFile:
             self.direct.write(chunks)
             self.size += total
             return
-        written = os.writev(self.fd, chunks)
+        ops = self.store.ops
+        written = ops.writev(self.fd, chunks)
         if written < total:  # rare: a short write; finish the rest piecewise
             skip = written
             for chunk in chunks:
@@ -84,14 +69,17 @@ class PendingFile:
                 view = memoryview(chunk)[skip:]
                 skip = 0
                 while view:
-                    n = os.write(self.fd, view)
+                    n = ops.write(self.fd, view)
                     view = view[n:]
         self.size += total
         self._maybe_writeback()
 
     def _maybe_writeback(self) -> None:
         if self.store.durable and self.size - self._flushed_to >= WRITEBACK_CHUNK:
-            _start_writeback(self.fd, self._flushed_to, self.size - self._flushed_to)
+            # Ask the kernel to begin writing now, so that the final flush has little left.
+            self.store.ops.sync_file_range(
+                self.fd, self._flushed_to, self.size - self._flushed_to, SYNC_FILE_RANGE_WRITE
+            )
             self._flushed_to = self.size
 
     def flush(self) -> None:
@@ -104,10 +92,14 @@ class PendingFile:
             self.direct.finish()
             self.direct = None
         if self.fd >= 0:
-            if self.store.durable:
-                self.store.flush_data(self.fd, self.directory)
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            try:
+                if self.store.durable:
+                    self.store.flush_data(fd, self.directory)
+            finally:
+                # A failed flush is never retried on this descriptor (fsyncgate): the
+                # caller discards the file and the request fails.
+                self.store.ops.close(fd)
 
     def commit(self, name: str, *, replace: bool) -> tuple[Path, bool]:
         """Make the data durable under ``name``; return (path, replaced an older file).
@@ -120,15 +112,16 @@ class PendingFile:
         final = self.directory / name
         self.flush()
         replaced = False
+        ops = self.store.ops
         if replace:
             replaced = os.path.lexists(final)
-            os.replace(self.temp_path, final)
+            ops.replace(self.temp_path, final)
         else:
             try:
-                os.link(self.temp_path, final)
+                ops.link(self.temp_path, final)
             except FileExistsError:
                 raise FileExists(str(final)) from None
-            os.unlink(self.temp_path)
+            ops.unlink(self.temp_path)
         self.store.sync_directory(self.directory)
         return final, replaced
 
@@ -137,14 +130,15 @@ class PendingFile:
         if self.direct is not None:
             self.direct.release()
             self.direct = None
+        ops = self.store.ops
         if self.fd >= 0:
             try:
-                os.close(self.fd)
+                ops.close(self.fd)
             except OSError:
                 pass
             self.fd = -1
         try:
-            os.unlink(self.temp_path)
+            ops.unlink(self.temp_path)
         except OSError:
             pass
 
@@ -173,9 +167,20 @@ class Store:
     the page cache is the faster path and is used.
     """
 
-    def __init__(self, root: Path, *, durable: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        durable: bool = True,
+        ops: FileOps = REAL,
+        ordered_journal: bool | None = None,
+    ) -> None:
         self.root = root
         self.durable = durable
+        #: Every system call that touches the disk goes through here (see ``file_ops``).
+        self.ops = ops
+        #: None: probe each directory's filesystem; True/False: take it as given (tests).
+        self._ordered_journal = ordered_journal
         #: Directories known to exist.  Per directory, because a subdirectory may
         #: be another mount (another filesystem).
         self._known_dirs: dict[Path, _DirectoryTraits] = {}
@@ -185,7 +190,10 @@ class Store:
     def _traits(self, directory: Path) -> _DirectoryTraits:
         traits = self._known_dirs.get(directory)
         if traits is None:
-            traits = _DirectoryTraits(_sync_file_range is not None and journals_in_order(directory))
+            ordered = self._ordered_journal
+            if ordered is None:
+                ordered = HAS_SYNC_FILE_RANGE and journals_in_order(directory)
+            traits = _DirectoryTraits(ordered)
             with self._lock:
                 self._known_dirs[directory] = traits
         return traits
@@ -198,11 +206,9 @@ class Store:
 
     def flush_data(self, fd: int, directory: Path) -> None:
         """Put a file's data on disk, ahead of the directory fsync that publishes it."""
-        if self._traits(directory).ordered_journal:
-            assert _sync_file_range is not None
-            if _sync_file_range(fd, 0, 0, _WRITE_AND_WAIT) == 0:
-                return
-        os.fdatasync(fd)
+        if self._traits(directory).ordered_journal and self.ops.sync_file_range(fd, 0, 0, WRITE_AND_WAIT):
+            return
+        self.ops.fdatasync(fd)
 
     def directory(self, relative: PurePosixPath) -> Path:
         """The absolute target directory, created (durably) if missing."""
@@ -218,7 +224,7 @@ class Store:
             probe = probe.parent
         for path in reversed(missing):
             try:
-                os.mkdir(path, DIR_MODE)
+                self.ops.mkdir(path, DIR_MODE)
             except FileExistsError:
                 pass
             self.sync_directory(path.parent)
@@ -234,7 +240,7 @@ class Store:
             temp = directory / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{TEMP_SUFFIX}"
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
             try:
-                fd = os.open(temp, flags, FILE_MODE)
+                fd = self.ops.open(temp, flags, FILE_MODE)
             except FileExistsError:
                 continue
             except FileNotFoundError:
@@ -249,20 +255,15 @@ class Store:
                 # This filesystem has no O_DIRECT; Linux refuses only after creating the file.
                 traits.direct_io = False
                 with contextlib.suppress(OSError):
-                    os.unlink(temp)
+                    self.ops.unlink(temp)
                 continue
-            appender = DirectAppender(fd, self._buffers) if direct else None
+            appender = DirectAppender(fd, self._buffers, self.ops) if direct else None
             return PendingFile(self, directory, temp, fd, appender)
 
     def sync_directory(self, path: Path) -> None:
         """fsync a directory so that a rename or mkdir in it survives a crash."""
-        if not self.durable:
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.durable:
+            self.ops.fsync_directory(path)
 
 
 @dataclass(frozen=True)

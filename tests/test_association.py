@@ -47,11 +47,11 @@ def make_runtime(output: Path, **output_keys: object) -> runtime.Runtime:
 class Peer:
     """The far end of a socketpair, with an Association serving the near end on a thread."""
 
-    def __init__(self, rt: runtime.Runtime) -> None:
+    def __init__(self, rt: runtime.Runtime, kind: type[Association] = Association) -> None:
         ours, self.sock = socket.socketpair()
         self.sock.settimeout(10)
         self.stats = Stats()
-        self.association = Association(ours, "127.0.0.1:1", rt, self.stats)
+        self.association = kind(ours, "127.0.0.1:1", rt, self.stats)
         self.thread = threading.Thread(target=self.association.run, daemon=True)
         self.thread.start()
 

@@ -1,0 +1,89 @@
+"""The system calls of the write path, behind one small seam.
+
+Everything ``storage`` and ``direct_io`` do to the filesystem goes through a
+``FileOps``: open, write/pwrite, the flushes (fdatasync, fsync,
+sync_file_range), rename, link, unlink, mkdir, close, and the directory
+fsync.  Production uses ``REAL``, a thin pass-through to ``os``.  Tests put a
+recorder or a fault injector in its place, which is how the durability promise
+is checked state by state (``tests/crash_model.py``) and how I/O errors are
+made to happen exactly where a test wants them (``tests/test_io_errors.py``),
+without LD_PRELOAD or a debugger.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+Buffer = bytes | bytearray | memoryview
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+
+SYNC_FILE_RANGE_WAIT_BEFORE = 1
+SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_AFTER = 4
+#: Write the range and wait for it: data on the device (not past its cache).
+WRITE_AND_WAIT = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+HAS_SYNC_FILE_RANGE = _sync_file_range is not None
+
+
+class FileOps:
+    """Pass-through to the kernel; subclass to record or fail single calls."""
+
+    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+        return os.open(path, flags, mode)
+
+    def writev(self, fd: int, chunks: Sequence[Buffer]) -> int:
+        return os.writev(fd, chunks)
+
+    def write(self, fd: int, data: Buffer) -> int:
+        return os.write(fd, data)
+
+    def pwrite(self, fd: int, data: Buffer, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def sync_file_range(self, fd: int, offset: int, length: int, flags: int) -> bool:
+        """True when the kernel did it (False: not available, or it refused)."""
+        if _sync_file_range is None:
+            return False
+        return bool(_sync_file_range(fd, offset, length, flags) == 0)
+
+    def clear_direct(self, fd: int) -> None:
+        """Turn O_DIRECT off for the rest of a file (its unaligned tail)."""
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def replace(self, source: Path, target: Path) -> None:
+        os.replace(source, target)
+
+    def link(self, source: Path, target: Path) -> None:
+        os.link(source, target)
+
+    def unlink(self, path: Path) -> None:
+        os.unlink(path)
+
+    def mkdir(self, path: Path, mode: int) -> None:
+        os.mkdir(path, mode)
+
+    def fsync_directory(self, path: Path) -> None:
+        """Make a directory's entries (renames, links, new files) durable."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+REAL = FileOps()
