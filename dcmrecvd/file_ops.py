@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import os
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ SYNC_FILE_RANGE_WAIT_AFTER = 4
 #: Write the range and wait for it: data on the device (not past its cache).
 WRITE_AND_WAIT = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
 HAS_SYNC_FILE_RANGE = _sync_file_range is not None
+#: sync_file_range failures that mean "not here", not "your data is lost".
+_UNSUPPORTED = frozenset((errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE))
 
 
 class FileOps:
@@ -53,10 +56,17 @@ class FileOps:
         os.fdatasync(fd)
 
     def sync_file_range(self, fd: int, offset: int, length: int, flags: int) -> bool:
-        """True when the kernel did it (False: not available, or it refused)."""
+        """True when done; False when this kernel or filesystem cannot do it (the caller
+        then falls back to fdatasync).  An I/O error raises: it is never papered over by
+        a fallback that might report success for data the kernel has already dropped."""
         if _sync_file_range is None:
             return False
-        return bool(_sync_file_range(fd, offset, length, flags) == 0)
+        if _sync_file_range(fd, offset, length, flags) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in _UNSUPPORTED:
+            return False
+        raise OSError(err, os.strerror(err))
 
     def clear_direct(self, fd: int) -> None:
         """Turn O_DIRECT off for the rest of a file (its unaligned tail)."""

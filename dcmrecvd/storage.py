@@ -3,8 +3,11 @@
 A file under a final name is always complete: data goes to a hidden temp file
 in the target directory, is fsynced, renamed (or hard-linked, when an existing
 file must not be replaced) to its final name, and the directory is fsynced.
-Only then may the caller acknowledge.  On any failure the temp file goes away
-and an older file of the same name survives.
+Only then may the caller acknowledge.  A failure before the rename removes
+the temp file, and an older file of the same name survives; a failure after it
+(the directory fsync) takes the new name back.  A flush that failed is never
+retried (PostgreSQL's fsyncgate: the kernel may have dropped the data and
+report success the second time): the file is discarded and the request fails.
 """
 
 from __future__ import annotations
@@ -121,8 +124,16 @@ class PendingFile:
                 ops.link(self.temp_path, final)
             except FileExistsError:
                 raise FileExists(str(final)) from None
-            ops.unlink(self.temp_path)
-        self.store.sync_directory(self.directory)
+        try:
+            if not replace:
+                ops.unlink(self.temp_path)
+            self.store.sync_directory(self.directory)
+        except OSError:
+            # Not known to be durable, so not acknowledged: take the name back (best
+            # effort; never retry the fsync as if a second one could succeed).
+            with contextlib.suppress(OSError):
+                ops.unlink(final)
+            raise
         return final, replaced
 
     def discard(self) -> None:
