@@ -3,7 +3,8 @@
 Everything ``storage`` and ``direct_io`` do to the filesystem goes through a
 ``FileOps``: open, write/pwrite, the flushes (fdatasync, fsync,
 sync_file_range), rename, link, unlink, mkdir, close, and the directory
-fsync.  Production uses ``REAL``, a thin pass-through to ``os``.  Tests put a
+fsync.  Production uses ``REAL``, a thin pass-through to ``os`` (or, in the tests that
+kill -9 the daemon in a chosen phase, ``StopAfter``).  Tests put a
 recorder or a fault injector in its place, which is how the durability promise
 is checked state by state (``tests/crash_model.py``) and how I/O errors are
 made to happen exactly where a test wants them (``tests/test_io_errors.py``),
@@ -17,7 +18,8 @@ import ctypes.util
 import errno
 import fcntl
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 Buffer = bytes | bytearray | memoryview
@@ -96,4 +98,73 @@ class FileOps:
             os.close(fd)
 
 
-REAL = FileOps()
+class StopAfter(FileOps):
+    """A test hook: the process stops itself (SIGSTOP) right after the ``count``-th call
+    of ``op``, so that a test can kill -9 it in exactly that phase of the write path.
+
+    ``op`` is one of: open, write (write, writev, pwrite), flush (fdatasync, or the
+    waiting sync_file_range), rename (replace or link), unlink, dirsync.  Set from
+    ``DCMRECVD_TEST_STOP_AFTER=op:count``; never set in production.
+    """
+
+    def __init__(self, op: str, count: int) -> None:
+        self.op, self.left = op, count
+
+    def _after(self, op: str) -> None:
+        if op == self.op:
+            self.left -= 1
+            if self.left == 0:
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+    def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
+        fd = super().open(path, flags, mode)
+        self._after("open")
+        return fd
+
+    def writev(self, fd: int, chunks: Sequence[Buffer]) -> int:
+        n = super().writev(fd, chunks)
+        self._after("write")
+        return n
+
+    def pwrite(self, fd: int, data: Buffer, offset: int) -> int:
+        n = super().pwrite(fd, data, offset)
+        self._after("write")
+        return n
+
+    def fdatasync(self, fd: int) -> None:
+        super().fdatasync(fd)
+        self._after("flush")
+
+    def sync_file_range(self, fd: int, offset: int, length: int, flags: int) -> bool:
+        done = super().sync_file_range(fd, offset, length, flags)
+        if done and flags & SYNC_FILE_RANGE_WAIT_AFTER:
+            self._after("flush")
+        return done
+
+    def replace(self, source: Path, target: Path) -> None:
+        super().replace(source, target)
+        self._after("rename")
+
+    def link(self, source: Path, target: Path) -> None:
+        super().link(source, target)
+        self._after("rename")
+
+    def unlink(self, path: Path) -> None:
+        super().unlink(path)
+        self._after("unlink")
+
+    def fsync_directory(self, path: Path) -> None:
+        super().fsync_directory(path)
+        self._after("dirsync")
+
+
+def from_environment(environ: Mapping[str, str]) -> FileOps:
+    """The process's FileOps: the real calls, or the test hook ``StopAfter``."""
+    spec = environ.get("DCMRECVD_TEST_STOP_AFTER", "")
+    op, _, count = spec.partition(":")
+    if op and count.isdigit() and int(count) > 0:
+        return StopAfter(op, int(count))
+    return FileOps()
+
+
+REAL = from_environment(os.environ)
