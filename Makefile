@@ -43,6 +43,7 @@ run: venv
 lint: venv test-deps
 	$(VENV)/bin/ruff check dcmrecvd tests bench
 	$(VENV)/bin/ruff format --check dcmrecvd
+	$(VENV)/bin/vulture dcmrecvd .ci/vulture_allow.py --min-confidence 60
 
 typecheck: venv
 	$(VENV)/bin/mypy
@@ -57,6 +58,7 @@ test: lint typecheck unit
 check: venv
 	$(VENV)/bin/ruff check dcmrecvd tests bench
 	$(VENV)/bin/ruff format --check dcmrecvd
+	$(VENV)/bin/vulture dcmrecvd .ci/vulture_allow.py --min-confidence 60
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -m inprocess $(PYTEST_ARGS)
 

@@ -385,12 +385,12 @@ class Association:
         if not decision.allowed:
             why = "access denied"
             decided = {"rule": decision.rule or "default", "rule_file": rx.access.source or None}
-            outcome = negotiation.reject(request, (0x01, 0x01, decision.reason))
+            outcome = negotiation.reject((0x01, 0x01, decision.reason))
         elif not self._take_slot():
-            outcome = negotiation.reject(request, negotiation.REJECT_LOCAL_LIMIT)
+            outcome = negotiation.reject(negotiation.REJECT_LOCAL_LIMIT)
         elif not rx.disk.has_room():
             why = DISK_LOW
-            outcome = negotiation.reject(request, negotiation.REJECT_LOCAL_LIMIT)
+            outcome = negotiation.reject(negotiation.REJECT_LOCAL_LIMIT)
         else:
             try:
                 outcome = negotiation.negotiate(

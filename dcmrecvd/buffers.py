@@ -40,9 +40,3 @@ class BufferPool:
             buf.close()
         except BufferError:  # a view is still alive somewhere: unmapped when it goes
             pass
-
-    @property
-    def idle(self) -> int:
-        """Buffers held for reuse right now."""
-        with self._lock:
-            return len(self._free)

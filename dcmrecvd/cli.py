@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dcmrecvd import __version__, ciphers, daemon, flags, logs
+from dcmrecvd import __version__, ciphers, flags, lifecycle, logs, server
 from dcmrecvd import config as config_mod
 from dcmrecvd.errors import DcmrecvdError, ExitCode
 from dcmrecvd.runtime import Runtime, prepare
@@ -77,7 +77,7 @@ def _main(args: list[str], env: dict[str, str]) -> int:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     config_dir = Path(cmd.cli["config_dir"]) if "config_dir" in cmd.cli else None
     extra = Path(cmd.cli["config"]) if "config" in cmd.cli else None
-    loader = daemon.Loader(config_dir, extra, cmd.overrides, env)
+    loader = config_mod.Loader(config_dir, extra, cmd.overrides, env)
     config = loader()
     if cmd.action == "print-config":
         sys.stdout.write(config_mod.to_toml(config))
@@ -102,9 +102,9 @@ def _has_config(env: Mapping[str, str]) -> bool:
     return (config_mod.default_config_dir(env) / config_mod.MAIN_FILE_NAME).is_file()
 
 
-def _run(cmd: flags.CommandLine, runtime: Runtime, loader: daemon.Loader, env: dict[str, str]) -> int:
+def _run(cmd: flags.CommandLine, runtime: Runtime, loader: config_mod.Loader, env: dict[str, str]) -> int:
     config = runtime.config
-    listeners, owned = daemon.open_listeners(config, env)
+    listeners, owned = server.open_listeners(config, env)
     clear_listen_env(env)
     fmt = config.logging.format
     if cmd.cli.get("daemon"):
@@ -115,5 +115,5 @@ def _run(cmd: flags.CommandLine, runtime: Runtime, loader: daemon.Loader, env: d
             fmt = "journal"
     chosen = logs.configure(config.logging.level, fmt, environ=env, logger_config=config.logging.config_file)
     notifier = Notifier(env)
-    app = daemon.Daemon(runtime, loader, listeners, owned, notifier, environ=env, log_format=chosen)
+    app = lifecycle.Daemon(runtime, loader, listeners, owned, notifier, environ=env, log_format=chosen)
     return app.serve()

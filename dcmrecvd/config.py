@@ -408,6 +408,24 @@ def load(
     return build(layers)
 
 
+@dataclass
+class Loader:
+    """Re-reads every config layer the same way the first start did."""
+
+    config_dir: Path | None
+    extra_file: Path | None
+    overrides: Mapping[str, object]
+    environ: Mapping[str, str]
+
+    def __call__(self) -> Config:
+        return load(
+            config_dir=self.config_dir,
+            extra_file=self.extra_file,
+            overrides=dict(self.overrides),
+            environ=self.environ,
+        )
+
+
 def build(layers: Iterable[Layer]) -> Config:
     """Validate each layer against the schema, merge in order, freeze."""
     merged: dict[str, dict[str, Any]] = {}

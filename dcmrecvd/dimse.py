@@ -34,9 +34,6 @@ class Command:
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
     has_dataset: bool
-    priority: int = 0
-    move_originator_aet: str = ""
-    move_originator_id: int | None = None
 
 
 def _text(value: bytes) -> str:
@@ -73,16 +70,12 @@ def decode(data: bytes | bytearray | memoryview) -> Command:
 
     command_field = us(0x0100)
     message_id = us(0x0110, 0) if command_field & 0x8000 else us(0x0110)
-    move_id = values.get(0x1031)
     return Command(
         command_field=command_field,
         message_id=message_id,
         affected_sop_class_uid=_text(values.get(0x0002, b"")),
         affected_sop_instance_uid=_text(values.get(0x1000, b"")),
         has_dataset=us(0x0800, NO_DATASET) != NO_DATASET,
-        priority=us(0x0700, 0),
-        move_originator_aet=_text(values.get(0x1030, b"")),
-        move_originator_id=int(_US.unpack(move_id)[0]) if move_id and len(move_id) == 2 else None,
     )
 
 

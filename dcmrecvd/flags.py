@@ -52,7 +52,7 @@ def choice(*allowed: str) -> Converter:
     return convert
 
 
-def text(option: str, value: str) -> str:
+def text(_option: str, value: str) -> str:
     """Strings are taken as they are."""
     return value
 

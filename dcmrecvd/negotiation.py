@@ -107,7 +107,7 @@ def acceptor_contexts(profile: Profile) -> list[PresentationContext]:
     return contexts
 
 
-def reject(request: Request | None, reason: tuple[int, int, int]) -> Outcome:
+def reject(reason: tuple[int, int, int]) -> Outcome:
     """An A-ASSOCIATE-RJ."""
     primitive = A_ASSOCIATE()
     primitive.result, primitive.result_source, primitive.diagnostic = reason
@@ -125,11 +125,11 @@ def negotiate(
     """Accept or reject the request under ``profile``."""
     prim = request.primitive
     if not request.protocol_version & 0x01:
-        return reject(request, REJECT_PROTOCOL_VERSION)
+        return reject(REJECT_PROTOCOL_VERSION)
     if str(prim.application_context_name) != APPLICATION_CONTEXT:
-        return reject(request, REJECT_APP_CONTEXT)
+        return reject(REJECT_APP_CONTEXT)
     if ae_title and request.called_ae_title != ae_title:
-        return reject(request, REJECT_CALLED_AET)
+        return reject(REJECT_CALLED_AET)
     roles: dict[UID, tuple[bool | None, bool | None]] = {}
     extended_rq: list[SOPClassExtendedNegotiation] = []
     for item in prim.user_information:
@@ -148,7 +148,7 @@ def negotiate(
         if cx.result == 0x00 and cx.context_id is not None
     }
     if not accepted:
-        return reject(request, REJECT_NO_REASON)
+        return reject(REJECT_NO_REASON)
     accepted_sops = {c.abstract_syntax for c in accepted.values()}
     user_info: list[object] = []
     max_length = MaximumLengthNotification()

@@ -8,18 +8,21 @@ accept loop does nothing slow: no DNS, no TLS, no disk.
 
 from __future__ import annotations
 
+import os
 import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import structlog
 
 from dcmrecvd.association import Association
-from dcmrecvd.errors import ListenError
+from dcmrecvd.config import Config
+from dcmrecvd.errors import ListenError, UsageError
 from dcmrecvd.metrics import METRICS
 from dcmrecvd.runtime import Runtime, Stats
+from dcmrecvd.systemd import listen_fds
 
 log = structlog.get_logger("dcmrecvd")
 
@@ -156,8 +159,9 @@ class Server:
         return self.thread is not None and self.thread.is_alive() and not self._stopping.is_set()
 
     @property
-    def active(self) -> int:
-        """Connections being served (negotiating or associated)."""
+    def connections(self) -> int:
+        """Connections being served, negotiating or associated (the associations among
+        them are counted in ``Stats.active``, their one owner)."""
         with self._lock:
             return len(self._live)
 
@@ -273,3 +277,20 @@ class Server:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
+
+
+def open_listeners(
+    config: Config, environ: Mapping[str, str], pid: int | None = None
+) -> tuple[list[socket.socket], bool]:
+    """Adopt systemd's ``dicom`` sockets, or bind the configured port.
+
+    Returns the listeners and whether we own them (closing them is ours).
+    """
+    passed = listen_fds(environ, os.getpid() if pid is None else pid)
+    adopted = passed.get("dicom") or passed.get("unknown") or []
+    if adopted:
+        return adopted, False
+    port = config.network.port
+    if not port:
+        raise UsageError("Missing parameter port")
+    return [bind_listener(config.network.address, port)], True

@@ -58,11 +58,6 @@ class Notifier:
             except ValueError:
                 self.watchdog_usec = 0
 
-    @property
-    def enabled(self) -> bool:
-        """True when running under a service manager that listens."""
-        return self._sock is not None
-
     def notify(self, *states: str) -> None:
         """Send ``KEY=value`` lines in one datagram; never raises."""
         if self._sock is None or self._address is None:

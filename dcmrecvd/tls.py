@@ -73,9 +73,7 @@ PROFILES: dict[str, TLSProfile] = {
 PasswordPrompt = Callable[[str], str]
 
 
-def read_password(
-    cfg: TLSConfig, environ: Mapping[str, str], prompt: PasswordPrompt | None = None
-) -> str | None:
+def read_password(cfg: TLSConfig, environ: Mapping[str, str]) -> str | None:
     """The key password from the configured source (None: ask only if the key needs one)."""
     source = cfg.password_source
     if source == "value":
@@ -202,7 +200,7 @@ def build_context(
         ) from None
     if profile.maximum == _V12 and not _has_tls12_cipher(context):
         raise TransportError(f"TLS profile {cfg.profile} has no usable cipher suite here")
-    password = read_password(cfg, env, prompt)
+    password = read_password(cfg, env)
     _load_chain(context, cfg, password if password is not None else _prompt_callback(prompt))
     _load_trust(context, cfg, warn)
     if cfg.dh_params:

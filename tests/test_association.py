@@ -210,7 +210,7 @@ def test_a_failing_disk_fails_that_store_and_the_association_goes_on(tmp_path: P
     assert peer.read_pdu()[0] == pdu.A_ASSOCIATE_AC
     real_open = rt.store.open
 
-    def refuse(relative: object) -> object:
+    def refuse(_relative: object) -> object:
         raise OSError(5, "Input/output error")
 
     rt.store.open = refuse  # type: ignore[method-assign]

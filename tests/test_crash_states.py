@@ -122,7 +122,7 @@ def mutate(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
             real_commit = storage.PendingFile.commit
             real_flush = storage.PendingFile.flush
 
-            def commit(self: storage.PendingFile, name: str, *, replace: bool) -> tuple[Path, bool]:
+            def commit(self: storage.PendingFile, name: str, *, replace: bool) -> tuple[Path, bool]:  # noqa: ARG001
                 final = self.directory / name
                 if self.direct is not None:
                     self.direct.finish()

@@ -45,9 +45,7 @@ def answer_to(port: int, request: bytes) -> bytes:
         return got
 
 
-def test_unsupported_application_context_is_rejected_transient_like_dcmrecv(
-    daemons: DaemonFactory, tmp_path: Path
-) -> None:
+def test_unsupported_application_context_is_rejected_transient_like_dcmrecv(daemons: DaemonFactory) -> None:
     """#11.7: A-ASSOCIATE-RJ rejected-transient (2), service-user (1), reason 2, byte for byte."""
     request = with_application_context(associate_rq(["1.2.840.10008.1.2"]), "1.2.3.4")
     ours = answer_to(daemons.start().port, request)

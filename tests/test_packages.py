@@ -211,7 +211,8 @@ def test_storescu_from_the_host_lands_in_var_lib(container: Container, sample: l
     assert all(line.startswith("dcmrecvd CT.") for line in files)
 
 
-def test_journal_has_dicom_fields(container: Container, sample: list[Path]) -> None:
+@pytest.mark.usefixtures("sample")
+def test_journal_has_dicom_fields(container: Container) -> None:
     entries = [e for e in container.journal() if e.get("DCMRECVD_EVENT") == "store.completed"]
     assert len(entries) == 3
     entry = entries[0]

@@ -167,7 +167,7 @@ def test_series_date_in_each_syntax_and_after_a_sequence(
 # --------------------------------------------------------------------------- transfer syntaxes, modes
 
 
-def _big_endian(tmp_path: Path) -> Path:
+def _big_endian(_tmp_path: Path) -> Path:
     return Path(get_testdata_file("ExplVR_BigEnd.dcm"))
 
 

@@ -178,7 +178,7 @@ def test_encrypted_key_password_sources(daemons: DaemonFactory, pki: PKI, tmp_pa
     assert "s3cret" not in "".join(x.log() for x in daemons.started)
 
 
-def test_password_never_printed(config_dir: Path, pki: PKI, tmp_path: Path) -> None:
+def test_password_never_printed(config_dir: Path, pki: PKI) -> None:
     result = dcmrecvd(
         "--print-config", *tls_args(pki, pki.encrypted), "+pw", "s3cret", "104", config_dir=config_dir
     )

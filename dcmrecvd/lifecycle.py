@@ -16,19 +16,17 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import structlog
 
-from dcmrecvd import config as config_mod
 from dcmrecvd import logs, storage
 from dcmrecvd.config import Config
-from dcmrecvd.errors import DcmrecvdError, UsageError
+from dcmrecvd.errors import DcmrecvdError
 from dcmrecvd.health import Health, OpsListeners
 from dcmrecvd.metrics import METRICS, LiveFigures
 from dcmrecvd.runtime import Runtime, Stats, prepare
-from dcmrecvd.server import Server, bind_listener
-from dcmrecvd.systemd import Notifier, listen_fds
+from dcmrecvd.server import Server
+from dcmrecvd.systemd import Notifier
 
 log = structlog.get_logger("dcmrecvd")
 
@@ -39,24 +37,6 @@ RESTART_KEYS = (
     ("metrics", "listen"),
     ("metrics", "agent_listen"),
 )
-
-
-@dataclass
-class Loader:
-    """Re-reads every config layer the same way the first start did."""
-
-    config_dir: Path | None
-    extra_file: Path | None
-    overrides: Mapping[str, object]
-    environ: Mapping[str, str]
-
-    def __call__(self) -> Config:
-        return config_mod.load(
-            config_dir=self.config_dir,
-            extra_file=self.extra_file,
-            overrides=dict(self.overrides),
-            environ=self.environ,
-        )
 
 
 @dataclass
@@ -245,7 +225,11 @@ class Daemon:
         """Stop accepting, drain, abort stragglers, exit 0."""
         self.draining = True  # the agent says drain, /readyz says 503, from now on
         self.notifier.stopping("draining associations")
-        log.info("daemon.stopping", active=self.server.active if self.server else 0)
+        log.info(
+            "daemon.stopping",
+            active=self.stats.active,
+            connections=self.server.connections if self.server else 0,
+        )
         assert self.server is not None
         metrics = self.runtime.config.metrics
         if self.ops is not None and metrics.agent_listen and metrics.drain_notice:
@@ -286,20 +270,3 @@ def _describe(sock: socket.socket) -> str:
     except OSError:
         return "?"
     return f"{host}:{port}"
-
-
-def open_listeners(
-    config: Config, environ: Mapping[str, str], pid: int | None = None
-) -> tuple[list[socket.socket], bool]:
-    """Adopt systemd's ``dicom`` sockets, or bind the configured port.
-
-    Returns the listeners and whether we own them (closing them is ours).
-    """
-    passed = listen_fds(environ, os.getpid() if pid is None else pid)
-    adopted = passed.get("dicom") or passed.get("unknown") or []
-    if adopted:
-        return adopted, False
-    port = config.network.port
-    if not port:
-        raise UsageError("Missing parameter port")
-    return [bind_listener(config.network.address, port)], True

@@ -1,0 +1,154 @@
+"""A real power cut, as far as this machine allows: snapshots of a live filesystem's disk.
+
+The output directory is a real filesystem (ext4 with a journal, ext4 without one, XFS) on a
+loop device whose backing file lives on btrfs.  While a sender streams objects, the backing
+file is copied with ``cp --reflink`` (FICLONE: the clone is taken under the file's lock after
+its dirty pages are written, so it is one point-in-time image of every write the loop device
+has completed, and perhaps some in flight) at random moments.  Each image is what the disk
+would hold if the power went then on a disk without a volatile cache: it is fsck'ed and
+mounted (which replays its journal), and every object the sender saw acknowledged *before*
+the clone began must be there, complete; every final name must hold a whole object sent.
+
+This is sound (each image is a state a real disk may be left in) but not adversarial (it
+never drops a completed write that was not yet flushed): the adversarial half is the
+enumerator of ``test_crash_states``.  Bounded here; ``make crash-test`` sets
+``DCMRECVD_POWER_CUTS`` and ``DCMRECVD_POWER_CUT_OBJECTS`` for a longer run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DaemonFactory, wait_for
+from peers import RawClient, dataset_bytes
+from test_association import store
+from test_kill_phases import CT, EXPLICIT, objects
+
+from dcmrecvd import storage
+from dcmrecvd.storage import TEMP_PREFIX
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not all(shutil.which(t) for t in ("mkfs.btrfs", "mkfs.xfs", "mkfs.ext4", "losetup")),
+    reason="needs root, loop devices, btrfs-progs, xfsprogs and e2fsprogs",
+)
+CUTS = int(os.environ.get("DCMRECVD_POWER_CUTS", "4"))
+OBJECTS = int(os.environ.get("DCMRECVD_POWER_CUT_OBJECTS", "150"))
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=False)
+
+
+@contextlib.contextmanager
+def mounted(image: Path, point: Path, *options: str) -> Iterator[Path]:
+    point.mkdir(exist_ok=True)
+    result = run("mount", "-o", ",".join(("loop", *options)), str(image), str(point))
+    assert result.returncode == 0, result.stderr
+    try:
+        yield point
+    finally:
+        run("umount", str(point))
+
+
+def make_filesystem(kind: str, image: Path) -> None:
+    with image.open("wb") as f:
+        f.truncate(320 << 20)
+    argv = {
+        "ext4": ["mkfs.ext4", "-q", "-F"],
+        "ext4-nojournal": ["mkfs.ext4", "-q", "-F", "-O", "^has_journal"],
+        "xfs": ["mkfs.xfs", "-q", "-f"],
+    }[kind]
+    result = run(*argv, str(image))
+    assert result.returncode == 0, result.stderr
+
+
+def repair(kind: str, image: Path) -> None:
+    """What an admin does after the power returns (ext4: e2fsck; XFS: the mount replays its log)."""
+    if kind.startswith("ext4"):
+        result = run("e2fsck", "-fy", str(image))
+        assert result.returncode in (0, 1), f"e2fsck: {result.returncode}\n{result.stdout}"
+
+
+class Sender(threading.Thread):
+    """Streams objects; every acknowledgement is appended (with its time) as it arrives."""
+
+    def __init__(self, port: int, sent: dict[str, bytes]) -> None:
+        super().__init__(daemon=True)
+        self.port, self.sent = port, sent
+        self.acked: list[str] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            client = RawClient(self.port, timeout=60)
+            assert client.associate(CT, EXPLICIT) == 0x02
+            for i, (uid, data) in enumerate(self.sent.items()):
+                client.sock.sendall(store(data, uid, fragment=16000, message_id=i % 60000 + 1))
+                assert client.response_status() == 0x0000
+                self.acked.append(uid)
+            client.close()
+        except BaseException as exc:
+            self.error = exc
+
+
+@pytest.fixture
+def outer(tmp_path: Path) -> Iterator[Path]:
+    """A btrfs filesystem to hold the disk images, so that a clone of one is instant and atomic."""
+    image = tmp_path / "outer.img"
+    with image.open("wb") as f:
+        f.truncate(4 << 30)
+    assert run("mkfs.btrfs", "-q", "-f", str(image)).returncode == 0
+    with mounted(image, tmp_path / "outer") as point:
+        yield point
+
+
+@pytest.mark.parametrize("kind", ["ext4", "ext4-nojournal", "xfs"])
+def test_acknowledged_objects_survive_snapshots_of_a_live_disk(
+    daemons: DaemonFactory, outer: Path, tmp_path: Path, kind: str
+) -> None:
+    disk = outer / "disk.img"
+    make_filesystem(kind, disk)
+    sent = objects(OBJECTS, 60_000)
+    cuts: list[tuple[Path, list[str]]] = []
+    with mounted(disk, tmp_path / "live") as live:
+        d = daemons.start(output=live)
+        expected = "journal-ordered" if kind != "ext4-nojournal" else "fdatasync"
+        wait_for(lambda: f"durability={expected}" in d.log(), timeout=20)
+        sender = Sender(d.port, sent)
+        sender.start()
+        rng = random.Random(kind)
+        wait_for(lambda: len(sender.acked) >= 1 or not sender.is_alive(), timeout=30)
+        for n in range(CUTS):
+            # Spread the cuts over the stream, at moments not aligned with anything.
+            target = (n + 1) * len(sent) // (CUTS + 1) + rng.randint(-3, 3)
+            wait_for(lambda t=target: len(sender.acked) >= t or not sender.is_alive(), timeout=60)
+            before = list(sender.acked)  # read before the clone starts: all of these must be in it
+            image = outer / f"cut{n}.img"
+            clone = run("cp", "--reflink=always", str(disk), str(image))
+            assert clone.returncode == 0, clone.stderr
+            cuts.append((image, before))
+        sender.join(120)
+        assert sender.error is None, repr(sender.error)
+        d.proc.terminate()
+        d.proc.wait(20)
+    assert len(cuts) == CUTS
+    for n, (image, before) in enumerate(cuts):
+        repair(kind, image)
+        with mounted(image, tmp_path / f"cut{n}") as point:
+            files = [p for p in point.rglob("*") if p.is_file() and p.name != "lost+found"]
+            held = {p.name[3:]: p for p in files if not p.name.startswith(TEMP_PREFIX)}
+            for uid in before:
+                assert uid in held, f"{kind}, cut {n}: acknowledged {uid} is missing"
+            for uid, path in held.items():
+                assert dataset_bytes(path) == sent[uid], f"{kind}, cut {n}: {path.name} is not whole"
+            storage.remove_stale_temp_files(point)  # start-up's cleanup leaves only final names
+            assert not [p for p in point.rglob(f"{TEMP_PREFIX}*")]
+        assert len(before) >= 1
