@@ -28,7 +28,7 @@ from dcmrecvd.buffers import BufferPool
 from dcmrecvd.metrics import METRICS
 from dcmrecvd.receiving import DISK_LOW, Destination, Drained, Outcome, Sink, sink_for
 from dcmrecvd.runtime import Runtime, Stats
-from dcmrecvd.status import Status
+from dcmrecvd.status import Status, status_for_error
 from dcmrecvd.storage import Writer
 from dcmrecvd.upper_layer import (
     Abort,
@@ -141,6 +141,12 @@ class Association:
         self.called = ""
         self.request: Request | None = None
         self.writer: Writer | None = None
+        #: Requests complete and not yet answered, in order; answered together once their
+        #: objects are durable (see ``_answer_all``).  At most ``window`` of them.
+        self.answers: list[tuple[Request, Outcome]] = []
+        #: Requests the peer may have outstanding: the negotiated asynchronous operations
+        #: window, 1 without one.
+        self.window = 1
         self.log = log.bind(assoc_id=self.id, peer=peer)
         #: True while this connection holds one of the server's association slots;
         #: released exactly once, in ``run``'s finally, whatever path ends it.
@@ -211,6 +217,8 @@ class Association:
             outcome = self._dispatch(self._feed(self._receive()))
             if outcome:
                 return outcome
+            if self.answers and not self._more_to_read():
+                self._answer_all()
 
     def _feed(self, data: memoryview | bytes) -> list[Event]:
         """The core's events for ``data``; on a violation, first act on those before it."""
@@ -218,7 +226,17 @@ class Association:
             return self.core.feed(data)
         except ProtocolError as exc:
             self._dispatch(exc.events)
+            self._answer_all()  # what was complete before the violation is still answered
             raise
+
+    def _more_to_read(self) -> bool:
+        """Has the peer already sent more (a pipelining sender)?  Then its requests are
+        made durable and answered together; a sender that waits is answered at once."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     def _receive(self) -> memoryview:
         """One read into the receive buffer, under ARTIM before the association exists."""
@@ -261,7 +279,7 @@ class Association:
                 request.sink.write(event.data)
                 if event.is_last:
                     self.request = None
-                    self._answer(request, request.sink.finish())
+                    self._queue_answer(request, request.sink.finish())
             elif type(event) is Command:
                 self._command(event.context_id, event.command)
             elif type(event) is AssociateRequest:
@@ -275,6 +293,7 @@ class Association:
                 if self.request is not None:
                     self.log.warning("assoc.release_mid_message")
                     self._drop_request()
+                self._answer_all()
                 if self.writer is not None:
                     self.writer.close()  # before the peer hears we are done
                 self.sock.sendall(self.core.release())
@@ -399,6 +418,7 @@ class Association:
                     rx.contexts,
                     ae_title=rx.title or config.ae_title,
                     max_pdu=config.max_pdu,
+                    window=config.async_window,
                 )
             except Exception as exc:  # pynetdicom's codec on a request it cannot handle
                 raise ProtocolError(
@@ -430,6 +450,7 @@ class Association:
         self.log.info("assoc.accepted", **fields)
         self.sock.sendall(self.core.accept(outcome.pdu, outcome.contexts.keys(), request.peer_max_pdu))
         self.contexts = outcome.contexts
+        self.window = outcome.window
         self._grow_buffer()
         self.writer = Writer(rx.store)
         self.admitted = True
@@ -453,6 +474,7 @@ class Association:
         started = time.monotonic()
         field = command.command_field
         if field == dimse.C_ECHO_RQ:
+            self._answer_all()  # responses keep request order
             self._respond(context, dimse.C_ECHO_RSP, command, Status.SUCCESS)
             self.log.info("echo", msg_id=command.message_id)
             if command.has_dataset:  # not ours to read: drained, not answered again
@@ -475,7 +497,32 @@ class Association:
         if command.has_dataset:
             self.request = request
         else:
-            self._answer(request, sink.finish())
+            self._queue_answer(request, sink.finish())
+
+    def _queue_answer(self, request: Request, outcome: Outcome) -> None:
+        self.answers.append((request, outcome))
+        if len(self.answers) >= self.window:
+            self._answer_all()
+
+    def _answer_all(self) -> None:
+        """Make every staged object durable (one directory fsync for all of them), then
+        answer the requests in order.  A failed sync fails each object it covered."""
+        answers, self.answers = self.answers, []
+        if not answers:
+            return
+        if self.writer is not None and self.writer.unsynced:
+            try:
+                self.writer.sync()
+            except OSError as exc:
+                answers = [
+                    (request, Outcome(status_for_error(exc), str(exc)) if outcome.path else outcome)
+                    for request, outcome in answers
+                ]
+        now = time.monotonic()
+        for request, outcome in answers:
+            if outcome.commit_started:
+                METRICS.commit_seconds.observe(now - outcome.commit_started)
+            self._answer(request, outcome)
 
     def _answer(self, request: Request, outcome: Outcome) -> None:
         """Send the response of a request whose dataset is complete (and durable, if stored)."""

@@ -134,6 +134,15 @@ class NetworkConfig:
         "Networks a PROXY header is accepted from; a connection from elsewhere is closed.",
         parse=check_network,
     )
+    async_window: int = _opt(
+        8,
+        "Asynchronous operations window (PS3.7 D.3.3.3): how many C-STOREs a sender that "
+        "proposes a window may have outstanding. Objects that arrive together are made "
+        "durable together (one directory fsync for several), and each response still waits "
+        "for its own object, in request order. 1: no asynchronous operations (answered (1,1)).",
+        minimum=1,
+        maximum=64,
+    )
     max_pending_connections: int = _opt(
         256,
         "Connections accepted but not yet negotiated (no A-ASSOCIATE-RQ answered yet); "

@@ -13,6 +13,7 @@ from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
@@ -74,6 +75,8 @@ class Outcome:
     accepted: bool
     reject: tuple[int, int, int] | None = None
     contexts: dict[int, AcceptedContext] = field(default_factory=dict)
+    #: Requests the peer may have outstanding (the window we answered; 1 without one).
+    window: int = 1
 
 
 def decode_request(raw: bytes) -> Request:
@@ -121,6 +124,7 @@ def negotiate(
     *,
     ae_title: str,
     max_pdu: int,
+    window: int = 1,
 ) -> Outcome:
     """Accept or reject the request under ``profile``."""
     prim = request.primitive
@@ -132,7 +136,10 @@ def negotiate(
         return reject(REJECT_CALLED_AET)
     roles: dict[UID, tuple[bool | None, bool | None]] = {}
     extended_rq: list[SOPClassExtendedNegotiation] = []
+    proposed_window: AsynchronousOperationsWindowNegotiation | None = None
     for item in prim.user_information:
+        if isinstance(item, AsynchronousOperationsWindowNegotiation):
+            proposed_window = item
         if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid:
             roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
         elif isinstance(item, SOPClassExtendedNegotiation):
@@ -161,6 +168,15 @@ def negotiate(
     impl_name.implementation_version_name = part10.IMPLEMENTATION_VERSION_NAME
     user_info.append(impl_name)
     user_info.extend(role_replies)
+    performed = 1
+    if proposed_window is not None:
+        # The sender's invoked operations are the ones we perform; 0 means "no limit".
+        invoked = int(proposed_window.maximum_number_operations_invoked or 0)
+        performed = min(invoked, window) if invoked else window
+        reply_window = AsynchronousOperationsWindowNegotiation()
+        reply_window.maximum_number_operations_invoked = 1  # we invoke nothing on the sender
+        reply_window.maximum_number_operations_performed = performed
+        user_info.append(reply_window)
     for item in extended_rq:
         uid = str(item.sop_class_uid)
         if uid in profile.extended and uid in accepted_sops:
@@ -180,4 +196,5 @@ def negotiate(
         pdu=A_ASSOCIATE_AC(response).encode(),
         accepted=True,
         contexts=accepted,
+        window=performed,
     )

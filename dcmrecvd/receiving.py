@@ -5,7 +5,8 @@ The association (``association``) knows the protocol and nothing about files;
 part in between: which requests may store at all (``sink_for``), walking each
 dataset to refuse a malformed one, reading the few tags a file needs (SOP
 UIDs for the Part 10 meta, Series Date for ``+ssd``) from its first bytes, and
-committing it through ``storage.Writer``.  Every outcome is an ``Outcome``
+staging it through ``storage.Writer`` (the driver's ``Writer.sync`` makes it durable,
+for several objects at once when a sender pipelines).  Every outcome is an ``Outcome``
 whose status comes from ``status.status_for_error``, the one map.
 
 A sink is fed views of the receive buffer (``upper_layer``'s contract): it may
@@ -35,7 +36,6 @@ from dcmrecvd.dataset_walk import (
     text_value,
 )
 from dcmrecvd.disk_space import DiskWatch
-from dcmrecvd.metrics import METRICS
 from dcmrecvd.status import Failure, Status, status_for_error
 from dcmrecvd.storage import PendingFile, Writer
 
@@ -55,6 +55,8 @@ class Outcome:
     error: str = ""
     path: str = ""
     replaced: bool = False
+    #: When its commit began (monotonic); the commit ends when the writer's ``sync`` does.
+    commit_started: float = 0.0
 
 
 class Sink(Protocol):
@@ -287,7 +289,7 @@ class Stored(Checked):
         command = self.command
         scheme, clock = self.to.scheme, self.to.clock
         started = time.monotonic()
-        committed = self.to.writer.commit(
+        committed = self.to.writer.stage(
             self.file,
             self.directory,
             lambda: naming.file_name(
@@ -296,14 +298,15 @@ class Stored(Checked):
             replace=scheme.overwrites,
         )
         self.file = None
-        METRICS.commit_seconds.observe(time.monotonic() - started)
         if self.to.writer.spare_error:
             self.log.debug("store.spare_failed", reason=self.to.writer.spare_error)
         if committed.replaced:
             self.log.warning(
                 "store.replaced", path=str(committed.path), sop_instance_uid=command.affected_sop_instance_uid
             )
-        return Outcome(Status.SUCCESS, path=str(committed.path), replaced=committed.replaced)
+        return Outcome(
+            Status.SUCCESS, path=str(committed.path), replaced=committed.replaced, commit_started=started
+        )
 
     def discard(self) -> None:
         self.pending = []

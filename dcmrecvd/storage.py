@@ -110,6 +110,17 @@ class PendingFile:
         With ``replace=False`` an existing file is never touched: FileExists is
         raised and the temp file stays for another try with a new name.
         """
+        final, replaced = self.publish(name, replace=replace)
+        try:
+            self.store.sync_directory(self.directory)
+        except OSError:
+            take_back(self.store.ops, final)
+            raise
+        return final, replaced
+
+    def publish(self, name: str, *, replace: bool) -> tuple[Path, bool]:
+        """``commit`` without the directory fsync: the data is durable, the name not yet
+        (the caller fsyncs the directory, once for several files, before acknowledging)."""
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"not a plain file name: {name!r}")
         final = self.directory / name
@@ -124,16 +135,11 @@ class PendingFile:
                 ops.link(self.temp_path, final)
             except FileExistsError:
                 raise FileExists(str(final)) from None
-        try:
-            if not replace:
+            try:
                 ops.unlink(self.temp_path)
-            self.store.sync_directory(self.directory)
-        except OSError:
-            # Not known to be durable, so not acknowledged: take the name back (best
-            # effort; never retry the fsync as if a second one could succeed).
-            with contextlib.suppress(OSError):
-                ops.unlink(final)
-            raise
+            except OSError:
+                take_back(ops, final)
+                raise
         return final, replaced
 
     def discard(self) -> None:
@@ -152,6 +158,13 @@ class PendingFile:
             ops.unlink(self.temp_path)
         except OSError:
             pass
+
+
+def take_back(ops: FileOps, final: Path) -> None:
+    """A name not known to be durable is not acknowledged: remove it (best effort; the
+    failed fsync is never retried as if a second one could succeed)."""
+    with contextlib.suppress(OSError):
+        ops.unlink(final)
 
 
 @dataclass
@@ -293,11 +306,13 @@ MAX_NAME_ATTEMPTS = 100
 class Writer:
     """Files written one after another into a ``Store``, each made durable in order.
 
-    The one home of the durability order: ``commit`` flushes the data, creates
-    the next file's spare temp file, renames (or links without replacing) under
-    a name from ``names`` (retried on a collision) and fsyncs the directory;
-    when it returns, the file is durable under its final name.  One writer per
-    association: the spare pays only for the files that follow.
+    The one home of the durability order: ``stage`` flushes the data, creates
+    the next file's spare temp file, and renames (or links without replacing)
+    under a name from ``names`` (retried on a collision); ``sync`` fsyncs the
+    directories of everything staged, once each.  A file is durable under its
+    final name when ``sync`` returns, and not before: acknowledge then.
+    ``commit`` is both for one file.  One writer per association: the spare
+    pays only for the files that follow.
     """
 
     def __init__(self, store: Store) -> None:
@@ -307,6 +322,8 @@ class Writer:
         self._spare_dir = PurePosixPath(".")
         #: Why the last spare could not be made ("" if it could): the next file meets it.
         self.spare_error = ""
+        #: Staged files whose directory has not been fsynced yet: (directory, final path).
+        self._unsynced: list[tuple[Path, Path]] = []
 
     def open(self, relative: PurePosixPath) -> PendingFile:
         """A temp file in ``relative``: the spare made for it, or a new one."""
@@ -320,7 +337,15 @@ class Writer:
     def commit(
         self, file: PendingFile, relative: PurePosixPath, names: Callable[[], str], *, replace: bool
     ) -> Committed:
-        """Make ``file`` durable under the first free name that ``names`` gives.
+        """Make ``file`` durable under the first free name that ``names`` gives."""
+        committed = self.stage(file, relative, names, replace=replace)
+        self.sync()
+        return committed
+
+    def stage(
+        self, file: PendingFile, relative: PurePosixPath, names: Callable[[], str], *, replace: bool
+    ) -> Committed:
+        """Flush ``file`` and give it its final name; durable once ``sync`` returns.
 
         With ``replace`` the first name is taken whatever is there.  On any
         error the caller still owns ``file`` (and discards it).
@@ -329,12 +354,33 @@ class Writer:
         self._make_spare(relative)
         for _attempt in range(MAX_NAME_ATTEMPTS):
             try:
-                final, replaced = file.commit(names(), replace=replace)
+                final, replaced = file.publish(names(), replace=replace)
             except FileExists:
                 continue
             self.committed += 1
+            self._unsynced.append((file.directory, final))
             return Committed(final, replaced)
         raise FileExistsError(f"no free file name after {MAX_NAME_ATTEMPTS} attempts")
+
+    @property
+    def unsynced(self) -> int:
+        """Files staged and not yet durable under their names."""
+        return len(self._unsynced)
+
+    def sync(self) -> None:
+        """fsync the directory of every staged file, once per directory.
+
+        On a failure every staged name is taken back (none is known durable)
+        and the error is raised: each of those requests fails.
+        """
+        staged, self._unsynced = self._unsynced, []
+        try:
+            for directory in dict.fromkeys(d for d, _ in staged):
+                self.store.sync_directory(directory)
+        except OSError:
+            for _, final in staged:
+                take_back(self.store.ops, final)
+            raise
 
     def _make_spare(self, relative: PurePosixPath) -> None:
         """Create the next file's temp file between this file's data flush and rename.
@@ -356,7 +402,9 @@ class Writer:
             self.spare_error = str(exc)
 
     def close(self) -> None:
-        """Remove the spare; never raises."""
+        """Remove the spare; never raises.  Staged names not synced stay (complete files
+        that were never acknowledged: the sender sends them again)."""
+        self._unsynced = []
         if self._spare is not None:
             self._spare.discard()
             self._spare = None

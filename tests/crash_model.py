@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,8 +279,7 @@ class Replay:
             choices: Iterator[list[Op]] = (pending[:k] for k in range(len(pending) + 1))
         else:
             choices = (
-                [op for op, keep in zip(pending, mask, strict=True) if keep]
-                for mask in itertools.product((False, True), repeat=min(len(pending), 12))
+                [op for op, keep in zip(pending, mask, strict=True) if keep] for mask in _masks(len(pending))
             )
         for count, applied in enumerate(choices):
             if count >= MAX_VARIANTS:
@@ -321,6 +321,22 @@ class Replay:
                         break
                     out[inode] = bytes(content)
             yield out
+
+
+def _masks(n: int) -> Iterator[tuple[bool, ...]]:
+    """Which of ``n`` pending entries survive: every subset while there are few (2**8), else
+    none, all, each one alone, all but each one, and a seeded sample of the rest."""
+    if n <= 8:
+        yield from itertools.product((False, True), repeat=n)
+        return
+    yield (False,) * n
+    yield (True,) * n
+    for i in range(n):
+        yield tuple(j == i for j in range(n))
+        yield tuple(j != i for j in range(n))
+    rng = random.Random(n)
+    for _ in range(MAX_VARIANTS - 2 - 2 * n):
+        yield tuple(rng.random() < 0.5 for _ in range(n))
 
 
 def _reachable(path: str, dirs: set[str]) -> bool:

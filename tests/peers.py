@@ -13,7 +13,11 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    MaximumLengthNotification,
+)
 from pynetdicom.presentation import build_context
 
 from dcmrecvd import dimse, pdu
@@ -78,8 +82,10 @@ def associate_rq(
     max_pdu: int = 16384,
     calling: str = "RAW",
     context_id: int = 1,
+    window: int = 0,
 ) -> bytes:
-    """An A-ASSOCIATE-RQ PDU proposing one presentation context (encoded by pynetdicom)."""
+    """An A-ASSOCIATE-RQ PDU proposing one presentation context (encoded by pynetdicom),
+    and an asynchronous operations window of ``window`` requests when it is not 0."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = calling
@@ -89,7 +95,13 @@ def associate_rq(
     primitive.presentation_context_definition_list = [context]
     max_length = MaximumLengthNotification()
     max_length.maximum_length_received = max_pdu
-    primitive.user_information = [max_length]
+    items: list[object] = [max_length]
+    if window:
+        proposal = AsynchronousOperationsWindowNegotiation()
+        proposal.maximum_number_operations_invoked = window
+        proposal.maximum_number_operations_performed = 1
+        items.append(proposal)
+    primitive.user_information = items
     return bytes(A_ASSOCIATE_RQ(primitive).encode())
 
 

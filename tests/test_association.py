@@ -8,6 +8,7 @@ responses must be the same.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import socket
 import struct
@@ -22,8 +23,9 @@ from peers import associate_rq, command_elements, dataset_bytes, p_data, pdv, st
 from dcmrecvd import config, dimse, pdu, runtime
 from dcmrecvd.association import Association
 from dcmrecvd.config import Layer
+from dcmrecvd.file_ops import FileOps
 from dcmrecvd.runtime import Stats
-from dcmrecvd.storage import TEMP_PREFIX
+from dcmrecvd.storage import TEMP_PREFIX, Store
 
 pytestmark = pytest.mark.inprocess
 
@@ -73,8 +75,8 @@ class Peer:
             out += got
         return out
 
-    def status(self) -> int:
-        """The status of the next response (however fragmented)."""
+    def response(self) -> dict[int, int]:
+        """The next response's US elements (however fragmented): element number -> value."""
         raw = b""
         while True:
             kind, body = self.read_pdu()
@@ -82,8 +84,15 @@ class Peer:
             raw += body[6:]
             if body[5] & 0x02:
                 break
-        values = {tag & 0xFFFF: value for tag, value in command_elements(raw)}
-        return int(struct.unpack("<H", values[0x0900])[0])
+        return {
+            tag & 0xFFFF: int(struct.unpack("<H", value)[0])
+            for tag, value in command_elements(raw)
+            if len(value) == 2
+        }
+
+    def status(self) -> int:
+        """The status of the next response (however fragmented)."""
+        return self.response()[0x0900]
 
     def finish(self) -> None:
         self.sock.close()
@@ -263,3 +272,44 @@ def test_an_echo_is_answered(tmp_path: Path) -> None:
     peer.send(p_data(pdv(echo, True, True)), whole)
     assert peer.status() == 0x0000
     peer.finish()
+
+
+class CountingOps(FileOps):
+    """Counts directory fsyncs, and the responses already sent when each happened."""
+
+    def __init__(self) -> None:
+        self.dirsyncs = 0
+
+    def fsync_directory(self, path: Path) -> None:
+        super().fsync_directory(path)
+        self.dirsyncs += 1
+
+
+@pytest.mark.parametrize("window", [8, 0])
+def test_a_pipelining_sender_is_answered_in_order_with_grouped_commits(tmp_path: Path, window: int) -> None:
+    """Eight C-STOREs in one write: with a negotiated window their objects are made durable
+    together (fewer directory fsyncs than objects); without one, one by one.  Either way
+    every response comes, in request order, and every object is stored."""
+    ops = CountingOps()
+    rt = make_runtime(tmp_path)
+    store_ = Store(tmp_path, ops=ops)
+    rt = dataclasses.replace(rt, default=dataclasses.replace(rt.default, store=store_))
+    peer = Peer(rt)
+    datasets = {f"1.2.3.{i}": ct_dataset(f"1.2.3.{i}", 2000) for i in range(1, 9)}
+    stream = associate_rq(CT, EXPLICIT, window=window)
+    for i, (uid, data) in enumerate(datasets.items()):
+        stream += store(data, uid, message_id=i + 1)
+    peer.send(stream + RELEASE_RQ, whole)
+    kind, ac = peer.read_pdu()
+    assert kind == pdu.A_ASSOCIATE_AC
+    assert (b"\x53\x00\x00\x04\x00\x01\x00\x08" in ac) == bool(window)
+    answered = [peer.response() for _ in datasets]
+    assert [r[0x0120] for r in answered] == list(range(1, 9))
+    assert all(r[0x0900] == 0 for r in answered)
+    assert peer.read_pdu()[0] == pdu.A_RELEASE_RP
+    peer.finish()
+    assert sorted(p.name for p in stored(tmp_path)) == sorted(f"CT.{uid}" for uid in datasets)
+    if window:
+        assert ops.dirsyncs < len(datasets), ops.dirsyncs
+    else:
+        assert ops.dirsyncs == len(datasets)

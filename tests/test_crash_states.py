@@ -37,9 +37,10 @@ def dataset(uid: str, size: int, series_date: str = "") -> bytes:
     return encode(ds)
 
 
-def recorded_run(tmp_path: Path, model: str, **output: object) -> Recorder:
+def recorded_run(tmp_path: Path, model: str, pipelined: bool = False, **output: object) -> Recorder:
     """Several objects: one replaced (default names) or kept apart (unique names), an
-    association's spare temp file, and an object aborted halfway."""
+    association's spare temp file, and an object aborted halfway; ``pipelined``: all sent
+    at once under a negotiated window, so that their commits are grouped."""
     root = tmp_path / "out"
     root.mkdir()
     recorder = Recorder(root)
@@ -56,12 +57,18 @@ def recorded_run(tmp_path: Path, model: str, **output: object) -> Recorder:
             super()._answer(request, outcome)  # type: ignore[arg-type]
 
     peer = Peer(rt, Acking)
-    peer.send(associate_rq(CT, EXPLICIT), lambda data: iter([data]))
+    peer.send(associate_rq(CT, EXPLICIT, window=8 if pipelined else 0), lambda data: iter([data]))
     assert peer.read_pdu()[0] == pdu.A_ASSOCIATE_AC
     objects = [("1.2.3.1", 3000, "20240101"), ("1.2.3.2", 70000, "20240102"), ("1.2.3.1", 5000, "20240101")]
     objects += [("1.2.3.3", 300000, "")]
-    for i, (uid, size, date) in enumerate(objects):
-        peer.send(store(dataset(uid, size, date), uid, fragment=16000, message_id=i + 1), lambda d: iter([d]))
+    streams = [
+        store(dataset(u, n, d), u, fragment=16000, message_id=i + 1) for i, (u, n, d) in enumerate(objects)
+    ]
+    if pipelined:
+        peer.send(b"".join(streams), lambda d: iter([d]))
+        assert [peer.status() for _ in streams] == [0] * len(streams)
+    for stream in [] if pipelined else streams:
+        peer.send(stream, lambda d: iter([d]))
         assert peer.status() == 0x0000
     half = dataset("1.2.3.4", 200000)
     command = p_data(pdv(store_command(CT, "1.2.3.4", 9), True, True))
@@ -72,11 +79,14 @@ def recorded_run(tmp_path: Path, model: str, **output: object) -> Recorder:
 
 
 @pytest.mark.parametrize("model", [WEAK, ORDERED])
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-by-one", "pipelined"])
 @pytest.mark.parametrize(
     "output", [{}, {"subdirectory": "series-date", "filenames": "unique"}], ids=["replaced", "ssd-unique"]
 )
-def test_every_crash_state_keeps_the_promise(tmp_path: Path, model: str, output: dict[str, object]) -> None:
-    recorder = recorded_run(tmp_path, model, **output)
+def test_every_crash_state_keeps_the_promise(
+    tmp_path: Path, model: str, pipelined: bool, output: dict[str, object]
+) -> None:
+    recorder = recorded_run(tmp_path, model, pipelined, **output)
     kinds = {op.kind for op in recorder.ops}
     assert {"create", "write", "rename" if not output else "link", "dirsync", "ack"} <= kinds
     assert ("datasync" if model == WEAK else "wait") in kinds

@@ -58,3 +58,31 @@ def test_a_wrong_called_title_is_rejected_when_one_is_required() -> None:
 def test_garbage_is_a_bad_request_not_a_crash(raw: bytes) -> None:
     with pytest.raises(negotiation.BadRequest):
         negotiation.decode_request(raw)
+
+
+def window_reply(outcome: negotiation.Outcome) -> tuple[int, int] | None:
+    """(invoked, performed) of the A-ASSOCIATE-AC's asynchronous operations window item."""
+    raw = outcome.pdu
+    at = raw.find(b"\x53\x00\x00\x04")
+    return None if at < 0 else (int.from_bytes(raw[at + 4 : at + 6]), int.from_bytes(raw[at + 6 : at + 8]))
+
+
+@pytest.mark.parametrize(
+    ("proposed", "configured", "answered"),
+    [(0, 8, None), (4, 8, (1, 4)), (32, 8, (1, 8)), (5, 1, (1, 1))],
+    ids=["none-proposed", "smaller-than-ours", "capped-at-ours", "disabled"],
+)
+def test_the_asynchronous_operations_window(
+    proposed: int, configured: int, answered: tuple[int, int] | None
+) -> None:
+    request = negotiation.decode_request(associate_rq(CT, EXPLICIT, window=proposed))
+    outcome = negotiation.negotiate(
+        request,
+        PROFILE,
+        negotiation.acceptor_contexts(PROFILE),
+        ae_title="",
+        max_pdu=16384,
+        window=configured,
+    )
+    assert window_reply(outcome) == answered
+    assert outcome.window == (answered[1] if answered else 1)
