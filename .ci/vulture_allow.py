@@ -31,3 +31,5 @@ _.service_class_application_information  # unused attribute (dcmrecvd/negotiatio
 _.result_source  # unused attribute (dcmrecvd/negotiation.py:176)
 _.presentation_context_definition_results_list  # unused attribute (dcmrecvd/negotiation.py:177)
 _.in_dataset  # unused property (dcmrecvd/upper_layer.py:149)
+_.maximum_number_operations_performed  # set for pynetdicom's encoder (dcmrecvd/negotiation.py)
+_.commit  # storage.PendingFile.commit / Writer.commit: the one-file API, used by tests and bench/floor.py
