@@ -34,7 +34,7 @@ def objects(count: int, size: int) -> dict[str, bytes]:
     for i in range(1, count + 1):
         ds = base_dataset()
         ds.SOPInstanceUID = f"1.2.826.0.1.3680043.9.7.{i}"
-        ds.PixelData = bytes([i]) * size
+        ds.PixelData = bytes([i % 251]) * size
         out[str(ds.SOPInstanceUID)] = encode(ds)
     return out
 
