@@ -5,7 +5,11 @@ DCMTK ``storescu`` (TCP_NODELAY=1) sends the whole set over one association;
 we time the send, read the receiver's CPU time from /proc, verify every
 received file (count, SOP Instance UIDs, sizes) and print instances/s, MB/s,
 CPU seconds and the paired ratio dcmrecvd/dcmrecv (median over repetitions).
-A last scenario runs four senders at once against each receiver.
+Then, each paired in the same way: 1, 2, 4 and 8 senders at once; senders with
+Nagle on (as Debian ships DCMTK, against a dcmrecv with Nagle on and one
+without); one pipelining sender at windows 1, 4 and 16 (``pipelined.py``).
+Last, one summary table of every scenario with the spread of the paired
+ratios and the receiver CPU per object.
 
     python bench/run.py [--reps 3] [--sets ct,small,large] [--quick]
 """
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,13 +96,17 @@ def receiver_cmd(which: str, port: int, pdu: int, out: Path) -> list[str]:
 NODELAY_ENV = {"TCP_NODELAY": "1"}
 
 
-def tool_env() -> dict[str, str]:
+def tool_env(nodelay: bool | None = None) -> dict[str, str]:
+    """The environment of a DCMTK tool: TCP_NODELAY=1 unless ``nodelay`` is False (or the
+    bench runs with ``--nagle``)."""
     env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
-    return {**env, **NODELAY_ENV}
+    if nodelay is None:
+        return {**env, **NODELAY_ENV}
+    return {**env, "TCP_NODELAY": "1"} if nodelay else env
 
 
-def send(port: int, folder: Path, senders: int = 1) -> float:
-    env = tool_env()
+def send(port: int, folder: Path, senders: int = 1, env: dict[str, str] | None = None) -> float:
+    env = env or tool_env()
     files = sorted(folder.iterdir())
     groups = [files[i::senders] for i in range(senders)]
     start = time.monotonic()
@@ -146,21 +155,28 @@ def fresh_output(after_deletions: bool) -> Path:
 
 
 def run_once(
-    which: str, folder: Path, pdu: int, senders: int = 1, *, after_deletions: bool = False
+    which: str,
+    folder: Path,
+    pdu: int,
+    senders: int = 1,
+    *,
+    after_deletions: bool = False,
+    sender_env: dict[str, str] | None = None,
+    receiver_env: dict[str, str] | None = None,
 ) -> Result:
     out = fresh_output(after_deletions)
     # Start each run on a quiet disk: the previous run's writeback and deletions
     # (discard/TRIM) would otherwise land on whichever receiver fsyncs, i.e. ours.
     os.sync()
     port = free_port()
-    env = tool_env()
+    env = receiver_env or tool_env()
     proc = subprocess.Popen(
         receiver_cmd(which, port, pdu, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         wait_listening(port, proc)
         before = cpu_seconds(proc.pid)
-        seconds = send(port, folder, senders)
+        seconds = send(port, folder, senders, sender_env)
         cpu = cpu_seconds(proc.pid) - before
     finally:
         proc.terminate()
@@ -183,6 +199,122 @@ def ensure_data(kind: str, count: int) -> Path:
     return folder
 
 
+@dataclass
+class Row:
+    """One line of the summary: a scenario, both receivers, paired."""
+
+    scenario: str
+    rates: tuple[float, float]  # instances/s, dcmrecv and dcmrecvd (medians)
+    ratio: float  # median of the paired ratios dcmrecvd/dcmrecv
+    spread: tuple[float, float]  # the lowest and highest paired ratio seen
+    cpu_ms: tuple[float, float]  # receiver CPU ms per object (medians)
+
+
+def paired_row(scenario: str, count: int, base: list[Result], ours: list[Result]) -> Row:
+    paired = [b.seconds / a.seconds for a, b in zip(ours, base, strict=True)]
+    return Row(
+        scenario,
+        (
+            count / statistics.median(r.seconds for r in base),
+            count / statistics.median(r.seconds for r in ours),
+        ),
+        statistics.median(paired),
+        (min(paired), max(paired)),
+        (
+            1000 * statistics.median(r.cpu for r in base) / count,
+            1000 * statistics.median(r.cpu for r in ours) / count,
+        ),
+    )
+
+
+def brief(row: Row) -> str:
+    return f"dcmrecv {row.rates[0]:.0f}/s, dcmrecvd {row.rates[1]:.0f}/s, {row.ratio:.2f}x"
+
+
+def paired_runs(reps: int, run: Callable[[str], Result]) -> tuple[list[Result], list[Result]]:
+    """``run`` each receiver ``reps`` times, alternating which goes first."""
+    out: dict[str, list[Result]] = {"dcmrecv": [], "dcmrecvd": []}
+    for rep in range(reps):
+        for which in ("dcmrecv", "dcmrecvd") if rep % 2 == 0 else ("dcmrecvd", "dcmrecv"):
+            out[which].append(run(which))
+    return out["dcmrecv"], out["dcmrecvd"]
+
+
+def many_senders(reps: int, quick: bool) -> list[Row]:
+    """1, 2, 4 and 8 storescu at once, the CT set split between them (dcmrecv serves them one
+    after another, dcmrecvd at once)."""
+    count = 200 if quick else 2000
+    folder = ensure_data("ct", count)
+    rows = []
+    print("\nseveral senders at once (0.5 MB CT set split between them, PDU 16384):")
+    for senders in (1, 2, 4, 8):
+        base, ours = paired_runs(reps, lambda w, n=senders: run_once(w, folder, 16384, senders=n))
+        row = paired_row(f"{senders} sender{'s' if senders > 1 else ''}, CT", count, base, ours)
+        print(f"  {senders} senders: {brief(row)}")
+        rows.append(row)
+    return rows
+
+
+def nagle_runs(reps: int, quick: bool) -> list[Row]:
+    """Senders as people run them: storescu without TCP_NODELAY=1 (Nagle on), against a
+    dcmrecv with Nagle on too (as shipped) and against one with TCP_NODELAY=1 (Nagle on the
+    sender only).  dcmrecvd always sets TCP_NODELAY and re-arms TCP_QUICKACK."""
+    rows = []
+    count = 30 if quick else 300
+    nagle, nodelay = tool_env(False), tool_env(True)
+    print(f"\nNagle on in the sender ({count} objects, PDU 16384):")
+    for kind in ("ct", "small"):
+        folder = ensure_data(kind, count)
+        label = f"{count} x {'0.5 MB CT' if kind == 'ct' else '~3 KB'}"
+        for mode, receiver_env in (("as shipped (Nagle on both)", nagle), ("Nagle sender only", nodelay)):
+            base, ours = paired_runs(
+                reps,
+                lambda w, f=folder, e=receiver_env: run_once(w, f, 16384, sender_env=nagle, receiver_env=e),
+            )
+            row = paired_row(f"{label}, {mode}", count, base, ours)
+            print(f"  {row.scenario}: {brief(row)}")
+            rows.append(row)
+        # The bar of #16: a Nagle sender gets >= 0.9x of what a TCP_NODELAY sender gets.
+        fast = [run_once("dcmrecvd", folder, 16384, sender_env=nodelay) for _ in range(reps)]
+        slow = [run_once("dcmrecvd", folder, 16384, sender_env=nagle) for _ in range(reps)]
+        share = statistics.median(f.seconds for f in fast) / statistics.median(s.seconds for s in slow)
+        print(f"  {label}: dcmrecvd with a Nagle sender reaches {share:.2f}x of a TCP_NODELAY sender")
+    return rows
+
+
+def pipelined_runs(reps: int, quick: bool) -> list[Row]:
+    """One raw sender keeping W C-STOREs outstanding (see pipelined.py), W = 1, 4, 16."""
+    import pipelined
+
+    count = 200 if quick else 2000
+    folder = ensure_data("small", count)
+    objects = [pipelined.dataset_of(f) for f in sorted(folder.iterdir())]
+    rows = []
+    print(f"\npipelined C-STOREs ({count} x ~3 KB, one association, PDU 16384):")
+    for window in (1, 4, 16):
+
+        def once(which: str, w: int = window) -> Result:
+            seconds, cpu = pipelined.run_once(which, folder, objects, w)
+            return Result(seconds, cpu, count, 0)
+
+        base, ours = paired_runs(reps, once)
+        row = paired_row(f"pipelined, window {window}, ~3 KB", count, base, ours)
+        print(f"  window {window}: {brief(row)}")
+        rows.append(row)
+    return rows
+
+
+def print_summary(rows: list[Row]) -> None:
+    """One table of every scenario: medians, the paired ratio and its spread, CPU per object."""
+    print("\nsummary (medians; ratio = dcmrecvd/dcmrecv throughput, paired per repetition, lowest-highest):")
+    print(f"{'scenario':<46}{'dcmrecv/s':>10}{'dcmrecvd/s':>11}{'ratio':>8}{'spread':>13}{'cpu ms/obj':>16}")
+    for r in rows:
+        spread = f"{r.spread[0]:.2f}-{r.spread[1]:.2f}"
+        cpu = f"{r.cpu_ms[0]:.2f} / {r.cpu_ms[1]:.2f}"
+        print(f"{r.scenario:<46}{r.rates[0]:>10.0f}{r.rates[1]:>11.0f}{r.ratio:>7.2f}x{spread:>13}{cpu:>16}")
+    print("(cpu ms/obj: receiver user+sys CPU per object, dcmrecv / dcmrecvd)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -191,7 +323,10 @@ def main() -> int:
     parser.add_argument("--sets", default="ct,small,large")
     parser.add_argument("--pdus", default="16384,131072")
     parser.add_argument("--quick", action="store_true", help="a tenth of each set, one repetition")
-    parser.add_argument("--no-concurrent", action="store_true")
+    parser.add_argument("--no-concurrent", action="store_true", help="skip the 1/2/4/8-sender runs")
+    parser.add_argument(
+        "--no-extended", action="store_true", help="skip the Nagle and pipelined runs (only the main table)"
+    )
     parser.add_argument(
         "--nagle",
         action="store_true",
@@ -222,6 +357,7 @@ def main() -> int:
         NODELAY_ENV.clear()
         print("Nagle on: storescu and dcmrecv without TCP_NODELAY=1")
     rows = []
+    summary: list[Row] = []
     header = f"{'data set':<20}{'pdu':>7}  {'receiver':<16}{'inst/s':>9}{'MB/s':>9}{'cpu s':>8}{'ratio':>8}"
     print(header)
     for kind in args.sets.split(","):
@@ -255,22 +391,16 @@ def main() -> int:
                 )
                 print(line, flush=True)
                 rows.append(line)
+            if "dcmrecvd" in results:
+                summary.append(
+                    paired_row(f"{label}, pdu {pdu}", count, results["dcmrecv"], results["dcmrecvd"])
+                )
     if not args.no_concurrent:
-        folder = ensure_data("ct", 200 if args.quick else 2000)
-        print("\nfour senders at once (0.5 MB CT set split in four, PDU 16384):")
-        agg: dict[str, list[float]] = {"dcmrecv": [], "dcmrecvd": []}
-        for rep in range(reps):
-            for which in ("dcmrecv", "dcmrecvd") if rep % 2 == 0 else ("dcmrecvd", "dcmrecv"):
-                try:
-                    r = run_once(which, folder, 16384, senders=4, after_deletions=args.after_deletions)
-                    agg[which].append(r.files / r.seconds)
-                except RuntimeError as exc:  # dcmrecv serialises: late senders may time out
-                    print(f"  {which}: {exc}")
-        for which, values in agg.items():
-            if values:
-                print(f"  {which:<9}{statistics.median(values):>9.0f} inst/s aggregate")
-        if agg["dcmrecv"] and agg["dcmrecvd"]:
-            print(f"  ratio {statistics.median(agg['dcmrecvd']) / statistics.median(agg['dcmrecv']):.2f}x")
+        summary.extend(many_senders(reps, args.quick))
+    if not args.no_extended:
+        summary.extend(nagle_runs(reps, args.quick))
+        summary.extend(pipelined_runs(reps, args.quick))
+    print_summary(summary)
     return 0
 
 
