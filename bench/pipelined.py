@@ -34,7 +34,17 @@ from pynetdicom.presentation import build_context
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import SETS, cpu_seconds, ensure_data, free_port, fresh_output, receiver_cmd, tool_env, verify  # noqa: E402
+from run import (  # noqa: E402
+    SETS,
+    cpu_seconds,
+    ensure_data,
+    free_port,
+    fresh_output,
+    receiver_cmd,
+    tool_env,
+    verify,
+    wait_listening,
+)
 
 
 def dataset_of(path: Path) -> tuple[str, str, str, bytes]:
@@ -169,15 +179,7 @@ def run_once(
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"{which} did not start") from None
-                time.sleep(0.02)
+        wait_listening(port, proc)
         before = cpu_seconds(proc.pid)
         start = time.monotonic()
         Pipeliner(port, objects[0][0], objects[0][2], window).send_all(objects, window)

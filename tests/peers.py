@@ -139,11 +139,21 @@ def p_data(*pdvs: bytes) -> bytes:
 class RawClient:
     """Speaks the upper layer by hand, to send what no well-behaved SCU would."""
 
-    def __init__(self, port: int, timeout: float = 10.0, source: str = "", prefix: bytes = b"") -> None:
-        """``source``: a loopback address to connect from; ``prefix``: bytes sent first (a PROXY header)."""
-        address = (source, 0) if source else None
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=address)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(
+        self,
+        port: int = 0,
+        timeout: float = 10.0,
+        source: str = "",
+        prefix: bytes = b"",
+        sock: socket.socket | None = None,
+    ) -> None:
+        """``source``: a loopback address to connect from; ``prefix``: bytes sent first (a PROXY
+        header); ``sock``: speak on this connected socket instead (a socketpair)."""
+        if sock is None:
+            address = (source, 0) if source else None
+            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
         if prefix:
             self.sock.sendall(prefix)
         #: The body of the last answer to an A-ASSOCIATE-RQ (for RJ result/source/reason).

@@ -9,7 +9,6 @@ responses must be the same.
 from __future__ import annotations
 
 import dataclasses
-import random
 import socket
 import struct
 import threading
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from malformed import base_dataset, encode
-from peers import associate_rq, command_elements, dataset_bytes, p_data, pdv, store_command
+from peers import RawClient, associate_rq, dataset_bytes, p_data, pdv, store_command
+from splits import by_byte, large_random_chunks, whole
 
 from dcmrecvd import config, dimse, pdu, runtime
 from dcmrecvd.association import Association
@@ -52,6 +52,7 @@ class Peer:
     def __init__(self, rt: runtime.Runtime, kind: type[Association] = Association) -> None:
         ours, self.sock = socket.socketpair()
         self.sock.settimeout(10)
+        self.reader = RawClient(sock=self.sock)
         self.stats = Stats()
         self.association = kind(ours, "127.0.0.1:1", rt, self.stats)
         self.thread = threading.Thread(target=self.association.run, daemon=True)
@@ -62,31 +63,13 @@ class Peer:
             self.sock.sendall(piece)
 
     def read_pdu(self) -> tuple[int, bytes]:
-        header = self._exact(6)
-        kind, length = pdu.PDU_HEADER.unpack(header)
-        return kind, self._exact(length)
-
-    def _exact(self, n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            got = self.sock.recv(n - len(out))
-            if not got:
-                raise ConnectionError("closed")
-            out += got
-        return out
+        return self.reader.read_pdu()
 
     def response(self) -> dict[int, int]:
         """The next response's US elements (however fragmented): element number -> value."""
-        raw = b""
-        while True:
-            kind, body = self.read_pdu()
-            assert kind == pdu.P_DATA_TF
-            raw += body[6:]
-            if body[5] & 0x02:
-                break
         return {
-            tag & 0xFFFF: int(struct.unpack("<H", value)[0])
-            for tag, value in command_elements(raw)
+            tag: int(struct.unpack("<H", value)[0])
+            for tag, value in self.reader.response().items()
             if len(value) == 2
         }
 
@@ -100,25 +83,7 @@ class Peer:
         assert not self.thread.is_alive(), "the association did not end"
 
 
-def whole(data: bytes) -> Iterator[bytes]:
-    yield data
-
-
-def by_byte(data: bytes) -> Iterator[bytes]:
-    for i in range(len(data)):
-        yield data[i : i + 1]
-
-
-def random_chunks(data: bytes) -> Iterator[bytes]:
-    rng = random.Random(len(data))
-    pos = 0
-    while pos < len(data):
-        n = rng.randint(1, 3000)
-        yield data[pos : pos + n]
-        pos += n
-
-
-SPLITS = [whole, by_byte, random_chunks]
+SPLITS = [whole, by_byte, large_random_chunks]
 
 
 def store(dataset: bytes, uid: str, fragment: int = 1000, message_id: int = 1) -> bytes:

@@ -17,6 +17,7 @@ import pytest
 from crash_model import ORDERED, WEAK, Recorder, check, is_temp, materialize
 from malformed import base_dataset, encode
 from peers import associate_rq, p_data, pdv, store_command
+from splits import whole
 from test_association import CT, EXPLICIT, Peer, make_runtime, store
 
 from dcmrecvd import pdu, storage
@@ -57,7 +58,7 @@ def recorded_run(tmp_path: Path, model: str, pipelined: bool = False, **output: 
             super()._answer(request, outcome)  # type: ignore[arg-type]
 
     peer = Peer(rt, Acking)
-    peer.send(associate_rq(CT, EXPLICIT, window=8 if pipelined else 0), lambda data: iter([data]))
+    peer.send(associate_rq(CT, EXPLICIT, window=8 if pipelined else 0), whole)
     assert peer.read_pdu()[0] == pdu.A_ASSOCIATE_AC
     objects = [("1.2.3.1", 3000, "20240101"), ("1.2.3.2", 70000, "20240102"), ("1.2.3.1", 5000, "20240101")]
     objects += [("1.2.3.3", 300000, "")]
@@ -65,15 +66,15 @@ def recorded_run(tmp_path: Path, model: str, pipelined: bool = False, **output: 
         store(dataset(u, n, d), u, fragment=16000, message_id=i + 1) for i, (u, n, d) in enumerate(objects)
     ]
     if pipelined:
-        peer.send(b"".join(streams), lambda d: iter([d]))
+        peer.send(b"".join(streams), whole)
         assert [peer.status() for _ in streams] == [0] * len(streams)
     for stream in [] if pipelined else streams:
-        peer.send(stream, lambda d: iter([d]))
+        peer.send(stream, whole)
         assert peer.status() == 0x0000
     half = dataset("1.2.3.4", 200000)
     command = p_data(pdv(store_command(CT, "1.2.3.4", 9), True, True))
-    peer.send(command + p_data(pdv(half[:150000], False, False)), lambda d: iter([d]))
-    peer.send(bytes((7, 0, 0, 0, 0, 4, 0, 0, 0, 0)), lambda d: iter([d]))  # abort mid-object
+    peer.send(command + p_data(pdv(half[:150000], False, False)), whole)
+    peer.send(bytes((7, 0, 0, 0, 0, 4, 0, 0, 0, 0)), whole)  # abort mid-object
     peer.finish()
     return recorder
 

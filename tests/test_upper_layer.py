@@ -7,12 +7,12 @@ fragmentation, and the events must not depend on how the bytes arrive.
 
 from __future__ import annotations
 
-import random
 import struct
 from collections.abc import Callable, Iterator
 
 import pytest
 from peers import associate_rq, p_data, pdv, store_command
+from splits import Split, by_byte, by_pdu, random_chunks, whole
 
 from dcmrecvd import dimse, pdu
 from dcmrecvd.upper_layer import (
@@ -36,33 +36,7 @@ RQ = associate_rq(CT, EXPLICIT)
 RELEASE_RQ = bytes((5, 0, 0, 0, 0, 4, 0, 0, 0, 0))
 
 
-def whole(stream: bytes) -> Iterator[bytes]:
-    yield stream
-
-
-def by_byte(stream: bytes) -> Iterator[bytes]:
-    for i in range(len(stream)):
-        yield stream[i : i + 1]
-
-
-def by_pdu(stream: bytes) -> Iterator[bytes]:
-    pos = 0
-    while pos < len(stream):
-        length = struct.unpack_from(">I", stream, pos + 2)[0]
-        yield stream[pos : pos + 6 + length]
-        pos += 6 + length
-
-
-def random_chunks(stream: bytes, seed: int = 7) -> Iterator[bytes]:
-    rng = random.Random(seed)
-    pos = 0
-    while pos < len(stream):
-        n = rng.randint(1, 40)
-        yield stream[pos : pos + n]
-        pos += n
-
-
-SPLITS: list[Callable[[bytes], Iterator[bytes]]] = [whole, by_pdu, by_byte, random_chunks]
+SPLITS: list[Split] = [whole, by_pdu, by_byte, random_chunks]
 
 
 def established(contexts: tuple[int, ...] = (1,), peer_max_pdu: int = 0) -> UpperLayer:
