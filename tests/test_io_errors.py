@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from malformed import base_dataset, encode
 from peers import associate_rq, dataset_bytes
+from splits import whole
 from test_association import CT, EXPLICIT, RELEASE_RQ, Peer, make_runtime, store
 
 from dcmrecvd import pdu
@@ -112,21 +113,20 @@ def test_an_io_error_fails_that_store_and_nothing_else(
     store_ = Store(tmp_path, ops=faulty, ordered_journal=ordered)
     rt = dataclasses.replace(rt, default=dataclasses.replace(rt.default, store=store_))
     peer = Peer(rt)
-    one = lambda data: iter([data])  # noqa: E731
-    peer.send(associate_rq(CT, EXPLICIT), one)
+    peer.send(associate_rq(CT, EXPLICIT), whole)
     assert peer.read_pdu()[0] == pdu.A_ASSOCIATE_AC
     good = ct("1.2.3.1", 600000)
-    peer.send(store(good, "1.2.3.1", fragment=16000), one)
+    peer.send(store(good, "1.2.3.1", fragment=16000), whole)
     assert peer.status() == 0x0000
     faulty.armed = True
-    peer.send(store(ct("1.2.3.2", 600000), "1.2.3.2", fragment=16000, message_id=2), one)
+    peer.send(store(ct("1.2.3.2", 600000), "1.2.3.2", fragment=16000, message_id=2), whole)
     status = peer.status()
     assert not faulty.armed, f"{op} was never called"
     assert 0xA700 <= status <= 0xA7FF, hex(status)
     again = ct("1.2.3.3", 3000)
-    peer.send(store(again, "1.2.3.3", message_id=3), one)
+    peer.send(store(again, "1.2.3.3", message_id=3), whole)
     assert peer.status() == 0x0000  # the association goes on
-    peer.send(RELEASE_RQ, one)
+    peer.send(RELEASE_RQ, whole)
     assert peer.read_pdu()[0] == pdu.A_RELEASE_RP
     peer.finish()
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
