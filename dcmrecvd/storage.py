@@ -168,6 +168,53 @@ def take_back(ops: FileOps, final: Path) -> None:
 
 
 @dataclass
+class _Round:
+    """One fsync of a directory, for every ticket up to ``covering``."""
+
+    covering: int
+    done: bool = False
+    error: OSError | None = None
+
+
+class _DirectorySync:
+    """Group commit of one directory's fsync (see ``Store.sync_published``)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._requested = 0  # tickets handed out: one per caller, after its rename
+        self._latest: _Round | None = None  # the round started last
+        self._running = False
+
+    def sync(self, fsync: Callable[[], None]) -> None:
+        with self._cond:
+            self._requested += 1
+            ticket = self._requested
+            while True:
+                latest = self._latest
+                if latest is not None and latest.covering >= ticket:  # it started after our rename
+                    while not latest.done:
+                        self._cond.wait()
+                    if latest.error is not None:  # its failure is ours: never retried as a success
+                        raise OSError(latest.error.errno, latest.error.strerror)
+                    return
+                if not self._running:
+                    break
+                self._cond.wait()
+            this = self._latest = _Round(self._requested)
+            self._running = True
+        try:
+            fsync()
+        except OSError as exc:
+            this.error = exc
+            raise
+        finally:
+            with self._cond:
+                this.done = True
+                self._running = False
+                self._cond.notify_all()
+
+
+@dataclass
 class _DirectoryTraits:
     """What one target directory's filesystem allows; learned once per directory."""
 
@@ -210,6 +257,7 @@ class Store:
         self._known_dirs: dict[Path, _DirectoryTraits] = {}
         self._lock = threading.Lock()
         self._buffers = BufferPool(STAGE_SIZE)
+        self._groups: dict[Path, _DirectorySync] = {}
 
     def _traits(self, directory: Path) -> _DirectoryTraits:
         traits = self._known_dirs.get(directory)
@@ -288,6 +336,23 @@ class Store:
         """fsync a directory so that a rename or mkdir in it survives a crash."""
         if self.durable:
             self.ops.fsync_directory(path)
+
+    def sync_published(self, path: Path) -> None:
+        """``sync_directory`` for names published by this thread, shared between threads.
+
+        Why: several associations renaming into one directory each need its fsync
+        after their rename; one fsync that *starts* after a rename covers it, so a
+        thread that finds an fsync of the directory in flight waits for it to end and
+        for the next one, and one leader fsyncs for everyone who came meanwhile
+        (group commit).  A failed fsync fails every thread it was to cover.
+        """
+        if not self.durable:
+            return
+        group = self._groups.get(path)
+        if group is None:
+            with self._lock:
+                group = self._groups.setdefault(path, _DirectorySync())
+        group.sync(lambda: self.ops.fsync_directory(path))
 
 
 @dataclass(frozen=True)
@@ -376,7 +441,7 @@ class Writer:
         staged, self._unsynced = self._unsynced, []
         try:
             for directory in dict.fromkeys(d for d, _ in staged):
-                self.store.sync_directory(directory)
+                self.store.sync_published(directory)
         except OSError:
             for _, final in staged:
                 take_back(self.store.ops, final)

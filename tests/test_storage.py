@@ -7,6 +7,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 import pytest
+from conftest import wait_for
 
 from dcmrecvd import direct_io, storage
 from dcmrecvd.storage import FileExists, Store
@@ -152,3 +153,75 @@ def test_a_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path) -> 
     appender.finish()
     os.close(fd)
     assert (tmp_path / "f").read_bytes() == data
+
+
+def test_directory_fsyncs_are_shared_by_callers_that_wait_for_one_in_flight() -> None:
+    """Group commit: a caller that arrives during an fsync waits for the next one, which
+    covers everyone who arrived meanwhile; never for the one already running."""
+    import threading
+
+    from dcmrecvd.storage import _DirectorySync
+
+    group = _DirectorySync()
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def fsync() -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            started.set()
+            assert release.wait(10)
+
+    first = threading.Thread(target=group.sync, args=(fsync,))
+    first.start()
+    assert started.wait(10)
+    late = [threading.Thread(target=group.sync, args=(fsync,)) for _ in range(3)]
+    for t in late:
+        t.start()
+    wait_for(lambda: group._requested == 4, interval=0.001)  # every late caller holds its ticket
+    assert all(t.is_alive() for t in late)  # none may return on the fsync that began before it
+    release.set()
+    for t in [first, *late]:
+        t.join(10)
+    assert calls == [0, 1]  # four callers, two fsyncs
+
+
+def test_a_failed_shared_fsync_fails_every_caller_it_covered() -> None:
+    import errno
+    import threading
+
+    from dcmrecvd.storage import _DirectorySync
+
+    group = _DirectorySync()
+    started, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def fsync() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            started.set()
+            assert release.wait(10)
+        elif len(calls) == 2:
+            raise OSError(errno.EIO, "injected")
+
+    results: dict[int, str] = {}
+
+    def caller(n: int) -> None:
+        try:
+            group.sync(fsync)
+            results[n] = "ok"
+        except OSError as exc:
+            results[n] = errno.errorcode[exc.errno or 0]
+
+    first = threading.Thread(target=caller, args=(0,))
+    first.start()
+    assert started.wait(10)
+    late = [threading.Thread(target=caller, args=(n,)) for n in (1, 2)]
+    for t in late:
+        t.start()
+    release.set()
+    for t in [first, *late]:
+        t.join(10)
+    assert results == {0: "ok", 1: "EIO", 2: "EIO"}
+    group.sync(fsync)  # the next caller gets a fresh fsync: the failure was not turned into success
+    assert len(calls) == 3
