@@ -307,11 +307,11 @@ def pipelined_runs(reps: int, quick: bool) -> list[Row]:
 def print_summary(rows: list[Row]) -> None:
     """One table of every scenario: medians, the paired ratio and its spread, CPU per object."""
     print("\nsummary (medians; ratio = dcmrecvd/dcmrecv throughput, paired per repetition, lowest-highest):")
-    print(f"{'scenario':<46}{'dcmrecv/s':>10}{'dcmrecvd/s':>11}{'ratio':>8}{'spread':>13}{'cpu ms/obj':>16}")
+    print(f"{'scenario':<46}{'dcmrecv/s':>10}{'dcmrecvd/s':>11}{'ratio':>8}{'spread':>15}{'cpu ms/obj':>16}")
     for r in rows:
         spread = f"{r.spread[0]:.2f}-{r.spread[1]:.2f}"
         cpu = f"{r.cpu_ms[0]:.2f} / {r.cpu_ms[1]:.2f}"
-        print(f"{r.scenario:<46}{r.rates[0]:>10.0f}{r.rates[1]:>11.0f}{r.ratio:>7.2f}x{spread:>13}{cpu:>16}")
+        print(f"{r.scenario:<46}{r.rates[0]:>10.0f}{r.rates[1]:>11.0f}{r.ratio:>7.2f}x{spread:>15}{cpu:>16}")
     print("(cpu ms/obj: receiver user+sys CPU per object, dcmrecv / dcmrecvd)")
 
 
