@@ -23,6 +23,7 @@ import tomli_w
 from dcmrecvd.access import check_network, check_rules
 from dcmrecvd.disk_space import parse_min_free
 from dcmrecvd.errors import ConfigError
+from dcmrecvd.logs import LOG_FORMATS, LOG_LEVELS
 
 DEFAULT_CONFIG_DIR = Path("/etc/dcmrecvd")
 MAIN_FILE_NAME = "dcmrecvd.toml"
@@ -32,7 +33,6 @@ CONFIG_DIR_ENV = "DCMRECVD_CONFIG_DIR"
 #: The key in the override mapping that the command line uses for its own origin.
 COMMAND_LINE = "<command line>"
 
-LOG_LEVELS = ("fatal", "error", "warn", "info", "debug", "trace")
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -209,7 +209,7 @@ class LoggingConfig:
     format: str = _opt(
         "auto",
         "auto (journal under systemd, console otherwise), console, json (JSON lines) or journal.",
-        choices=("auto", "console", "json", "journal"),
+        choices=LOG_FORMATS,
     )
 
 
@@ -576,9 +576,16 @@ def check_value(source: str, dotted: str, f: dataclasses.Field[Any], value: Any)
     return value
 
 
+def bit_preserving_conflict(mode: str, subdirectory: str) -> bool:
+    """dcmrecv's rule: +B (write the bytes as received) cannot go with +ssd (which must
+    read the dataset to find its directory).  The one statement of it: the command line,
+    the top-level tables and each [ae.<TITLE>] ask here."""
+    return mode == "bit-preserving" and subdirectory == "series-date"
+
+
 def check_combinations(config: Config) -> None:
     """Rules that involve more than one key (dcmrecv checks them on its command line)."""
-    if config.output.mode == "bit-preserving" and config.output.subdirectory == "series-date":
+    if bit_preserving_conflict(config.output.mode, config.output.subdirectory):
         raise ConfigError(
             "configuration",
             "output.mode",
@@ -589,7 +596,7 @@ def check_combinations(config: Config) -> None:
         raise ConfigError("configuration", "association.config_file", "a profile needs a config_file")
     for title in config.ae:
         association, output, _ = receiver_tables(config, title)
-        if output.mode == "bit-preserving" and output.subdirectory == "series-date":
+        if bit_preserving_conflict(output.mode, output.subdirectory):
             raise ConfigError(
                 "configuration", f"ae.{title}.output.mode", "bit-preserving not allowed with series-date"
             )

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dcmrecvd.config import bit_preserving_conflict
 from dcmrecvd.errors import UsageError
+from dcmrecvd.logs import LOG_FORMATS, LOG_LEVELS
 
 #: Marker values in ``Option.sets``: replaced by the option's n-th argument.
 ARG0 = "\x00arg0"
@@ -78,6 +80,8 @@ class Option:
     compat: str = ""
     #: (option, the key it sets): this option is only allowed when that key ends up set.
     requires: tuple[str, str] | None = None
+    #: Keys set to these constants unless the command line sets them itself (before or after).
+    implies: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spellings(self) -> tuple[str, ...]:
@@ -119,10 +123,10 @@ OPTIONS: tuple[Option, ...] = (
         "-ll",
         "--log-level",
         G_GENERAL,
-        "use level l for the logger\n(fatal, error, warn, info, debug, trace)",
+        f"use level l for the logger\n({', '.join(LOG_LEVELS)})",
         values=("[l]evel: string constant",),
         sets={"logging.level": ARG0},
-        convert=choice("fatal", "error", "warn", "info", "debug", "trace"),
+        convert=choice(*LOG_LEVELS),
     ),
     Option(
         "-lc",
@@ -263,6 +267,7 @@ OPTIONS: tuple[Option, ...] = (
         "add certificate revocation list file\n(implies --enable-crl-vfy)",
         values=("[f]ilename: string",),
         appends={"tls.crl_files": ARG0},
+        implies={"tls.crl_check": "leaf"},
     ),
     Option("+crv", "--enable-crl-vfy", G_TLS, "enable leaf CRL verification", sets={"tls.crl_check": "leaf"}),
     Option(
@@ -517,10 +522,10 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "--log-format",
         G_DAEMON,
-        "auto, console, json or journal (default: auto)",
+        f"{', '.join(LOG_FORMATS[:-1])} or {LOG_FORMATS[-1]} (default: auto)",
         values=("[f]ormat: string constant",),
         sets={"logging.format": ARG0},
-        convert=choice("auto", "console", "json", "journal"),
+        convert=choice(*LOG_FORMATS),
     ),
     Option(
         None,
@@ -684,11 +689,13 @@ def parse(argv: Sequence[str], cwd: Path | None = None) -> CommandLine:
             _store(cmd, dotted, value, append=False)
         for dotted in opt.appends:
             _store(cmd, dotted, converted[0], append=True)
-        if opt.long == "--add-crl-file" and _lookup(cmd, "tls.crl_check", "none") == "none":
-            _store(cmd, "tls.crl_check", "leaf", append=False)
         if opt.compat:
             cmd.warnings.append(f"{opt.long}: {opt.compat}")
         cmd.used.append(opt)
+    for opt in cmd.used:
+        for dotted, value in opt.implies.items():
+            if _lookup(cmd, dotted, None) is None:
+                _store(cmd, dotted, value, append=False)
     if cmd.action in ("help", "version", "list-ciphers"):
         return cmd
     _check_requirements(cmd)
@@ -697,10 +704,8 @@ def parse(argv: Sequence[str], cwd: Path | None = None) -> CommandLine:
     if params:
         cmd.port = parse_port(params[0])
         cmd.overrides.setdefault("network", {})["port"] = cmd.port
-    if (
-        _lookup(cmd, "output.mode", "normal") == "bit-preserving"
-        and _lookup(cmd, "output.subdirectory", "none") == "series-date"
-    ):
+    mode, subdirectory = _lookup(cmd, "output.mode", "normal"), _lookup(cmd, "output.subdirectory", "none")
+    if bit_preserving_conflict(mode, subdirectory):
         raise UsageError("--bit-preserving not allowed with --series-date-subdir")
     return cmd
 

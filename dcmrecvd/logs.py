@@ -30,6 +30,10 @@ LEVELS = {
     "debug": logging.DEBUG,
     "trace": logging.DEBUG,
 }
+#: The log levels, in dcmrecv's order (-ll): the one list the flags and the config use.
+LOG_LEVELS = tuple(LEVELS)
+#: Where log lines go (logging.format, --log-format).
+LOG_FORMATS = ("auto", "console", "json", "journal")
 _SYSLOG_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 
 #: Our structured keys -> journal field names.

@@ -256,3 +256,48 @@ def test_list_ciphers(config_dir: Path) -> None:
     result = dcmrecvd("+cc", config_dir=config_dir)
     assert result.returncode == 0
     assert "TLS_AES_256_GCM_SHA384" in result.stdout
+
+
+def test_add_crl_file_implies_leaf_checks_whatever_the_order() -> None:
+    """The rule is on the option's row (``implies``), not special-cased in the parser."""
+    assert flags.parse(["+tls", "k", "c", "+crl", "c.crl", "+cra"]).overrides["tls"]["crl_check"] == "chain"
+    row = next(o for o in flags.OPTIONS if o.long == "--add-crl-file")
+    assert row.implies == {"tls.crl_check": "leaf"}
+
+
+def test_each_fact_has_one_list() -> None:
+    """Log levels, log formats and TLS profile names: the flags, the config schema and the
+    TLS code all use the one tuple."""
+    import dataclasses
+
+    from dcmrecvd import config, logs, tls
+
+    fields = {f.name: f for f in dataclasses.fields(config.LoggingConfig)}
+    assert fields["level"].metadata["choices"] == logs.LOG_LEVELS == tuple(logs.LEVELS)
+    assert fields["format"].metadata["choices"] == logs.LOG_FORMATS
+    assert tuple(tls.PROFILES) == config.TLS_PROFILES
+    set_by_flags = {o.sets["tls.profile"] for o in flags.OPTIONS if "tls.profile" in o.sets}
+    assert set_by_flags <= set(config.TLS_PROFILES)
+
+
+def test_the_two_service_units_harden_alike() -> None:
+    """dcmrecvd.service and dcmrecvd@.service differ only where an instance must."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "systemd"
+
+    def service(name: str) -> dict[str, list[str]]:
+        section, out = "", {}
+        for line in (root / name).read_text().splitlines():
+            line = line.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[Service]" and line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                out.setdefault(key, []).append(value)
+        return out
+
+    single, instances = service("dcmrecvd.service"), service("dcmrecvd@.service")
+    differ = {key for key in single.keys() | instances.keys() if single.get(key) != instances.get(key)}
+    assert differ == {"ExecStart", "StateDirectory"}
+    assert "SystemCallFilter" in single and "ProtectSystem" in single
