@@ -34,7 +34,6 @@ CONFIG_DIR_ENV = "DCMRECVD_CONFIG_DIR"
 COMMAND_LINE = "<command line>"
 
 
-
 def parse_listen(text: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port); ValueError says what is wrong."""
     host, sep, port = text.rpartition(":")
