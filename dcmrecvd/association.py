@@ -14,12 +14,14 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import mmap
+import os
 import select
 import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -114,6 +116,7 @@ class Association:
         host: str = "",
         buffers: BufferPool = RECEIVE_BUFFERS,
         clock: Clock = dt.datetime.now,
+        events: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.sock = sock
         self.peer = peer
@@ -129,6 +132,8 @@ class Association:
         self.negotiated = negotiated
         self.buffers = buffers
         self.clock = clock
+        #: Where an acknowledged object's ``object.stored`` goes (the outbox), if anywhere.
+        self.events = events
         self.id = next_association_id()
         self.core = UpperLayer()
         #: The receive buffer: small until the association is accepted, then a pooled one.
@@ -550,9 +555,28 @@ class Association:
             if self.rx.title:
                 self.stats.stored_for(self.rx.title)
             self.log.info("store.completed", path=outcome.path or None, **fields)
+            if self.events is not None and outcome.path:  # after the response: never delays it
+                self.events(self._stored_event(request, outcome))
         else:
             self.stats.add(failed=1)
             self.log.error("store.failed", reason=outcome.error, **fields)
+
+    def _stored_event(self, request: Request, outcome: Outcome) -> dict[str, Any]:
+        command = request.command
+        return {
+            "event": "object.stored",
+            "called_aet": self.called,
+            "calling_aet": self.calling,
+            "peer": self.peer,
+            "sop_class_uid": command.affected_sop_class_uid,
+            "sop_instance_uid": command.affected_sop_instance_uid,
+            **outcome.tags,
+            "path": outcome.path,
+            "directory": os.path.dirname(outcome.path),
+            "size": outcome.size,
+            "transfer_syntax": request.context.transfer_syntax,
+            "time": self.clock().isoformat(timespec="microseconds"),
+        }
 
     def _respond(
         self,

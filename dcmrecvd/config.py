@@ -314,6 +314,98 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class EventsConfig:
+    """What happens after the ack: the event outbox and series/study completion."""
+
+    database: str = _opt(
+        "",
+        "The SQLite event outbox. Empty: .dcmrecvd/events.sqlite in $STATE_DIRECTORY under "
+        "systemd, else in output.directory. Used when [[hooks]] are configured.",
+    )
+    stable_seconds: int = _opt(
+        60,
+        "A series or study is complete after this many seconds without a new object (per "
+        "called AE, calling AE and Study Instance UID).",
+        minimum=1,
+        maximum=86400,
+    )
+    max_seconds: int = _opt(
+        3600,
+        "...or at the latest this many seconds after its first object, even if objects keep coming.",
+        minimum=1,
+        maximum=604800,
+    )
+    complete_on_stop: bool = _opt(
+        False,
+        "On SIGTERM, declare every pending series and study complete at once (otherwise they "
+        "wait in the outbox and complete after the restart).",
+    )
+
+
+#: Event kinds a hook can be for.
+EVENT_KINDS = ("object.stored", "series.complete", "series.updated", "study.complete", "study.updated")
+#: Placeholders a hook's exec items may hold, e.g. {path}.
+EVENT_FIELDS = (
+    "event",
+    "called_aet",
+    "calling_aet",
+    "peer",
+    "sop_class_uid",
+    "sop_instance_uid",
+    "study_uid",
+    "series_uid",
+    "patient_id",
+    "path",
+    "directory",
+    "size",
+    "transfer_syntax",
+    "time",
+    "objects",
+    "recovered",
+)
+
+
+def check_exec_item(item: str) -> str:
+    """One item of a hook's argv: its {placeholders} must be known event fields."""
+    import string
+
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(item) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"bad placeholder in {item!r}: {exc}") from None
+    for name in names:
+        if name not in EVENT_FIELDS:
+            raise ValueError(f"unknown placeholder {{{name}}} in {item!r}; known: {', '.join(EVENT_FIELDS)}")
+    return item
+
+
+def check_kind(kind: str) -> str:
+    if kind not in EVENT_KINDS:
+        raise ValueError(f"'{kind}' is not an event kind ({', '.join(EVENT_KINDS)})")
+    return kind
+
+
+@dataclass(frozen=True)
+class HookConfig:
+    """One ``[[hooks]]`` table: a program run for each event of the kinds in ``on``."""
+
+    on: list[str] = _opt(["study.complete"], "Event kinds that run the hook.", parse=check_kind)
+    exec: list[str] = _opt(
+        [],
+        "The program and its arguments (no shell); {placeholders} are replaced item by item, "
+        'e.g. ["/usr/bin/dcmsend", "pacs.example", "104", "{path}"] on object.stored.',
+        parse=check_exec_item,
+    )
+    name: str = _opt("", "For logs, STATUS and metrics (default hook1, hook2, ... in file order).")
+    timeout: int = _opt(300, "Seconds a run may take; then it is killed and counts as failed.", minimum=1)
+    concurrency: int = _opt(
+        1, "Runs at once (events of one study always run in order).", minimum=1, maximum=64
+    )
+    retries: int = _opt(5, "Runs after the first one fails; then the event is dead-lettered.", minimum=0)
+    backoff: int = _opt(10, "Seconds before the first retry; doubled each time, at most 1 hour.", minimum=1)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration, one field per TOML table."""
 
@@ -325,6 +417,10 @@ class Config:
     access: AccessConfig = field(default_factory=AccessConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    #: ``[[hooks]]``: programs run after the ack (see ``hooks``); an array, so a later file's
+    #: list replaces an earlier one's.
+    hooks: tuple[HookConfig, ...] = field(default=(), metadata={"table": False})
     #: ``[ae.<TITLE>]``: per called AE title, the keys of association, output and access
     #: that differ from the tables above (see ``receiver_tables``).
     ae: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict, metadata={"table": False})
@@ -438,9 +534,14 @@ def build(layers: Iterable[Layer]) -> Config:
     """Validate each layer against the schema, merge in order, freeze."""
     merged: dict[str, dict[str, Any]] = {}
     aes: dict[str, dict[str, dict[str, Any]]] = {}
+    hooks: list[dict[str, Any]] = []
     origins: dict[str, str] = {}
     for layer in layers:
         for section, values in validate_layer(layer).items():
+            if section == "hooks":  # an array: the later file's list replaces the earlier one
+                hooks = list(values)  # type: ignore[arg-type]
+                origins["hooks"] = layer.source
+                continue
             if section == "ae":  # per title, per table: tables merge, values replace
                 for title, tables in values.items():
                     for name, table in tables.items():
@@ -449,7 +550,16 @@ def build(layers: Iterable[Layer]) -> Config:
                 continue
             merged.setdefault(section, {}).update(values)
             origins.update({f"{section}.{name}": layer.source for name in values})
-    config = Config(**{s: cls(**merged.get(s, {})) for s, cls in sections().items()}, ae=aes, origins=origins)
+    named = [
+        HookConfig(**{"name": f"hook{i}", **h}) if not h.get("name") else HookConfig(**h)
+        for i, h in enumerate(hooks, 1)
+    ]
+    config = Config(
+        **{s: cls(**merged.get(s, {})) for s, cls in sections().items()},
+        ae=aes,
+        hooks=tuple(named),
+        origins=origins,
+    )
     check_combinations(config)
     return config
 
@@ -499,6 +609,21 @@ def _validate_aes(source: str, table: Any) -> dict[str, dict[str, dict[str, Any]
     return out
 
 
+def _validate_hooks(source: str, value: Any) -> list[dict[str, Any]]:
+    """``[[hooks]]``: an array of tables, each a HookConfig with a program to run."""
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+        raise ConfigError(source, "hooks", "must be an array of tables ([[hooks]])")
+    out = []
+    for i, table in enumerate(value, 1):
+        checked = _validate_table(source, f"hooks[{i}]", HookConfig, table)
+        if not checked.get("exec") or not checked["exec"][0]:
+            raise ConfigError(
+                source, f"hooks[{i}].exec", 'names no program (exec = ["/path/to/program", ...])'
+            )
+        out.append(checked)
+    return out
+
+
 def validate_layer(layer: Layer) -> dict[str, dict[str, Any]]:
     """Check one layer's tables and values; return a normalised copy."""
     schema = sections()
@@ -506,6 +631,9 @@ def validate_layer(layer: Layer) -> dict[str, dict[str, Any]]:
     for section, table in layer.data.items():
         if section == "ae":
             result["ae"] = _validate_aes(layer.source, table)
+            continue
+        if section == "hooks":
+            result["hooks"] = _validate_hooks(layer.source, table)  # type: ignore[assignment]
             continue
         if section not in schema:
             raise ConfigError(layer.source, section, "unknown table" + _suggest(section, schema))
@@ -619,6 +747,8 @@ def to_mapping(config: Config, *, redact: bool = True) -> dict[str, dict[str, An
                 continue
             table[f.name] = getattr(obj, f.name)
         out[section] = table
+    if config.hooks:
+        out["hooks"] = [{f.name: getattr(h, f.name) for f in dataclasses.fields(h)} for h in config.hooks]  # type: ignore[assignment]
     if config.ae:
         out["ae"] = {
             title: {name: dict(t) for name, t in tables.items()} for title, tables in config.ae.items()
@@ -674,4 +804,17 @@ def documented_toml(settings: Mapping[str, Mapping[str, Any]] = PACKAGE_SETTINGS
                 dumped = tomli_w.dumps({f.name: defaults[section][f.name]}).rstrip()
                 lines.extend("#" + line for line in dumped.splitlines())  # arrays span lines
         lines.append("")
+    lines += [
+        "# [[hooks]]: a program run for each event of the kinds in `on` (none by default).",
+        f"# Kinds: {', '.join(EVENT_KINDS)}.",
+        f"# Placeholders in exec: {', '.join('{' + name + '}' for name in EVENT_FIELDS)}.",
+        "# The event is also on stdin (JSON) and in DCMRECVD_* variables. No shell is involved.",
+        "#[[hooks]]",
+    ]
+    example = HookConfig(on=["object.stored"], exec=["/usr/bin/dcmsend", "pacs.example", "104", "{path}"])
+    for f in dataclasses.fields(HookConfig):
+        lines.append(f"# {f.metadata['doc']}")
+        dumped = tomli_w.dumps({f.name: getattr(example, f.name)}).rstrip()
+        lines.extend("#" + line for line in dumped.splitlines())
+    lines.append("")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -23,7 +24,9 @@ from dcmrecvd import logs, storage
 from dcmrecvd.config import Config
 from dcmrecvd.errors import DcmrecvdError
 from dcmrecvd.health import Health, OpsListeners
+from dcmrecvd.hooks import Hooks
 from dcmrecvd.metrics import METRICS, LiveFigures
+from dcmrecvd.outbox import Outbox, body_from_file
 from dcmrecvd.runtime import Runtime, Stats, prepare
 from dcmrecvd.server import Server
 from dcmrecvd.systemd import Notifier
@@ -36,6 +39,7 @@ RESTART_KEYS = (
     ("network", "address"),
     ("metrics", "listen"),
     ("metrics", "agent_listen"),
+    ("events", "database"),
 )
 
 
@@ -57,6 +61,9 @@ class Daemon:
     ops: OpsListeners | None = None
     #: Set on SIGTERM: probes and the agent say so while associations drain.
     draining: bool = False
+    #: The event outbox and its hooks, from the first configuration with [[hooks]] on.
+    outbox: Outbox | None = None
+    hooks: Hooks | None = None
 
     def current(self) -> Runtime:
         """The Runtime new associations get (read once per association)."""
@@ -77,6 +84,7 @@ class Daemon:
             heartbeat=self.notifier.watchdog if watchdog else None,
             heartbeat_interval=watchdog,
         )
+        self._apply_hooks(self.runtime)
         metrics = self.runtime.config.metrics
         if metrics.listen or metrics.agent_listen:  # bound before READY: a busy port is exit 64
             self.ops = OpsListeners(
@@ -140,6 +148,11 @@ class Daemon:
             free_bytes={str(rx.store.root): rx.disk.free_bytes() for rx in runtime.all_receivers()},
             disk_low=any(rx.disk.low for rx in runtime.all_receivers()),
             draining=self.draining,
+            **(
+                {"events_pending": counts["pending"], "events_dead": counts["dead"]}
+                if self.outbox is not None and (counts := self.outbox.counts())
+                else {}
+            ),
         )
 
     def _main_loop(self) -> int:
@@ -160,6 +173,8 @@ class Daemon:
                 for rx in receivers:  # re-reads free space now and then: disk.low / disk.ok
                     rx.disk.has_room()
                 self.stats.disk_low = any(rx.disk.low for rx in receivers)
+                if self.outbox is not None:
+                    self.stats.events = self.outbox.counts()
                 line = self.stats.status_line()
                 if line != last_status:
                     self.notifier.status(line)
@@ -177,6 +192,32 @@ class Daemon:
                 continue
             for path in removed:
                 log.warning("storage.stale_temp_removed", path=str(path))
+
+    # ------------------------------------------------------------------ events
+
+    def _apply_hooks(self, runtime: Runtime) -> None:
+        """Open the outbox when the first [[hooks]] appear; (re)start the hooks."""
+        config = runtime.config
+        if self.outbox is None:
+            if not config.hooks:
+                return
+            path = events_database(config, self.environ)
+            self.outbox = Outbox(
+                path, stable_seconds=config.events.stable_seconds, max_seconds=config.events.max_seconds
+            )
+            self.hooks = Hooks(self.outbox, self.environ)
+            self.hooks.apply(config.hooks)  # consumers known before recovered events are written
+            if not self.outbox.was_clean:
+                roots = [(rx.store.root, rx.name) for rx in runtime.all_receivers()]
+                self.outbox.recover(roots, body_from_file)
+            self.outbox.start()
+            assert self.server is not None
+            self.server.events = self.outbox.record
+            self.stats.events = self.outbox.counts()
+            return
+        assert self.hooks is not None
+        self.outbox.stable, self.outbox.cap = config.events.stable_seconds, config.events.max_seconds
+        self.hooks.apply(config.hooks)
 
     # ------------------------------------------------------------------ reload
 
@@ -207,6 +248,7 @@ class Daemon:
                 log.warning("reload.needs_restart", key=f"{section}.{key}", running=before, configured=after)
                 new = _keep_setting(new, old, section, key)
         self.runtime = new
+        self._apply_hooks(new)
         METRICS.reloads.labels("ok").inc()
         self.stats.last_reload = "ok"
         log.info("reload.completed", generation=new.generation, profile=new.profile.name)
@@ -248,6 +290,11 @@ class Daemon:
                 listener.close()
         aborted = self.server.drain(self.runtime.config.daemon.drain_timeout)
         self.server.close()
+        if self.outbox is not None:  # every acknowledged object's event is in, durably
+            assert self.hooks is not None
+            self.hooks.stop()
+            self.outbox.stop(complete=self.runtime.config.events.complete_on_stop)
+            self.outbox.close()
         if self.ops is not None:
             self.ops.close()
         log.info("daemon.stopped", aborted=aborted, stored=self.stats.stored)
@@ -270,3 +317,12 @@ def _describe(sock: socket.socket) -> str:
     except OSError:
         return "?"
     return f"{host}:{port}"
+
+
+def events_database(config: Config, environ: Mapping[str, str]) -> Path:
+    """events.database, or the state directory systemd gave us, or beside the output."""
+    if config.events.database:
+        return Path(config.events.database)
+    # Hidden, so that nothing that watches the output directory takes it for an object.
+    base = environ.get("STATE_DIRECTORY", "").split(":")[0] or config.output.directory
+    return Path(base) / ".dcmrecvd" / "events.sqlite"

@@ -190,6 +190,27 @@ def dcmrecvd_toml_5() -> str:
             "called title without a table goes to the default AE, which rejects it (reason 7) "
             "when network.ae_title is set. Each AE's output directory is checked at start (exit 45)."
         ),
+        ".SH [[hooks]]",
+        _esc(
+            "Programs run after the ack, off the receiving path, one table per program. Each "
+            "acknowledged object becomes an object.stored event in the outbox (events.database); "
+            "a series or study is complete after events.stable_seconds without a new object "
+            "(events.max_seconds at the latest), and an object after that makes an update event "
+            f"instead of a second completion. Event kinds: {', '.join(config.EVENT_KINDS)}. "
+            "At least once: after a crash, events are rebuilt from the files newer than the "
+            "outbox's last durable mark, so duplicates are possible and none is missing. "
+            "exec is run without a shell; its items may hold placeholders "
+            f"({', '.join('{' + n + '}' for n in config.EVENT_FIELDS)}), each replaced within "
+            "its item; the event is also on stdin as JSON and in DCMRECVD_<FIELD> variables. "
+            "Events of one study run in order; a failed run is retried (backoff doubling), "
+            "then dead-lettered (hook.failed, STATUS, dcmrecvd_events_dead)."
+        ),
+    ]
+    for f in dataclasses.fields(config.HookConfig):
+        default = getattr(config.HookConfig(), f.name)
+        shown = f'"{default}"' if isinstance(default, str) else str(default).lower()
+        out += [".TP", f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})", _esc(f.metadata["doc"])]
+    out += [
         ".SH SEE ALSO",
         ".BR dcmrecvd (8)",
     ]

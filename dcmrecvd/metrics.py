@@ -34,6 +34,9 @@ class LiveFigures:
     free_bytes: dict[str, int] = field(default_factory=dict)
     disk_low: bool = False
     draining: bool = False
+    #: Outbox deliveries waiting (events not yet handled by a hook) and dead-lettered ones.
+    events_pending: int = 0
+    events_dead: int = 0
 
 
 class _Live(Collector):
@@ -65,6 +68,14 @@ class _Live(Collector):
         )
         yield GaugeMetricFamily(
             "dcmrecvd_draining", "1 while SIGTERM drains associations in flight", value=int(now.draining)
+        )
+        yield GaugeMetricFamily(
+            "dcmrecvd_events_pending", "Event deliveries waiting in the outbox", value=now.events_pending
+        )
+        yield GaugeMetricFamily(
+            "dcmrecvd_events_dead",
+            "Event deliveries dead-lettered after their last retry",
+            value=now.events_dead,
         )
 
 
@@ -107,6 +118,12 @@ class Metrics:
         )
         for result in ("ok", "failed"):
             self.reloads.labels(result)
+        self.hook_runs = Counter(
+            "dcmrecvd_hook_runs",
+            "Hook runs, by hook and result (ok, retry, dead)",
+            ["hook", "result"],
+            registry=r,
+        )
 
     def watch(self, read: Callable[[], LiveFigures]) -> None:
         """Add the gauges that are read from the daemon at scrape time."""

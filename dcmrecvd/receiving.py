@@ -20,7 +20,7 @@ import datetime as dt
 import errno
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Protocol
 
@@ -28,9 +28,12 @@ from structlog.typing import FilteringBoundLogger
 
 from dcmrecvd import dimse, naming, part10, uids
 from dcmrecvd.dataset_walk import (
+    PATIENT_ID,
     SERIES_DATE,
+    SERIES_INSTANCE_UID,
     SOP_CLASS_UID,
     SOP_INSTANCE_UID,
+    STUDY_INSTANCE_UID,
     DatasetWalker,
     Malformed,
     text_value,
@@ -57,6 +60,9 @@ class Outcome:
     replaced: bool = False
     #: When its commit began (monotonic); the commit ends when the writer's ``sync`` does.
     commit_started: float = 0.0
+    #: What the events after the ack need of a stored object: file size, study, series, patient.
+    size: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class Sink(Protocol):
@@ -113,12 +119,14 @@ class Checked:
     """Walks the dataset and checks its UIDs, writing nothing (``-ignore``): a success
     still means a well-formed dataset with a valid SOP Instance UID."""
 
+    WANTED = (SOP_CLASS_UID, SOP_INSTANCE_UID)
+
     def __init__(
         self,
         command: dimse.Command,
         transfer_syntax: str,
         log: FilteringBoundLogger,
-        wanted: tuple[int, ...] = (SOP_CLASS_UID, SOP_INSTANCE_UID),
+        wanted: tuple[int, ...] = WANTED,
     ) -> None:
         self.command = command
         self.transfer_syntax = transfer_syntax
@@ -214,6 +222,9 @@ class Stored(Checked):
     ``MAX_PREFIX``); from then on views are queued and written by ``flush``.
     """
 
+    #: Read on the way for the events after the ack (and the +ssd directory): no decoding.
+    FOR_EVENTS = (SERIES_DATE, PATIENT_ID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID)
+
     def __init__(
         self,
         command: dimse.Command,
@@ -222,8 +233,7 @@ class Stored(Checked):
         destination: Destination,
     ) -> None:
         self.open_after = SERIES_DATE if destination.scheme.needs_series_date else SOP_INSTANCE_UID
-        wanted = (SOP_CLASS_UID, SOP_INSTANCE_UID, SERIES_DATE)[: 3 if self.open_after == SERIES_DATE else 2]
-        super().__init__(command, transfer_syntax, log, wanted)
+        super().__init__(command, transfer_syntax, log, (*Checked.WANTED, *Stored.FOR_EVENTS))
         self.to = destination
         self.prefix = bytearray()
         self.pending: list[memoryview] = []
@@ -288,6 +298,7 @@ class Stored(Checked):
         assert self.file is not None
         command = self.command
         scheme, clock = self.to.scheme, self.to.clock
+        size = self.file.size
         started = time.monotonic()
         committed = self.to.writer.stage(
             self.file,
@@ -304,8 +315,19 @@ class Stored(Checked):
             self.log.warning(
                 "store.replaced", path=str(committed.path), sop_instance_uid=command.affected_sop_instance_uid
             )
+        captured = self.walker.captured
+        tags = {
+            "study_uid": text_value(captured.get(STUDY_INSTANCE_UID)) or "",
+            "series_uid": text_value(captured.get(SERIES_INSTANCE_UID)) or "",
+            "patient_id": (captured.get(PATIENT_ID) or b"").decode("latin-1").rstrip(" \x00"),
+        }
         return Outcome(
-            Status.SUCCESS, path=str(committed.path), replaced=committed.replaced, commit_started=started
+            Status.SUCCESS,
+            path=str(committed.path),
+            replaced=committed.replaced,
+            commit_started=started,
+            size=size,
+            tags=tags,
         )
 
     def discard(self) -> None:

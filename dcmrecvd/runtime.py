@@ -91,6 +91,8 @@ class Stats:
     rejected: int = 0
     last_reload: str = "none"
     disk_low: bool = False
+    #: The outbox (when hooks are configured): deliveries waiting, and dead-lettered ones.
+    events: dict[str, int] | None = None
     #: Objects stored per named AE ([ae.<TITLE>]); shown on the STATUS line when there are any.
     stored_by_ae: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -114,6 +116,8 @@ class Stats:
             f"({self.bytes / 1e6:.1f} MB{'; ' + by_ae if by_ae else ''}), {self.failed} failed; "
             f"last reload: {self.last_reload}"
         )
+        if self.events is not None:
+            line += f"; events: {self.events['pending']} pending, {self.events['dead']} dead"
         return "disk below output.min_free, refusing new objects; " + line if self.disk_low else line
 
 

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 
@@ -75,8 +76,10 @@ class Server:
         *,
         heartbeat: Callable[[], None] | None = None,
         heartbeat_interval: float = 0.0,
+        events: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.listeners = listeners
+        self.events = events
         self.runtime = runtime
         self.stats = stats
         self.heartbeat = heartbeat
@@ -222,6 +225,7 @@ class Server:
             release_slot=self._release,
             negotiated=self._negotiated,
             host=host,
+            events=self.events,
         )
         if runtime.config.network.host_lookup and isinstance(addr, tuple):
             bound = assoc.log

@@ -1,0 +1,232 @@
+"""Events and [[hooks]] against a real daemon: what the hook sees, what it can't break,
+and kill -9 with a restart (every acknowledged object has its event, at least once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import DaemonFactory, wait_for
+from malformed import base_dataset, encode
+from peers import RawClient
+from test_association import store
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+HOSTILE_AET = "A'B $(touch x)"
+HOSTILE_PATIENT = "$(touch /tmp/pwned-dcmrecvd); `id` 'a b' \"c\""
+
+#: The hook: one JSON line per run (argv, stdin, the DCMRECVD_* environment), appended
+#: in one write; then it sleeps or fails if told to by its first argument.
+HOOK = r"""
+import json, os, sys, time
+out, mode, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+line = json.dumps({"argv": args, "stdin": json.loads(sys.stdin.read()),
+                   "env": {k: v for k, v in os.environ.items() if k.startswith("DCMRECVD_")},
+                   "notify": "NOTIFY_SOCKET" in os.environ}) + "\n"
+fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+os.write(fd, line.encode())
+os.close(fd)
+if mode.startswith("sleep"):
+    time.sleep(float(mode[5:]))
+sys.exit(1 if mode == "fail" else 0)
+"""
+
+
+def dataset(uid: str, study: str, patient: str = "P1") -> bytes:
+    ds = base_dataset()
+    ds.SOPInstanceUID = uid
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = study + ".1"
+    ds.PatientID = patient
+    return encode(ds)
+
+
+def config_with_hooks(tmp_path: Path, hooks: list[dict[str, Any]], stable: int = 1) -> Path:
+    script = tmp_path / "hook.py"
+    script.write_text(HOOK)
+    lines = ["[events]", f"stable_seconds = {stable}", ""]
+    for hook in hooks:
+        lines.append("[[hooks]]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in hook.items()]
+        lines.append("")
+    path = tmp_path / "hooks.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def hook_exec(tmp_path: Path, out: str, mode: str, *placeholders: str) -> list[str]:
+    return [sys.executable, str(tmp_path / "hook.py"), str(tmp_path / out), mode, *placeholders]
+
+
+def study_hook(tmp_path: Path) -> list[str]:
+    return hook_exec(tmp_path, "studies.jsonl", "ok", "{study_uid}", "{objects}")
+
+
+def runs(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def send_all(port: int, objects: list[tuple[str, bytes]], calling: str = "RAW") -> list[int]:
+    client = RawClient(port)
+    assert client.associate(CT, EXPLICIT, calling=calling) == 0x02
+    statuses = []
+    for i, (uid, data) in enumerate(objects):
+        client.sock.sendall(store(data, uid, message_id=i + 1))
+        statuses.append(client.response_status())
+    client.sock.sendall(bytes((5, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
+    client.read_pdu()
+    client.close()
+    return statuses
+
+
+def test_hooks_see_each_object_and_each_study_once_with_values_as_single_items(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    placeholders = ("{sop_instance_uid}", "--aet={calling_aet}", "{patient_id}", "{path}")
+    config = config_with_hooks(
+        tmp_path,
+        [
+            {"on": ["object.stored"], "exec": hook_exec(tmp_path, "objects.jsonl", "ok", *placeholders)},
+            {
+                "on": ["study.complete"],
+                "exec": hook_exec(tmp_path, "studies.jsonl", "ok", "{study_uid}", "{objects}"),
+            },
+        ],
+    )
+    d = daemons.start("--config", str(config))
+    objects = [
+        (f"1.2.3.{i}", dataset(f"1.2.3.{i}", "1.2.9" if i % 2 else "1.2.8", HOSTILE_PATIENT))
+        for i in range(6)
+    ]
+    assert send_all(d.port, objects, calling=HOSTILE_AET) == [0] * 6
+    wait_for(
+        lambda: len(runs(tmp_path / "objects.jsonl")) == 6 and len(runs(tmp_path / "studies.jsonl")) == 2
+    )
+    seen = runs(tmp_path / "objects.jsonl")
+    assert sorted(r["argv"][0] for r in seen) == sorted(uid for uid, _ in objects)
+    for run in seen:
+        uid, aet, patient, path = run["argv"]
+        assert aet == f"--aet={HOSTILE_AET}" and patient == HOSTILE_PATIENT  # one item each, verbatim
+        assert Path(path).name == f"CT.{uid}" and Path(path).is_file()
+        assert run["stdin"]["path"] == path and run["stdin"]["event"] == "object.stored"
+        assert run["env"]["DCMRECVD_SOP_INSTANCE_UID"] == uid
+        assert run["env"]["DCMRECVD_CALLING_AET"] == HOSTILE_AET
+        assert not run["notify"]  # the daemon's systemd socket is not the hook's
+    assert not Path("/tmp/pwned-dcmrecvd").exists() and not (tmp_path / "x").exists()
+    studies = sorted((r["argv"][0], r["argv"][1]) for r in runs(tmp_path / "studies.jsonl"))
+    assert studies == [("1.2.8", "3"), ("1.2.9", "3")]
+    assert "hook.completed" in d.log()
+
+
+def test_a_slow_or_failing_hook_never_delays_or_fails_a_store(daemons: DaemonFactory, tmp_path: Path) -> None:
+    config = config_with_hooks(
+        tmp_path,
+        [
+            {"on": ["object.stored"], "exec": hook_exec(tmp_path, "slow.jsonl", "sleep30"), "timeout": 60},
+            {
+                "on": ["object.stored"],
+                "exec": hook_exec(tmp_path, "failing.jsonl", "fail"),
+                "retries": 1,
+                "backoff": 1,
+                "name": "failing",
+            },
+        ],
+    )
+    d = daemons.start("--config", str(config))
+    objects = [(f"1.2.4.{i}", dataset(f"1.2.4.{i}", "1.2.4")) for i in range(20)]
+    started = time.monotonic()
+    assert send_all(d.port, objects) == [0] * 20
+    elapsed = time.monotonic() - started
+    assert elapsed < 10, f"20 small C-STOREs took {elapsed:.1f} s with a 30 s hook"  # 600 s if on the path
+    wait_for(lambda: d.log().count("hook.failed") == 20, timeout=60)  # 2 runs each, then dead
+    assert len(runs(tmp_path / "failing.jsonl")) == 40
+    assert d.log().count("hook.retry") == 20
+    assert len(runs(tmp_path / "slow.jsonl")) == 1  # one run at a time, the first still sleeping
+
+
+class Sender(threading.Thread):
+    def __init__(self, port: int, objects: list[tuple[str, bytes]]) -> None:
+        super().__init__(daemon=True)
+        self.port, self.objects = port, objects
+        self.acked: list[str] = []
+
+    def run(self) -> None:
+        try:
+            client = RawClient(self.port, timeout=30)
+            assert client.associate(CT, EXPLICIT) == 0x02
+            for i, (uid, data) in enumerate(self.objects):
+                client.sock.sendall(store(data, uid, message_id=i + 1))
+                if client.response_status() == 0:
+                    self.acked.append(uid)
+        except (OSError, ConnectionError, AssertionError):
+            pass
+
+
+def test_kill_9_and_restart_every_acknowledged_object_has_its_event(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    output = tmp_path / "store"
+    output.mkdir()
+    config = config_with_hooks(
+        tmp_path,
+        [
+            {
+                "on": ["object.stored"],
+                "exec": hook_exec(tmp_path, "objects.jsonl", "ok", "{sop_instance_uid}"),
+            },
+            {
+                "on": ["study.complete"],
+                "exec": hook_exec(tmp_path, "studies.jsonl", "ok", "{study_uid}", "{objects}"),
+            },
+        ],
+        stable=2,
+    )
+    d = daemons.start("--config", str(config), output=output)
+    objects = [(f"1.2.5.{i}", dataset(f"1.2.5.{i}", "1.2.5")) for i in range(300)]
+    sender = Sender(d.port, objects)
+    sender.start()
+    wait_for(lambda: len(sender.acked) >= 120 or not sender.is_alive(), timeout=60)
+    os.kill(d.pid, signal.SIGSTOP)
+    acked = list(sender.acked)
+    os.kill(d.pid, signal.SIGKILL)
+    d.proc.wait(10)
+    sender.join(30)
+    assert 120 <= len(acked) < len(objects)
+    restarted = daemons.start("--config", str(config), output=output)
+    wait_for(lambda: set(acked) <= {r["argv"][0] for r in runs(tmp_path / "objects.jsonl")}, timeout=60)
+    seen = [r["argv"][0] for r in runs(tmp_path / "objects.jsonl")]
+    duplicates = len(seen) - len(set(seen))
+    assert duplicates <= len(acked) // 10, f"{duplicates} duplicates for {len(acked)} objects"
+    # The study completes once, after the restart, with every object it holds.
+    wait_for(lambda: runs(tmp_path / "studies.jsonl"), timeout=30)
+    wait_for(lambda: "hook.completed" in restarted.log(), timeout=10)
+    studies = runs(tmp_path / "studies.jsonl")
+    assert [r["argv"][0] for r in studies] == ["1.2.5"], [
+        (r["argv"], r["stdin"]["time"], r["stdin"]["event"]) for r in studies
+    ]
+    assert int(studies[0]["argv"][1]) >= len(acked)
+
+
+def test_a_reload_applies_changed_hooks(daemons: DaemonFactory, tmp_path: Path) -> None:
+    first = {"on": ["object.stored"], "exec": hook_exec(tmp_path, "a.jsonl", "ok", "{sop_instance_uid}")}
+    config = config_with_hooks(tmp_path, [first])
+    d = daemons.start("--config", str(config))
+    assert send_all(d.port, [(f"1.2.6.{i}", dataset(f"1.2.6.{i}", "1.2.6")) for i in range(2)]) == [0, 0]
+    wait_for(lambda: len(runs(tmp_path / "a.jsonl")) == 2)
+    second = {"on": ["object.stored"], "exec": hook_exec(tmp_path, "b.jsonl", "ok", "{sop_instance_uid}")}
+    config_with_hooks(tmp_path, [second])  # rewrites hooks.toml: same name (hook1), another program
+    os.kill(d.pid, signal.SIGHUP)
+    wait_for(lambda: "reload.completed" in d.log())
+    assert send_all(d.port, [(f"1.2.7.{i}", dataset(f"1.2.7.{i}", "1.2.7")) for i in range(2)]) == [0, 0]
+    wait_for(lambda: len(runs(tmp_path / "b.jsonl")) == 2)
+    assert sorted(r["argv"][0] for r in runs(tmp_path / "b.jsonl")) == ["1.2.7.0", "1.2.7.1"]
+    assert len(runs(tmp_path / "a.jsonl")) == 2
