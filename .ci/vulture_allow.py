@@ -34,3 +34,7 @@ _.in_dataset  # unused property (dcmrecvd/upper_layer.py:149)
 _.maximum_number_operations_performed  # set for pynetdicom's encoder (dcmrecvd/negotiation.py)
 _.commit  # storage.PendingFile.commit / Writer.commit: the one-file API, used by tests and bench/floor.py
 _.all_events  # Outbox.all_events: for tests and inspection
+_.heartbeat  # pika connection parameters (dcmrecvd/amqp.py)
+_.blocked_connection_timeout
+_.connection_attempts
+_.credentials

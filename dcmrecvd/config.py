@@ -313,6 +313,40 @@ class DaemonConfig:
     pidfile: str = _opt("", "Pidfile for --daemon mode.")
 
 
+def check_amqp_url(url: str) -> str:
+    """amqp:// or amqps://, and no password in it (password_file or password_credential)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if url and parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(f"'{url}' is not an amqp:// or amqps:// URL")
+    if parts.password is not None:
+        raise ValueError(
+            "no password in the URL (it would be shown): use password_file or password_credential"
+        )
+    return url
+
+
+@dataclass(frozen=True)
+class AmqpConfig:
+    """``[events.amqp]``: every event published to RabbitMQ, with publisher confirms."""
+
+    url: str = _opt(
+        "",
+        "Broker URL, e.g. amqp://mq.example:5672/%2F (empty: off); no password in it.",
+        parse=check_amqp_url,
+    )
+    user: str = _opt("", "User name (empty: the URL's, or RabbitMQ's guest).")
+    password_file: str = _opt("", "File whose first line is the password.")
+    password_credential: str = _opt(
+        "", "systemd credential holding the password (LoadCredential=NAME:/path)."
+    )
+    exchange: str = _opt("dcmrecvd", "Topic exchange the events go to (declared durable).")
+    routing_key: str = _opt("{event}.{called_aet}", "Routing key, with the hooks' {placeholders}.")
+    queue: str = _opt("", "A queue to declare and bind to every event (empty: none; bind your own).")
+    quorum: bool = _opt(True, "Declare that queue as a quorum queue (replicated, for fleets).")
+
+
 @dataclass(frozen=True)
 class EventsConfig:
     """What happens after the ack: the event outbox and series/study completion."""
@@ -421,6 +455,8 @@ class Config:
     #: ``[[hooks]]``: programs run after the ack (see ``hooks``); an array, so a later file's
     #: list replaces an earlier one's.
     hooks: tuple[HookConfig, ...] = field(default=(), metadata={"table": False})
+    #: ``[events.amqp]`` (a table inside [events]).
+    amqp: AmqpConfig = field(default_factory=AmqpConfig, metadata={"table": False})
     #: ``[ae.<TITLE>]``: per called AE title, the keys of association, output and access
     #: that differ from the tables above (see ``receiver_tables``).
     ae: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict, metadata={"table": False})
@@ -558,6 +594,7 @@ def build(layers: Iterable[Layer]) -> Config:
         **{s: cls(**merged.get(s, {})) for s, cls in sections().items()},
         ae=aes,
         hooks=tuple(named),
+        amqp=AmqpConfig(**merged.get("events.amqp", {})),
         origins=origins,
     )
     check_combinations(config)
@@ -635,6 +672,9 @@ def validate_layer(layer: Layer) -> dict[str, dict[str, Any]]:
         if section == "hooks":
             result["hooks"] = _validate_hooks(layer.source, table)  # type: ignore[assignment]
             continue
+        if section == "events" and isinstance(table, Mapping) and "amqp" in table:
+            result["events.amqp"] = _validate_table(layer.source, "events.amqp", AmqpConfig, table["amqp"])
+            table = {k: v for k, v in table.items() if k != "amqp"}
         if section not in schema:
             raise ConfigError(layer.source, section, "unknown table" + _suggest(section, schema))
         if not isinstance(table, Mapping):
@@ -747,6 +787,7 @@ def to_mapping(config: Config, *, redact: bool = True) -> dict[str, dict[str, An
                 continue
             table[f.name] = getattr(obj, f.name)
         out[section] = table
+    out["events"]["amqp"] = {f.name: getattr(config.amqp, f.name) for f in dataclasses.fields(AmqpConfig)}
     if config.hooks:
         out["hooks"] = [{f.name: getattr(h, f.name) for f in dataclasses.fields(h)} for h in config.hooks]  # type: ignore[assignment]
     if config.ae:
@@ -804,6 +845,12 @@ def documented_toml(settings: Mapping[str, Mapping[str, Any]] = PACKAGE_SETTINGS
                 dumped = tomli_w.dumps({f.name: defaults[section][f.name]}).rstrip()
                 lines.extend("#" + line for line in dumped.splitlines())  # arrays span lines
         lines.append("")
+    lines.append("[events.amqp]")
+    for f in dataclasses.fields(AmqpConfig):
+        lines.append(f"# {f.metadata['doc']}")
+        dumped = tomli_w.dumps({f.name: getattr(AmqpConfig(), f.name)}).rstrip()
+        lines.extend("#" + line for line in dumped.splitlines())
+    lines.append("")
     lines += [
         "# [[hooks]]: a program run for each event of the kinds in `on` (none by default).",
         f"# Kinds: {', '.join(EVENT_KINDS)}.",

@@ -201,15 +201,13 @@ class Hooks:
         self.runners: dict[str, HookRunner] = {}
 
     def apply(self, hooks: Sequence[HookConfig]) -> None:
+        """Stop the runners of hooks that changed or went; start the new ones (the outbox's
+        consumers are set by the caller first)."""
         wanted = {h.name: h for h in hooks}
         for name, runner in list(self.runners.items()):
             if wanted.get(name) != runner.hook:
                 runner.stop()
                 del self.runners[name]
-        removed = set(self.outbox.consumers) - set(wanted)
-        self.outbox.consumers = {name: frozenset(h.on) for name, h in wanted.items()}
-        if removed:
-            self.outbox.forget(removed)
         for name, hook in wanted.items():
             if name not in self.runners:
                 runner = HookRunner(self.outbox, hook, self.environ)

@@ -21,7 +21,9 @@ from pathlib import Path
 import structlog
 
 from dcmrecvd import logs, storage
-from dcmrecvd.config import Config
+from dcmrecvd.amqp import CONSUMER as AMQP_CONSUMER
+from dcmrecvd.amqp import Publisher, start_publisher
+from dcmrecvd.config import EVENT_KINDS, Config
 from dcmrecvd.errors import DcmrecvdError
 from dcmrecvd.health import Health, OpsListeners
 from dcmrecvd.hooks import Hooks
@@ -64,6 +66,7 @@ class Daemon:
     #: The event outbox and its hooks, from the first configuration with [[hooks]] on.
     outbox: Outbox | None = None
     hooks: Hooks | None = None
+    publisher: Publisher | None = None
 
     def current(self) -> Runtime:
         """The Runtime new associations get (read once per association)."""
@@ -196,17 +199,18 @@ class Daemon:
     # ------------------------------------------------------------------ events
 
     def _apply_hooks(self, runtime: Runtime) -> None:
-        """Open the outbox when the first [[hooks]] appear; (re)start the hooks."""
+        """Open the outbox when the first consumer ([[hooks]], [events.amqp]) appears;
+        (re)start the hooks and the publisher."""
         config = runtime.config
         if self.outbox is None:
-            if not config.hooks:
+            if not config.hooks and not config.amqp.url:
                 return
             path = events_database(config, self.environ)
             self.outbox = Outbox(
                 path, stable_seconds=config.events.stable_seconds, max_seconds=config.events.max_seconds
             )
             self.hooks = Hooks(self.outbox, self.environ)
-            self.hooks.apply(config.hooks)  # consumers known before recovered events are written
+            self._set_consumers(config)  # known before recovered events are written
             if not self.outbox.was_clean:
                 roots = [(rx.store.root, rx.name) for rx in runtime.all_receivers()]
                 self.outbox.recover(roots, body_from_file)
@@ -214,10 +218,27 @@ class Daemon:
             assert self.server is not None
             self.server.events = self.outbox.record
             self.stats.events = self.outbox.counts()
-            return
+        else:
+            self.outbox.stable, self.outbox.cap = config.events.stable_seconds, config.events.max_seconds
+            self._set_consumers(config)
         assert self.hooks is not None
-        self.outbox.stable, self.outbox.cap = config.events.stable_seconds, config.events.max_seconds
         self.hooks.apply(config.hooks)
+        if self.publisher is None or self.publisher.cfg != config.amqp:
+            if self.publisher is not None:
+                self.publisher.stop()
+            self.publisher = start_publisher(self.outbox, config.amqp, self.environ)
+
+    def _set_consumers(self, config: Config) -> None:
+        """Who takes which events: each hook its kinds, the AMQP publisher all of them;
+        a consumer that went has its pending deliveries dropped."""
+        assert self.outbox is not None
+        wanted = {h.name: frozenset(h.on) for h in config.hooks}
+        if config.amqp.url:
+            wanted[AMQP_CONSUMER] = frozenset(EVENT_KINDS)
+        gone = set(self.outbox.consumers) - set(wanted)
+        self.outbox.consumers = wanted
+        if gone:
+            self.outbox.forget(gone)
 
     # ------------------------------------------------------------------ reload
 
@@ -293,6 +314,8 @@ class Daemon:
         if self.outbox is not None:  # every acknowledged object's event is in, durably
             assert self.hooks is not None
             self.hooks.stop()
+            if self.publisher is not None:
+                self.publisher.stop()
             self.outbox.stop(complete=self.runtime.config.events.complete_on_stop)
             self.outbox.close()
         if self.ops is not None:

@@ -82,6 +82,8 @@ EVENTS = (
     "hook.completed",
     "hook.retry",
     "hook.failed",
+    "events.amqp_up",
+    "events.amqp_down",
     "storage.stale_temp_removed",
     "reload.started",
     "reload.completed",

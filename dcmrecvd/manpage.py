@@ -190,6 +190,20 @@ def dcmrecvd_toml_5() -> str:
             "called title without a table goes to the default AE, which rejects it (reason 7) "
             "when network.ae_title is set. Each AE's output directory is checked at start (exit 45)."
         ),
+        ".SH [events.amqp]",
+        _esc(
+            "Every event (the kinds above) published to a RabbitMQ topic exchange as a persistent "
+            "JSON message, with publisher confirms: an event leaves the outbox only when the "
+            "broker confirmed it. While the broker is down events wait in the outbox (STATUS "
+            "counts them) and receiving goes on. The password is read from password_file or a "
+            "systemd credential and never shown; a URL with a password is refused."
+        ),
+    ]
+    for f in dataclasses.fields(config.AmqpConfig):
+        default = getattr(config.AmqpConfig(), f.name)
+        shown = f'"{default}"' if isinstance(default, str) else str(default).lower()
+        out += [".TP", f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})", _esc(f.metadata["doc"])]
+    out += [
         ".SH [[hooks]]",
         _esc(
             "Programs run after the ack, off the receiving path, one table per program. Each "

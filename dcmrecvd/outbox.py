@@ -332,6 +332,17 @@ class Outbox:
                     break
         return out
 
+    def due_in_order(self, consumer: str, limit: int) -> list[Due]:
+        """Up to ``limit`` of ``consumer``'s due events, oldest first (a publisher keeps
+        the order of the log, not per study)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.id, e.study_key, e.body FROM deliveries d JOIN events e ON e.id = d.event_id"
+                " WHERE d.consumer = ? AND d.dead = 0 AND d.next_try <= ? ORDER BY e.id LIMIT ?",
+                (consumer, self.clock(), limit),
+            ).fetchall()
+        return [Due(int(i), str(k), events.from_json(b)) for i, k, b in rows]
+
     def next_retry(self, consumer: str) -> float | None:
         with self._lock:
             row = self._db.execute(
