@@ -8,6 +8,7 @@ set and prints each one's median rate and receiver CPU, with every run shown.
 
     git worktree add /tmp/before <commit>
     python bench/ab.py /tmp/before . --set small --pdu 16384 --reps 4 [--senders 4]
+    python bench/ab.py . . --config-b hooks.toml   # the cost of hooks on the receiving path
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ sys.path.insert(0, str(HERE))
 from run import SETS, cpu_seconds, ensure_data, free_port, fresh_output, send, tool_env, wait_listening  # noqa: E402
 
 
-def run_once(tree: Path, folder: Path, pdu: int, senders: int) -> tuple[float, float]:
+def run_once(
+    tree: Path, folder: Path, pdu: int, senders: int, config: Path | None = None
+) -> tuple[float, float]:
     """(seconds, receiver CPU seconds) for one send of the whole set."""
     out = fresh_output(after_deletions=False)
     os.sync()
     port = free_port()
     daemon = str(Path(sys.executable).parent / "dcmrecvd")
     argv = [daemon, "-xf", "/etc/dcmtk/storescp.cfg", "Default", "-pdu", str(pdu), "-od", str(out), str(port)]
+    if config is not None:
+        argv[1:1] = ["--config", str(config.resolve())]
     env = {**tool_env(), "PYTHONPATH": str(tree.resolve())}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -55,19 +60,25 @@ def main() -> int:
     parser.add_argument("--pdu", type=int, default=16384)
     parser.add_argument("--reps", type=int, default=4)
     parser.add_argument("--senders", type=int, default=1)
+    parser.add_argument(
+        "--config-a", type=Path, help="an extra config file for A's daemon (e.g. with [[hooks]])"
+    )
+    parser.add_argument("--config-b", type=Path, help="the same for B")
     args = parser.parse_args()
     _label, count = SETS[args.set]
     folder = ensure_data(args.set, count)
     runs: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}
     trees = {"A": args.a, "B": args.b}
+    configs = {"A": args.config_a, "B": args.config_b}
     for rep in range(args.reps):
         for name in ("A", "B") if rep % 2 == 0 else ("B", "A"):
-            runs[name].append(run_once(trees[name], folder, args.pdu, args.senders))
+            runs[name].append(run_once(trees[name], folder, args.pdu, args.senders, configs[name]))
     for name, rs in runs.items():
         rates = [count / s for s, _ in rs]
         cpus = [c for _, c in rs]
+        which = f"{trees[name]}" + (f" + {configs[name]}" if configs[name] else "")
         print(
-            f"{name} {trees[name]}: {args.set}, pdu {args.pdu}, {args.senders} sender(s): "
+            f"{name} {which}: {args.set}, pdu {args.pdu}, {args.senders} sender(s): "
             f"{statistics.median(rates):.0f}/s (runs {' '.join(f'{r:.0f}' for r in rates)}), "
             f"cpu {statistics.median(cpus):.2f} s (runs {' '.join(f'{c:.2f}' for c in cpus)})"
         )

@@ -82,15 +82,15 @@ class HookRunner:
             with self._lock:
                 free = self.hook.concurrency - len(self._busy)
                 busy = set(self._busy)
-            started = 0
+            due: list[Due] = []
+            retry: float | None = None
             if free > 0:
-                for due in self.outbox.due(self.name, busy, free):
-                    self._launch(due)
-                    started += 1
-            if started:
+                due, retry = self.outbox.due(self.name, busy, free)
+                for item in due:
+                    self._launch(item)
+            if due:
                 continue
             # Wait for a new event, a finished run or the next retry, whichever first.
-            retry = self.outbox.next_retry(self.name)
             timeout = 1.0 if retry is None else max(0.01, min(1.0, retry - self.outbox.clock()))
             with self.outbox.changed:
                 self.outbox.changed.wait(timeout)

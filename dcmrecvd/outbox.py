@@ -39,8 +39,12 @@ log = structlog.get_logger("dcmrecvd")
 #: Seconds allowed between an object's last write and its event being queued (flush,
 #: rename, directory fsync, response); the mark stays this far behind the writer.
 SLACK = 60.0
+#: How long events gather in memory before the writer stores them, in one transaction.
+BATCH_SECONDS = 0.05
 #: How often the writer makes the outbox durable and moves the mark.
 CHECKPOINT_SECONDS = 5.0
+#: Pending deliveries a consumer looks at per round (the oldest ones).
+WINDOW = 100
 #: Completed series and studies are remembered this long, for late arrivals.
 KEEP_GROUPS_SECONDS = 7 * 86400.0
 
@@ -53,6 +57,7 @@ CREATE TABLE IF NOT EXISTS deliveries(
     event_id INTEGER NOT NULL, consumer TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_try REAL NOT NULL DEFAULT 0, dead INTEGER NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '',
     PRIMARY KEY(event_id, consumer));
+CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries(consumer, dead, event_id);
 CREATE TABLE IF NOT EXISTS groups(
     key TEXT PRIMARY KEY, level TEXT NOT NULL, body TEXT NOT NULL, first REAL NOT NULL,
     last REAL NOT NULL, objects INTEGER NOT NULL, state TEXT NOT NULL);
@@ -116,11 +121,17 @@ class Outbox:
 
     def _run(self) -> None:
         next_checkpoint = self.clock() + CHECKPOINT_SECONDS
+        next_completion = 0.0
         while not self._stop.is_set():
+            # Batched: one transaction every BATCH_SECONDS, not one wake-up per object (the
+            # association threads would pay for each in GIL switches).
+            self._stop.wait(BATCH_SECONDS)
             began = self.clock()
             try:
-                self.drain(wait=0.2)
-                self.complete_due()
+                self.drain()
+                if began >= next_completion:  # completion has a resolution of a second
+                    self.complete_due()
+                    next_completion = began + 1.0
                 if self.clock() >= next_checkpoint:
                     self.checkpoint(began - SLACK)
                     next_checkpoint = self.clock() + CHECKPOINT_SECONDS
@@ -206,9 +217,6 @@ class Outbox:
                 kind = f"{level}.{'complete' if state == 'open' else 'updated'}"
                 self._insert({**events.from_json(body), "event": kind, "objects": objects, "time": _iso(now)})
                 self._db.execute("UPDATE groups SET state = 'complete', objects = 0 WHERE key = ?", (key,))
-            self._db.execute(
-                "DELETE FROM groups WHERE state = 'complete' AND last < ?", (now - KEEP_GROUPS_SECONDS,)
-            )
         if rows:
             self._notify()
         return len(rows)
@@ -222,6 +230,10 @@ class Outbox:
             self._db.execute(
                 "DELETE FROM events WHERE created < ? AND id NOT IN (SELECT event_id FROM deliveries)",
                 (mark - SLACK,),
+            )
+            self._db.execute(
+                "DELETE FROM groups WHERE state = 'complete' AND last < ?",
+                (self.clock() - KEEP_GROUPS_SECONDS,),
             )
 
     def stop(self, *, complete: bool = False) -> None:
@@ -310,27 +322,37 @@ class Outbox:
 
     # ------------------------------------------------------------------ consumers
 
-    def due(self, consumer: str, busy: Collection[str], limit: int) -> list[Due]:
-        """Up to ``limit`` events for ``consumer``: per study the oldest pending one, if it is
-        due and its study is not ``busy`` (in order per study)."""
+    def due(self, consumer: str, busy: Collection[str], limit: int) -> tuple[list[Due], float | None]:
+        """Up to ``limit`` events for ``consumer``: per study its oldest pending one, if that
+        is due and its study not ``busy`` (in order per study); and the earliest retry time
+        seen (when to look again).  Reads the oldest ``WINDOW`` pending deliveries only:
+        scanning from the oldest, a study's first row is its oldest pending event."""
         now = self.clock()
         with self._lock:
             rows = self._db.execute(
-                "SELECT e.id, e.study_key, e.body, d.next_try"
-                " FROM deliveries d JOIN events e ON e.id = d.event_id"
-                " WHERE d.consumer = ? AND d.dead = 0 AND d.event_id IN ("
-                "   SELECT MIN(d2.event_id) FROM deliveries d2 JOIN events e2 ON e2.id = d2.event_id"
-                "   WHERE d2.consumer = ? AND d2.dead = 0 GROUP BY e2.study_key)"
-                " ORDER BY e.id",
-                (consumer, consumer),
+                "SELECT e.id, e.study_key, d.next_try FROM deliveries d JOIN events e ON e.id = d.event_id"
+                " WHERE d.consumer = ? AND d.dead = 0 ORDER BY d.event_id LIMIT ?",
+                (consumer, WINDOW),
             ).fetchall()
-        out = []
-        for event_id, key, body, next_try in rows:
-            if next_try <= now and key not in busy:
-                out.append(Due(int(event_id), str(key), events.from_json(body)))
-                if len(out) >= limit:
+        chosen: list[tuple[int, str]] = []
+        seen: set[str] = set()
+        retry: float | None = None
+        for event_id, key, next_try in rows:
+            if key in seen:
+                continue
+            seen.add(key)
+            if next_try > now:
+                retry = next_try if retry is None else min(retry, next_try)
+            elif key not in busy:
+                chosen.append((int(event_id), str(key)))
+                if len(chosen) >= limit:
                     break
-        return out
+        out: list[Due] = []
+        with self._lock:  # the bodies of the chosen ones only
+            for event_id, key in chosen:
+                body = self._db.execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()[0]
+                out.append(Due(event_id, key, events.from_json(body)))
+        return out, retry
 
     def due_in_order(self, consumer: str, limit: int) -> list[Due]:
         """Up to ``limit`` of ``consumer``'s due events, oldest first (a publisher keeps
@@ -342,13 +364,6 @@ class Outbox:
                 (consumer, self.clock(), limit),
             ).fetchall()
         return [Due(int(i), str(k), events.from_json(b)) for i, k, b in rows]
-
-    def next_retry(self, consumer: str) -> float | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT MIN(next_try) FROM deliveries WHERE consumer = ? AND dead = 0", (consumer,)
-            ).fetchone()
-        return None if row is None or row[0] is None else float(row[0])
 
     def done(self, event_id: int, consumer: str) -> None:
         with self._lock, self._transaction():
