@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import DaemonFactory, wait_for
 from malformed import base_dataset, encode
 from peers import RawClient
@@ -171,8 +172,9 @@ class Sender(threading.Thread):
             pass
 
 
+@pytest.mark.parametrize("kill_after", [40, 130, 220])
 def test_kill_9_and_restart_every_acknowledged_object_has_its_event(
-    daemons: DaemonFactory, tmp_path: Path
+    daemons: DaemonFactory, tmp_path: Path, kill_after: int
 ) -> None:
     output = tmp_path / "store"
     output.mkdir()
@@ -194,13 +196,13 @@ def test_kill_9_and_restart_every_acknowledged_object_has_its_event(
     objects = [(f"1.2.5.{i}", dataset(f"1.2.5.{i}", "1.2.5")) for i in range(300)]
     sender = Sender(d.port, objects)
     sender.start()
-    wait_for(lambda: len(sender.acked) >= 120 or not sender.is_alive(), timeout=60)
+    wait_for(lambda: len(sender.acked) >= kill_after or not sender.is_alive(), timeout=60)
     os.kill(d.pid, signal.SIGSTOP)
     acked = list(sender.acked)
     os.kill(d.pid, signal.SIGKILL)
     d.proc.wait(10)
     sender.join(30)
-    assert 120 <= len(acked) < len(objects)
+    assert kill_after <= len(acked) < len(objects)
     restarted = daemons.start("--config", str(config), output=output)
     wait_for(lambda: set(acked) <= {r["argv"][0] for r in runs(tmp_path / "objects.jsonl")}, timeout=60)
     seen = [r["argv"][0] for r in runs(tmp_path / "objects.jsonl")]
