@@ -18,7 +18,6 @@ import collections
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,12 +37,9 @@ from run import (  # noqa: E402
     SETS,
     cpu_seconds,
     ensure_data,
-    free_port,
     fresh_output,
-    receiver_cmd,
-    tool_env,
+    start_receiver,
     verify,
-    wait_listening,
 )
 
 
@@ -171,15 +167,8 @@ def run_once(
     which: str, folder: Path, objects: list[tuple[str, str, str, bytes]], window: int
 ) -> tuple[float, float]:
     out = fresh_output(after_deletions=False)
-    port = free_port()
-    proc = subprocess.Popen(
-        receiver_cmd(which, port, 16384, out),
-        env=tool_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, port = start_receiver(which, out)
     try:
-        wait_listening(port, proc)
         before = cpu_seconds(proc.pid)
         start = time.monotonic()
         Pipeliner(port, objects[0][0], objects[0][2], window).send_all(objects, window)

@@ -154,6 +154,21 @@ def fresh_output(after_deletions: bool) -> Path:
     return Path(tempfile.mkdtemp(dir=RECEIVED, prefix="run-"))
 
 
+def start_receiver(
+    which: str, out: Path, pdu: int = 16384, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A receiver listening on a free port, writing into ``out``; (process, port)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        receiver_cmd(which, port, pdu, out),
+        env=env or tool_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_listening(port, proc)
+    return proc, port
+
+
 def run_once(
     which: str,
     folder: Path,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import cpu_seconds, ensure_data, free_port, fresh_output, receiver_cmd, tool_env, wait_listening  # noqa: E402
+from run import cpu_seconds, ensure_data, fresh_output, start_receiver, tool_env  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -45,15 +45,8 @@ def main() -> int:
     for which in args.receivers.split(","):
         out = fresh_output(after_deletions=False)
         os.sync()
-        port = free_port()
-        proc = subprocess.Popen(
-            receiver_cmd(which, port, 16384, out),
-            env=tool_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc, port = start_receiver(which, out)
         try:
-            wait_listening(port, proc)
             receiver0, machine0 = cpu_seconds(proc.pid), busy_seconds()
             children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.monotonic()

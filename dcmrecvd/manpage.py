@@ -199,10 +199,7 @@ def dcmrecvd_toml_5() -> str:
             "systemd credential and never shown; a URL with a password is refused."
         ),
     ]
-    for f in dataclasses.fields(config.AmqpConfig):
-        default = getattr(config.AmqpConfig(), f.name)
-        shown = f'"{default}"' if isinstance(default, str) else str(default).lower()
-        out += [".TP", f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})", _esc(f.metadata["doc"])]
+    out += _keys(config.AmqpConfig())
     out += [
         ".SH [[hooks]]",
         _esc(
@@ -220,15 +217,22 @@ def dcmrecvd_toml_5() -> str:
             "then dead-lettered (hook.failed, STATUS, dcmrecvd_events_dead)."
         ),
     ]
-    for f in dataclasses.fields(config.HookConfig):
-        default = getattr(config.HookConfig(), f.name)
-        shown = f'"{default}"' if isinstance(default, str) else str(default).lower()
-        out += [".TP", f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})", _esc(f.metadata["doc"])]
+    out += _keys(config.HookConfig())
     out += [
         ".SH SEE ALSO",
         ".BR dcmrecvd (8)",
     ]
     return "\n".join(out) + "\n"
+
+
+def _keys(table: object) -> list[str]:
+    """One .TP entry per key of a table that is not a top-level section ([events.amqp], [[hooks]])."""
+    out = []
+    for f in dataclasses.fields(table):  # type: ignore[arg-type]
+        default = getattr(table, f.name)
+        shown = f'"{default}"' if isinstance(default, str) else str(default).lower()
+        out += [".TP", f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})", _esc(f.metadata["doc"])]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
