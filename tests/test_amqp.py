@@ -30,6 +30,9 @@ class Broker:
     port: int
     dist_port: int
     node: str
+    #: The broker starts Erlang's port mapper (epmd) as a daemon: a private port makes it ours
+    #: to stop at the end.
+    epmd_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
@@ -44,6 +47,7 @@ class Broker:
             "RABBITMQ_PID_FILE": str(d / "pid"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "plugins"),
             "RABBITMQ_FEATURE_FLAGS_FILE": str(d / "feature_flags"),
+            "ERL_EPMD_PORT": str(self.epmd_port),
         }
 
     def start(self) -> None:
@@ -108,7 +112,7 @@ def broker() -> Iterator[Broker]:
         (directory / sub).mkdir(parents=True)
     (directory / "plugins").write_text("[].\n")
     subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(directory)], check=True)
-    b = Broker(directory, free_port(), free_port(), f"dcmrecvd{os.getpid()}@localhost")
+    b = Broker(directory, free_port(), free_port(), f"dcmrecvd{os.getpid()}@localhost", free_port())
     b.start()
     for command in (
         ("add_user", "dcmrecvd", PASSWORD),
@@ -120,6 +124,7 @@ def broker() -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+        subprocess.run(["epmd", "-kill"], env=b.env(), capture_output=True, timeout=30)  # our own epmd
         shutil.rmtree(directory, ignore_errors=True)
 
 
