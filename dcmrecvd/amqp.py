@@ -141,10 +141,10 @@ class Publisher:
                 connection.process_data_events(0)  # heartbeats while idle
 
 
-def start_publisher(outbox: Outbox, cfg: AmqpConfig, environ: Mapping[str, str]) -> Publisher | None:
-    """The publisher for ``cfg`` (None when no url is set)."""
+def start_publisher(outbox: Outbox, cfg: AmqpConfig, password: str) -> Publisher | None:
+    """The publisher for ``cfg``, started (None when no url is set)."""
     if not cfg.url:
         return None
-    publisher = Publisher(outbox, cfg, read_password(cfg, environ))
+    publisher = Publisher(outbox, cfg, password)
     publisher.start()
     return publisher

@@ -22,8 +22,8 @@ import structlog
 
 from dcmrecvd import logs, storage
 from dcmrecvd.amqp import CONSUMER as AMQP_CONSUMER
-from dcmrecvd.amqp import Publisher, start_publisher
-from dcmrecvd.config import EVENT_KINDS, Config
+from dcmrecvd.amqp import Publisher, read_password, start_publisher
+from dcmrecvd.config import EVENT_KINDS, AmqpConfig, Config
 from dcmrecvd.errors import DcmrecvdError
 from dcmrecvd.health import Health, OpsListeners
 from dcmrecvd.hooks import Hooks
@@ -223,10 +223,11 @@ class Daemon:
             self._set_consumers(config)
         assert self.hooks is not None
         self.hooks.apply(config.hooks)
-        if self.publisher is None or self.publisher.cfg != config.amqp:
+        if (self.publisher.cfg if self.publisher else AmqpConfig()) != config.amqp:
+            password = read_password(config.amqp, self.environ)  # may fail: the old one stays
             if self.publisher is not None:
                 self.publisher.stop()
-            self.publisher = start_publisher(self.outbox, config.amqp, self.environ)
+            self.publisher = start_publisher(self.outbox, config.amqp, password)
 
     def _set_consumers(self, config: Config) -> None:
         """Who takes which events: each hook its kinds, the AMQP publisher all of them;
@@ -269,7 +270,10 @@ class Daemon:
                 log.warning("reload.needs_restart", key=f"{section}.{key}", running=before, configured=after)
                 new = _keep_setting(new, old, section, key)
         self.runtime = new
-        self._apply_hooks(new)
+        try:
+            self._apply_hooks(new)
+        except (DcmrecvdError, OSError) as exc:  # e.g. an unreadable AMQP password: the rest applies
+            log.error("reload.rejected", reason=f"events: {exc}")
         METRICS.reloads.labels("ok").inc()
         self.stats.last_reload = "ok"
         log.info("reload.completed", generation=new.generation, profile=new.profile.name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -175,3 +176,22 @@ def test_events_reach_rabbitmq_and_wait_for_it_when_it_is_down(
     )
     assert "password_file" in printed.stdout
     assert PASSWORD not in d.log() + printed.stdout + printed.stderr  # credentials are never shown
+
+
+def test_an_unreadable_password_stops_a_start_but_not_a_running_daemon(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    port = free_port()  # nobody listens: the publisher just waits for the broker
+    config = amqp_config(tmp_path, port)
+    (tmp_path / "amqp-password").unlink()
+    refused = daemons.start("--config", str(config), wait=False)
+    assert refused.proc.wait(20) != 0
+    assert "cannot read the password" in refused.log()
+    (tmp_path / "amqp-password").write_text(PASSWORD + "\n")
+    d = daemons.start("--config", str(config))
+    wait_for(lambda: "events.amqp_down" in d.log(), timeout=30)
+    config.write_text(config.read_text().replace("amqp-password", "no-such-file"))
+    os.kill(d.pid, signal.SIGHUP)
+    wait_for(lambda: "reload.rejected" in d.log(), timeout=20)
+    assert d.proc.poll() is None
+    assert send_all(d.port, [("1.2.10.1", dataset("1.2.10.1", "1.2.10"))]) == [0]
