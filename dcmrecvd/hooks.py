@@ -123,30 +123,22 @@ class HookRunner:
 
     def _failed(self, due: Due, detail: str) -> None:
         attempts = self.outbox.attempts(due.event_id, self.name) + 1  # this run included
+        fields = {
+            "hook": self.name,
+            "hook_event": due.body.get("event"),
+            "event_id": due.event_id,
+            "attempts": attempts,
+            "reason": detail,
+        }
         if attempts > self.hook.retries:
             self.outbox.failed(due.event_id, self.name, detail, None)
             METRICS.hook_runs.labels(self.name, "dead").inc()
-            log.error(
-                "hook.failed",
-                hook=self.name,
-                hook_event=due.body.get("event"),
-                event_id=due.event_id,
-                attempts=attempts,
-                reason=detail,
-            )
+            log.error("hook.failed", **fields)
             return
         delay = min(self.hook.backoff * 2.0 ** (attempts - 1), MAX_BACKOFF)
         self.outbox.failed(due.event_id, self.name, detail, self.outbox.clock() + delay)
         METRICS.hook_runs.labels(self.name, "retry").inc()
-        log.warning(
-            "hook.retry",
-            hook=self.name,
-            hook_event=due.body.get("event"),
-            event_id=due.event_id,
-            attempts=attempts,
-            retry_in=delay,
-            reason=detail,
-        )
+        log.warning("hook.retry", retry_in=delay, **fields)
 
     def _execute(self, body: Mapping[str, object]) -> tuple[bool, str]:
         """One run: (exited 0, what to log about it)."""
