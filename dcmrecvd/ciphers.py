@@ -4,7 +4,12 @@ Why a table: ``+cs`` takes names like ``TLS_RSA_WITH_AES_128_CBC_SHA`` (as
 dcmrecv does), while OpenSSL's cipher strings want ``AES128-SHA``; OpenSSL
 3 accepts the IANA names only for TLS 1.3.  The table holds the TLS 1.2
 suites DCMTK 3.6 knows; ``--list-ciphers`` prints those the local OpenSSL
-can actually negotiate, plus its TLS 1.3 suites.
+can actually negotiate, then its TLS 1.3 suites apart.
+
+TLS 1.3 suites are a different kind: OpenSSL enables all of them whenever TLS
+1.3 may be negotiated, and Python's ``ssl`` module cannot narrow that list.  So
+``+cs`` accepts a TLS 1.3 name (the suite is offered, as asked) when the profile
+permits TLS 1.3, and refuses it, saying why, when the profile stops at TLS 1.2.
 """
 
 from __future__ import annotations
@@ -62,6 +67,17 @@ class UnknownSuite(ValueError):
     """A cipher suite name that is neither in the table nor a TLS 1.3 suite."""
 
 
+def tls13_suites() -> list[str]:
+    """IANA names of the TLS 1.3 suites the local OpenSSL enables (always all of them)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    return [c["name"] for c in context.get_ciphers() if c.get("protocol") == "TLSv1.3"]
+
+
+def is_tls13(name: str) -> bool:
+    """A TLS 1.3 suite (its IANA and OpenSSL names are the same)."""
+    return name in tls13_suites()
+
+
 def openssl_name(name: str) -> str:
     """OpenSSL's name for a suite given by its IANA name (OpenSSL names pass unchanged)."""
     if name in SUITES:
@@ -87,9 +103,8 @@ def uses_rsa_key_transport(name: str) -> bool:
 
 
 def supported() -> list[str]:
-    """IANA names of the suites the local OpenSSL can negotiate, TLS 1.3 first."""
+    """IANA names of the TLS 1.2 suites the local OpenSSL can negotiate, in DCMTK's order."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.set_ciphers("ALL:COMPLEMENTOFALL:@SECLEVEL=0")
     offered = {c["name"] for c in context.get_ciphers()}
-    tls13 = [c["name"] for c in context.get_ciphers() if c.get("protocol") == "TLSv1.3"]
-    return tls13 + [iana for iana, openssl in SUITES.items() if openssl in offered]
+    return [iana for iana, openssl in SUITES.items() if openssl in offered]

@@ -40,7 +40,14 @@ def version_text() -> str:
 
 def cipher_list() -> str:
     """+cc: the TLS cipher suites the local OpenSSL offers, by the names +cs takes."""
-    return "Supported TLS ciphersuites are:\n" + "".join(f"  {name}\n" for name in ciphers.supported())
+    listed = "".join(f"  {name}\n" for name in ciphers.supported())
+    tls13 = "".join(f"  {name}\n" for name in ciphers.tls13_suites())
+    return f"Supported TLS ciphersuites are:\n{listed}" + (
+        "\nTLS 1.3 ciphersuites (always offered when the security profile permits TLS 1.3;\n"
+        "+cs accepts them, but cannot narrow TLS 1.3 to a subset of them):\n" + tls13
+        if tls13
+        else ""
+    )
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

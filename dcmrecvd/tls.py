@@ -224,6 +224,14 @@ def _extra_ciphers(cfg: TLSConfig, profile: TLSProfile, warn: Callable[[str], No
     """OpenSSL names of the +cs suites, checked against the profile as dcmrecv checks them."""
     names = []
     for name in cfg.ciphers:
+        if ciphers.is_tls13(name):
+            # Offered whenever TLS 1.3 is: nothing to add to the TLS 1.2 list.
+            if profile.maximum < _V13:
+                raise TransportError(
+                    f"ciphersuite '{name}' is a TLS 1.3 suite, and security profile "
+                    f"'{profile.label}' stops at TLS 1.2"
+                )
+            continue
         try:
             names.append(ciphers.openssl_name(name))
         except ciphers.UnknownSuite:

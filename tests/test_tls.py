@@ -516,3 +516,47 @@ def _busy_port() -> int:
 
 
 _held: list[socket.socket] = []
+
+
+def _listed_suites(config_dir: Path) -> list[str]:
+    result = dcmrecvd("+cc", config_dir=config_dir)
+    assert result.returncode == 0, result.stderr
+    return [line.strip() for line in result.stdout.splitlines() if line.startswith("  TLS_")]
+
+
+def test_every_suite_cc_lists_is_accepted_by_cs(config_dir: Path, pki: PKI) -> None:
+    """#28.1: +cc printed TLS 1.3 names that +cs refused (exit 71).  Every name it prints
+    builds a context (a NULL suite under the NULL profile, as dcmrecv demands)."""
+    from dcmrecvd import ciphers
+    from dcmrecvd.config import TLSConfig
+
+    listed = _listed_suites(config_dir)
+    assert "TLS_AES_256_GCM_SHA384" in listed and "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" in listed
+    for name in listed:
+        profile = "null" if ciphers.is_unencrypted(name) else "bcp195-rfc8996"
+        cfg = TLSConfig(
+            enabled=True,
+            private_key=str(pki.server.key),
+            certificate=str(pki.server.cert),
+            password_source="empty",
+            profile=profile,
+            ciphers=[name],
+        )
+        try:
+            tls.build_context(cfg, {})
+        except Exception as exc:
+            pytest.fail(f"+cc lists {name} but +cs {name} fails: {exc}")
+
+
+def test_tls13_suite_by_cs_on_the_command_line(daemons: DaemonFactory, pki: PKI, config_dir: Path) -> None:
+    """The reproduction of #28.1, and the suite is what a TLS 1.3 client then gets."""
+    d = daemons.start(*tls_args(pki, None, "+cs", "TLS_AES_256_GCM_SHA384"))
+    with python_client(pki, d.port, pki.client) as conn:
+        assert conn.version() == "TLSv1.3"
+    assert echoscu(d.port, *client_tls(pki, pki.client)) == 0
+    # A profile that stops at TLS 1.2 cannot offer it: refused, saying why.
+    refused = dcmrecvd(
+        "--check-config", *tls_args(pki), "+pa", "+cs", "TLS_AES_128_GCM_SHA256", "104", config_dir=config_dir
+    )
+    assert refused.returncode == 71
+    assert "TLS 1.3 suite" in refused.stderr and "stops at TLS 1.2" in refused.stderr
