@@ -38,3 +38,7 @@ _.heartbeat  # pika connection parameters (dcmrecvd/amqp.py)
 _.blocked_connection_timeout
 _.connection_attempts
 _.credentials
+_.readable  # io.RawIOBase protocol (dcmrecvd/health.py: _ByDeadline)
+_.readinto
+request_queue_size  # socketserver's listen backlog (dcmrecvd/health.py)
+_.rfile  # BaseHTTPRequestHandler reads its request from it (dcmrecvd/health.py)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import mmap
-import os
 import select
 import socket
 import ssl
@@ -25,11 +24,12 @@ from typing import Any
 
 import structlog
 
-from dcmrecvd import dimse, negotiation, pdu, proxy_protocol, tls
+from dcmrecvd import admission, dimse, negotiation, pdu, prelude, services
 from dcmrecvd.buffers import BufferPool
 from dcmrecvd.metrics import METRICS
-from dcmrecvd.receiving import DISK_LOW, Destination, Drained, Outcome, Sink, sink_for
+from dcmrecvd.receiving import Outcome, Sink
 from dcmrecvd.runtime import Runtime, Stats
+from dcmrecvd.services import Call, Service
 from dcmrecvd.status import Status, status_for_error
 from dcmrecvd.storage import Writer
 from dcmrecvd.upper_layer import (
@@ -63,28 +63,6 @@ class PeerClosed(Exception):
     """The peer closed the connection (or reset it)."""
 
 
-def _handshake_by(sock: ssl.SSLSocket, deadline: float) -> None:
-    """Complete a TLS handshake before ``deadline`` (monotonic), else TimeoutError."""
-    sock.setblocking(False)
-    try:
-        while True:
-            try:
-                sock.do_handshake()
-                return
-            except ssl.SSLWantReadError:
-                events = select.POLLIN
-            except ssl.SSLWantWriteError:
-                events = select.POLLOUT
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("TLS handshake not complete within the ACSE timeout")
-            poller = select.poll()
-            poller.register(sock.fileno(), events)
-            poller.poll(left * 1000)
-    finally:
-        sock.setblocking(True)
-
-
 def next_association_id() -> int:
     """Process-wide association numbers, for correlating log lines."""
     return next(_ids)
@@ -92,11 +70,10 @@ def next_association_id() -> int:
 
 @dataclass(slots=True)
 class Request:
-    """A request whose dataset is arriving: what to answer, and where its bytes go."""
+    """A request in progress: the call, the service answering it, where its dataset goes."""
 
-    command: dimse.Command
-    context: negotiation.AcceptedContext
-    started: float
+    call: Call
+    service: Service
     sink: Sink
 
 
@@ -154,7 +131,7 @@ class Association:
         self.window = 1
         self.log = log.bind(assoc_id=self.id, peer=peer)
         #: True while this connection holds one of the server's association slots;
-        #: released exactly once, in ``run``'s finally, whatever path ends it.
+        #: released exactly once (``_free_slot``), before the last PDU or in ``run``'s finally.
         self.holds_slot = False
         #: True until negotiation is over (accepted, rejected or failed): the server
         #: bounds how many connections may be in that state; told exactly once.
@@ -172,10 +149,10 @@ class Association:
         outcome = "aborted"
         self.artim = time.monotonic() + self.runtime.config.network.acse_timeout
         try:
-            if self.runtime.config.network.proxy_protocol != "off" and not self._proxy_header():
+            arrival = prelude.arrive(self.sock, self.peer, self.host, self.runtime, self.artim, self.log)
+            if arrival is None:
                 return
-            if self.runtime.tls is not None and not self._handshake(self.runtime.tls):
-                return
+            self.sock, self.peer, self.host, self.log = arrival.sock, arrival.peer, arrival.host, arrival.log
             outcome = self._serve()
         except PeerClosed as exc:
             if self.core.requested:
@@ -185,16 +162,19 @@ class Association:
         except TimeoutError:
             if self.core.state is State.ESTABLISHED:
                 self.log.warning("assoc.aborted", reason="timeout waiting for the peer")
+                self._free_slot()
                 self._send_quietly(self.core.abort())
             else:  # ARTIM expired before a whole A-ASSOCIATE-RQ: close, no A-ABORT (PS3.8 AA-2)
                 self.log.warning("assoc.aborted", reason="timeout: no complete A-ASSOCIATE-RQ")
         except ProtocolError as exc:
             self.log.warning("assoc.aborted", reason=str(exc))
+            self._free_slot()
             self._send_quietly(self.core.abort(exc.reason))
         except OSError as exc:
             self.log.warning("assoc.aborted", reason=f"network error: {exc}")
         except Exception:  # a bug must not take the daemon down
             self.log.exception("assoc.aborted", reason="internal error")
+            self._free_slot()
             self._send_quietly(self.core.abort())
         finally:
             self._end_pending()
@@ -206,11 +186,7 @@ class Association:
                 self.sock.close()
             except OSError:
                 pass
-            if self.admitted:
-                self.stats.add(active=-1)
-            if self.holds_slot:
-                self.holds_slot = False
-                self.release_slot(self.host)
+            self._free_slot()
             if outcome == "released":
                 self.log.info("assoc.released")
 
@@ -301,6 +277,7 @@ class Association:
                 self._answer_all()
                 if self.writer is not None:
                     self.writer.close()  # before the peer hears we are done
+                self._free_slot()
                 self.sock.sendall(self.core.release())
                 return "released"
             elif type(event) is Abort:
@@ -321,55 +298,21 @@ class Association:
         self.holds_slot = self.admit(self.host)
         return self.holds_slot
 
-    def _proxy_header(self) -> bool:
-        """Read the PROXY header the balancer must send first; False: connection refused."""
-        network = self.runtime.config.network
-        if not self.runtime.trusts_proxy(self.host):
-            self.log.warning("conn.proxy_rejected", reason=f"{self.host} is not in network.trusted_proxies")
-            return False
-        try:
-            proxied = proxy_protocol.read_header(self.sock, network.proxy_protocol, self.artim)
-        except proxy_protocol.ClosedBeforeHeader:  # a port probe or a TCP health check
-            self.log.debug("conn.closed", reason="closed before a PROXY header")
-            return False
-        except proxy_protocol.ProxyHeaderError as exc:
-            self.log.warning("conn.proxy_rejected", reason=str(exc))
-            return False
-        except TimeoutError:
-            self.log.warning("conn.proxy_rejected", reason="no complete PROXY header within the ACSE timeout")
-            return False
-        if proxied.host is not None:
-            balancer = self.peer
-            self.host = proxied.host
-            self.peer = (
-                f"[{proxied.host}]:{proxied.port}"
-                if ":" in proxied.host
-                else f"{proxied.host}:{proxied.port}"
-            )
-            self.log = self.log.bind(peer=self.peer, proxy=balancer)
-        return True
+    def _free_slot(self) -> None:
+        """Give back the slot (and the active count) before the last PDU goes out: once
+        the peer has our A-RELEASE-RP, A-ABORT or A-ASSOCIATE-RJ the association no longer
+        exists (PS3.8), and a peer that associates again at once must find its slot free."""
+        if self.admitted:
+            self.admitted = False
+            self.stats.add(active=-1)
+        if self.holds_slot:
+            self.holds_slot = False
+            self.release_slot(self.host)
 
     def _end_pending(self) -> None:
         if self.pending:
             self.pending = False
             self.negotiated()
-
-    def _handshake(self, context: ssl.SSLContext) -> bool:
-        """TLS handshake on this thread; the ACSE timeout bounds it as a whole, like ARTIM.
-
-        Why not a socket timeout: that bounds each read, and a peer trickling its
-        ClientHello a byte at a time would hold the connection for ever.
-        """
-        try:
-            wrapped = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-            _handshake_by(wrapped, self.artim)
-        except (ssl.SSLError, OSError) as exc:
-            reason = "timeout" if isinstance(exc, TimeoutError) else str(exc)
-            self.log.warning("tls.handshake_failed", reason=reason)
-            return False
-        self.sock = wrapped
-        self.log = self.log.bind(**tls.describe_peer(wrapped))
-        return True
 
     def abort(self) -> None:
         """Abort from another thread (drain timeout): the reader wakes with an error."""
@@ -395,73 +338,26 @@ class Association:
             self._end_pending()
 
     def _decide(self, raw: bytes) -> bool:
-        config = self.runtime.config.network
-        try:
-            request = negotiation.decode_request(raw)
-        except negotiation.BadRequest as exc:
-            raise ProtocolError(str(exc), pdu.REASON_INVALID_PARAMETER) from None
-        self.calling, self.called = request.calling_ae_title, request.called_ae_title
-        self.rx = rx = self.runtime.receiver_for(self.called)
-        self.log = self.log.bind(calling_aet=self.calling, called_aet=self.called, ae=rx.name)
-        decision = rx.access.decide(self.calling, self.called, self.host)
-        why = ""
-        decided: dict[str, object] = {}
-        if not decision.allowed:
-            why = "access denied"
-            decided = {"rule": decision.rule or "default", "rule_file": rx.access.source or None}
-            outcome = negotiation.reject((0x01, 0x01, decision.reason))
-        elif not self._take_slot():
-            outcome = negotiation.reject(negotiation.REJECT_LOCAL_LIMIT)
-        elif not rx.disk.has_room():
-            why = DISK_LOW
-            outcome = negotiation.reject(negotiation.REJECT_LOCAL_LIMIT)
-        else:
-            try:
-                outcome = negotiation.negotiate(
-                    request,
-                    rx.profile,
-                    rx.contexts,
-                    ae_title=rx.title or config.ae_title,
-                    max_pdu=config.max_pdu,
-                    window=config.async_window,
-                )
-            except Exception as exc:  # pynetdicom's codec on a request it cannot handle
-                raise ProtocolError(
-                    f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}: {exc}", pdu.REASON_INVALID_PARAMETER
-                ) from None
-        # Logged before the answer goes out, so that the log is in causal order for anyone
-        # who reads it after hearing the answer.
+        decision = admission.decide(raw, self.runtime, self.host, self._take_slot, self.stats, self.log)
+        self.calling, self.called, self.rx, self.log = (
+            decision.calling,
+            decision.called,
+            decision.rx,
+            decision.log,
+        )
+        outcome = decision.outcome
         if not outcome.accepted:
-            assert outcome.reject is not None
-            self.stats.add(rejected=1)
-            reason = why or negotiation.REJECT_TEXT.get(outcome.reject, "rejected")
-            METRICS.rejected.labels(reason).inc()
-            self.log.warning(
-                "assoc.rejected",
-                reason=reason,
-                **decided,
-                result=outcome.reject[0],
-                source=outcome.reject[1],
-                diagnostic=outcome.reject[2],
-            )
+            self._free_slot()  # the disk said no after a slot was taken
             self.sock.sendall(self.core.reject(outcome.pdu))
             return False
-        METRICS.accepted.inc()
-        fields: dict[str, object] = {"contexts": len(outcome.contexts)}
-        if self.runtime.config.logging.verbose_pc:
-            fields["presentation_contexts"] = [
-                f"{c.context_id}:{c.abstract_syntax}:{c.transfer_syntax}" for c in outcome.contexts.values()
-            ]
-        self.log.info("assoc.accepted", **fields)
-        self.sock.sendall(self.core.accept(outcome.pdu, outcome.contexts.keys(), request.peer_max_pdu))
+        self.sock.sendall(self.core.accept(outcome.pdu, outcome.contexts.keys(), decision.peer_max_pdu))
         self.contexts = outcome.contexts
         self.window = outcome.window
         self._grow_buffer()
-        self.writer = Writer(rx.store)
+        self.writer = Writer(decision.rx.store)
         self.admitted = True
         self.stats.add(active=1, associations=1)
-        timeout = config.dimse_timeout
-        self.sock.settimeout(timeout or None)
+        self.sock.settimeout(self.runtime.config.network.dimse_timeout or None)
         return True
 
     def _grow_buffer(self) -> None:
@@ -475,34 +371,17 @@ class Association:
     # ------------------------------------------------------------------ DIMSE
 
     def _command(self, context_id: int, command: dimse.Command) -> None:
-        context = self.contexts[context_id]
-        started = time.monotonic()
-        field = command.command_field
-        if field == dimse.C_ECHO_RQ:
-            self._answer_all()  # responses keep request order
-            self._respond(context, dimse.C_ECHO_RSP, command, Status.SUCCESS)
-            self.log.info("echo", msg_id=command.message_id)
-            if command.has_dataset:  # not ours to read: drained, not answered again
-                self.request = Request(command, context, started, Drained())
-            return
-        if field == dimse.C_CANCEL_RQ:
-            return
-        sink: Sink
-        if field != dimse.C_STORE_RQ:
-            sink = Drained(Status.UNRECOGNIZED_OPERATION, f"unsupported command 0x{field:04X}")
-        elif not command.has_dataset:
-            sink = Drained(Status.CANNOT_UNDERSTAND, "C-STORE without dataset")
-        else:
-            assert self.writer is not None
-            destination = Destination(self.writer, self.rx.scheme, self.rx.disk, self.calling, self.clock)
-            sink = sink_for(
-                command, context.abstract_syntax, context.transfer_syntax, self.rx.mode, destination, self.log
-            )
-        request = Request(command, context, started, sink)
+        """A request command: its service gives the sink its dataset streams into; one
+        without a dataset is complete at once (answered in request order)."""
+        if command.command_field == dimse.C_CANCEL_RQ:
+            return  # nothing of ours is cancellable: each request is answered when complete
+        call = Call(command, self.contexts[context_id], time.monotonic())
+        service = services.for_field(command.command_field)
+        request = Request(call, service, service.sink(self, call))
         if command.has_dataset:
             self.request = request
         else:
-            self._queue_answer(request, sink.finish())
+            self._queue_answer(request, request.sink.finish())
 
     def _queue_answer(self, request: Request, outcome: Outcome) -> None:
         self.answers.append((request, outcome))
@@ -530,53 +409,14 @@ class Association:
             self._answer(request, outcome)
 
     def _answer(self, request: Request, outcome: Outcome) -> None:
-        """Send the response of a request whose dataset is complete (and durable, if stored)."""
-        command = request.command
-        if command.command_field == dimse.C_ECHO_RQ:
-            return
-        received = request.sink.received
-        status = outcome.status
-        elapsed = time.monotonic() - request.started
-        # Counted before the response goes out: a scrape right after it sees the object.
-        METRICS.objects.labels(f"0x{int(status):04X}", self.rx.name if self.rx.name != "*" else "any").inc()
-        METRICS.received.inc(received)
-        METRICS.store_seconds.observe(elapsed)
-        comment = outcome.error if status.is_failure else ""
-        self._respond(request.context, command.command_field | 0x8000, command, status, comment)
-        fields = {
-            "sop_class_uid": command.affected_sop_class_uid,
-            "sop_instance_uid": command.affected_sop_instance_uid,
-            "status": f"0x{int(status):04X}",
-            "bytes": received,
-            "duration_ms": round(elapsed * 1000, 3),
-        }
-        if status == Status.SUCCESS:
-            self.stats.add(stored=1, bytes=received)
-            if self.rx.title:
-                self.stats.stored_for(self.rx.title)
-            self.log.info("store.completed", path=outcome.path or None, **fields)
-            if self.events is not None and outcome.path:  # after the response: never delays it
-                self.events(self._stored_event(request, outcome))
-        else:
-            self.stats.add(failed=1)
-            self.log.error("store.failed", reason=outcome.error, **fields)
+        """Let the request's service answer it (its work is complete and durable)."""
+        call = request.call
 
-    def _stored_event(self, request: Request, outcome: Outcome) -> dict[str, Any]:
-        command = request.command
-        return {
-            "event": "object.stored",
-            "called_aet": self.called,
-            "calling_aet": self.calling,
-            "peer": self.peer,
-            "sop_class_uid": command.affected_sop_class_uid,
-            "sop_instance_uid": command.affected_sop_instance_uid,
-            **outcome.tags,
-            "path": outcome.path,
-            "directory": os.path.dirname(outcome.path),
-            "size": outcome.size,
-            "transfer_syntax": request.context.transfer_syntax,
-            "time": self.clock().isoformat(timespec="microseconds"),
-        }
+        def send(status: Status, comment: str) -> None:
+            response_field = call.command.command_field | 0x8000
+            self._respond(call.context, response_field, call.command, status, comment)
+
+        request.service.answer(self, call, outcome, request.sink, send)
 
     def _respond(
         self,
@@ -602,9 +442,9 @@ class Association:
         if request is None:
             return
         request.sink.discard()
-        if request.command.command_field == dimse.C_STORE_RQ:
+        if request.call.command.command_field == dimse.C_STORE_RQ:
             self.log.warning(
                 "store.incomplete",
-                sop_instance_uid=request.command.affected_sop_instance_uid,
+                sop_instance_uid=request.call.command.affected_sop_instance_uid,
                 bytes=request.sink.received,
             )

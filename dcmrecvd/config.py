@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -67,13 +68,23 @@ def _opt(
     maximum: int | None = None,
     secret: bool = False,
     parse: Callable[[str], object] | None = None,
+    one_or_many: bool = False,
 ) -> Any:
     """Declare one setting: its default and what the docs and validator need.
 
     ``parse`` checks a string's form (a size, an address); its ValueError becomes the
-    config error, naming file and key.
+    config error, naming file and key.  ``one_or_many``: an array of strings that may be
+    written as one string (``on = "study.complete"``), which means an array of it.
     """
-    meta = {"doc": doc, "choices": choices, "min": minimum, "max": maximum, "secret": secret, "parse": parse}
+    meta = {
+        "doc": doc,
+        "choices": choices,
+        "min": minimum,
+        "max": maximum,
+        "secret": secret,
+        "parse": parse,
+        "one_or_many": one_or_many,
+    }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -423,7 +434,12 @@ def check_kind(kind: str) -> str:
 class HookConfig:
     """One ``[[hooks]]`` table: a program run for each event of the kinds in ``on``."""
 
-    on: list[str] = _opt(["study.complete"], "Event kinds that run the hook.", parse=check_kind)
+    on: list[str] = _opt(
+        ["study.complete"],
+        "Event kinds that run the hook (one kind may be written as a string).",
+        parse=check_kind,
+        one_or_many=True,
+    )
     exec: list[str] = _opt(
         [],
         "The program and its arguments (no shell); {placeholders} are replaced item by item, "
@@ -725,8 +741,16 @@ def check_value(source: str, dotted: str, f: dataclasses.Field[Any], value: Any)
             except ValueError as exc:
                 raise ConfigError(source, dotted, str(exc)) from None
     elif expected == "list[str]":
+        if isinstance(value, str) and meta.get("one_or_many"):
+            value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(source, dotted, "expected an array of strings")
+            example = json.dumps(value.split() or [value]) if isinstance(value, str) else '["..."]'
+            raise ConfigError(
+                source,
+                dotted,
+                f"expected an array of strings, got {_type_name(value)} (write {dotted.rsplit('.', 1)[-1]}"
+                f" = {example})",
+            )
         value = list(value)
         if meta["parse"] is not None:
             for item in value:

@@ -37,6 +37,7 @@ ITEM = 0xFFFEE000
 ITEM_END = 0xFFFEE00D
 SEQUENCE_END = 0xFFFEE0DD
 
+SPECIFIC_CHARACTER_SET = 0x00080005
 SOP_CLASS_UID = 0x00080016
 SOP_INSTANCE_UID = 0x00080018
 SERIES_DATE = 0x00080021
@@ -306,3 +307,29 @@ def text_value(raw: bytes | None) -> str | None:
     if raw is None:
         return None
     return raw.decode("ascii", "replace").rstrip(" ").removesuffix("\x00").rstrip(" ")
+
+
+def decoded_text(raw: bytes | None, character_set: bytes | None) -> str:
+    """A captured text value (LO, SH, PN...) as the dataset's Specific Character Set
+    (0008,0005) says to read it, without its padding; "" when absent.
+
+    One character set (ISO_IR 100, ISO_IR 192, GB18030...) is decoded here; values
+    with ISO 2022 escape sequences go through pydicom's decoder.  An unknown term
+    counts as the default repertoire, and a byte that does not decode becomes
+    U+FFFD: a value from the wire is never a reason to fail after the ack.
+    """
+    if not raw:
+        return ""
+    from pydicom.charset import convert_encodings, decode_bytes, python_encoding
+
+    terms = [t.strip() for t in (text_value(character_set) or "").split("\\")]
+    terms = [t if t in python_encoding else "" for t in terms]
+    try:
+        if any(t.startswith("ISO 2022") for t in terms):
+            text = decode_bytes(raw, convert_encodings(terms), {0x5C})
+        else:
+            codec = python_encoding[terms[0]]
+            text = raw.decode("latin_1" if codec == "iso8859" else codec, "replace")
+    except (LookupError, ValueError):
+        text = raw.decode("latin_1")
+    return text.rstrip(" \x00")

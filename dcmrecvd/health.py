@@ -10,8 +10,12 @@ here touches the disk except ``statvfs`` through the disk watch.
 HTTP (``metrics.listen``): ``GET /metrics`` (text exposition), ``GET /livez``
 (the accept loop turned within the watchdog interval), ``GET /readyz``
 (listening, not draining, output directory usable and above its watermark);
-anything else is 404, other methods 405, and a request line or headers that
-do not arrive within a few seconds end the connection.
+anything else is 404, other methods 405.  A request line and headers that have
+not arrived whole ``REQUEST_TIMEOUT`` seconds after the connection was accepted
+end it, however the client trickles them (one deadline, not a timeout per
+read); at most ``MAX_CONNECTIONS`` connections are served at once on each
+listener, and one more is closed at once, so a flood costs neither unbounded
+threads nor descriptors.
 
 Agent (``metrics.agent_listen``, HAProxy's agent-check protocol): one line
 then close, ``up ready``, ``drain`` (watermark crossed, or SIGTERM draining) or
@@ -21,12 +25,15 @@ then close, ``up ready``, ``drain`` (watermark crossed, or SIGTERM draining) or
 
 from __future__ import annotations
 
+import io
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 import structlog
 
@@ -35,8 +42,13 @@ from dcmrecvd.errors import ListenError
 
 log = structlog.get_logger("dcmrecvd")
 
-#: Seconds a client of these listeners may take to send its request.
+#: Seconds a client of these listeners may take to send its whole request.
 REQUEST_TIMEOUT = 5.0
+#: Connections served at once per listener (each holds a thread while it lasts).
+MAX_CONNECTIONS = 32
+#: Connections the kernel queues before accept (socketserver's default of 5 made a
+#: burst of probes wait a SYN retransmission, a second, for room).
+BACKLOG = 128
 
 
 @dataclass(frozen=True)
@@ -87,15 +99,70 @@ class Health:
         return word
 
 
+class _ByDeadline(io.RawIOBase):
+    """A socket's reads, each bounded by what is left of one deadline for them all:
+    a socket timeout bounds one read, and a client sending a byte at a time would
+    never meet it."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not complete in time")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
+class _Bounded(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A threading server that serves at most ``MAX_CONNECTIONS`` at once and closes
+    the next one at once (a prober retries; a flood costs nothing that lasts)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = BACKLOG
+
+    def __init__(self, address: tuple[str, int], handler: type[socketserver.BaseRequestHandler]) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: the slot is ours to give back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
-    timeout = REQUEST_TIMEOUT
     protocol_version = "HTTP/1.0"
     # A request line we cannot parse still gets a status line, not an HTTP/0.9 body.
     default_request_version = "HTTP/1.0"
     server_version = "dcmrecvd"
     error_message_format = "%(code)d %(message)s\n"
     error_content_type = "text/plain; charset=utf-8"
+
+    def setup(self) -> None:
+        super().setup()
+        deadline = time.monotonic() + REQUEST_TIMEOUT
+        self.rfile = io.BufferedReader(_ByDeadline(self.connection, deadline))
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -116,6 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD
 
     def _send(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+        self.connection.settimeout(REQUEST_TIMEOUT)  # a client that does not read is let go too
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -132,14 +200,10 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("metrics.bad_request", peer=self.client_address[0], reason=format % args)
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _HTTPServer(_Bounded):
     def __init__(
         self, address: tuple[str, int], exposition: Callable[[], bytes], health: Callable[[], Health]
     ) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.exposition = exposition
         self.health = health
         super().__init__(address, _Handler)
@@ -150,17 +214,14 @@ class _AgentHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         try:
+            self.request.settimeout(REQUEST_TIMEOUT)
             self.request.sendall((self.server.answer() + "\n").encode())
         except OSError:
             pass
 
 
-class _AgentServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _AgentServer(_Bounded):
     def __init__(self, address: tuple[str, int], answer: Callable[[], str]) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.answer = answer
         super().__init__(address, _AgentHandler)
 

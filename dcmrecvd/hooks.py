@@ -23,8 +23,9 @@ import structlog
 
 from dcmrecvd import events
 from dcmrecvd.config import HookConfig
+from dcmrecvd.event_store import Due
 from dcmrecvd.metrics import METRICS
-from dcmrecvd.outbox import Due, Outbox
+from dcmrecvd.outbox import Outbox
 
 log = structlog.get_logger("dcmrecvd")
 
@@ -104,7 +105,10 @@ class HookRunner:
 
     def _run(self, due: Due) -> None:
         try:
-            ok, detail = self._execute(due.body)
+            try:
+                ok, detail = self._execute(due.body)
+            except Exception as exc:  # a run that went wrong in our hands is a failed run
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
             if detail is STOPPED:  # still pending: it runs again after the restart
                 return
             if ok:
@@ -141,10 +145,12 @@ class HookRunner:
         log.warning("hook.retry", retry_in=delay, **fields)
 
     def _execute(self, body: Mapping[str, object]) -> tuple[bool, str]:
-        """One run: (exited 0, what to log about it)."""
-        argv = events.argv(self.hook.exec, body)
-        env = {**self._env, **events.environment(body)}
+        """One run: (exited 0, what to log about it).  A run that cannot even start, for
+        whatever reason, is a failed run like any other: retried with backoff, then
+        dead-lettered; never retried at once, never lost."""
         try:
+            argv = events.argv(self.hook.exec, body)
+            env = {**self._env, **events.environment(body)}
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.PIPE,
@@ -154,8 +160,8 @@ class HookRunner:
                 start_new_session=True,  # its own process group: a timeout kills all of it
                 close_fds=True,
             )
-        except OSError as exc:
-            return False, f"cannot run {argv[0]}: {exc}"
+        except Exception as exc:  # OSError, ValueError (a NUL), a bug: each fails the run
+            return False, f"cannot run {self.hook.exec[0]}: {type(exc).__name__}: {exc}"
         self._procs.add(proc)
         try:
             output, _ = proc.communicate(events.to_json(body).encode(), timeout=self.hook.timeout)

@@ -1,8 +1,9 @@
-"""Lifecycle: start -> READY; signals -> queue -> reload or drain; STOPPING.
+"""Lifecycle: start -> READY; signals -> the main loop -> reload or drain; STOPPING.
 
-Signal handlers only put the signal number on a queue; the main thread does
-the work.  A reload builds a complete new Runtime and swaps it in with one
-assignment: associations in flight keep the Runtime they started with, new
+Signals reach the main thread through a wake-up pipe (``signal_inbox``), at
+once whichever thread the kernel chose; the main thread does the work.  A
+reload builds a complete new Runtime and swaps it in with one assignment:
+associations in flight keep the Runtime they started with, new
 ones get the new one, and a Runtime that fails to build never replaces the
 one serving.
 """
@@ -10,7 +11,6 @@ one serving.
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import socket
 import time
@@ -31,6 +31,7 @@ from dcmrecvd.metrics import METRICS, LiveFigures
 from dcmrecvd.outbox import Outbox, body_from_file
 from dcmrecvd.runtime import Runtime, Stats, prepare
 from dcmrecvd.server import Server
+from dcmrecvd.signal_inbox import SignalInbox
 from dcmrecvd.systemd import Notifier
 
 log = structlog.get_logger("dcmrecvd")
@@ -58,7 +59,7 @@ class Daemon:
     #: The log format chosen at start for "auto" (journal, console...), kept across reloads.
     log_format: str = "auto"
     stats: Stats = field(default_factory=Stats)
-    signals: queue.SimpleQueue[int] = field(default_factory=queue.SimpleQueue)
+    signals: SignalInbox | None = None
     server: Server | None = None
     ops: OpsListeners | None = None
     #: Set on SIGTERM: probes and the agent say so while associations drain.
@@ -76,8 +77,7 @@ class Daemon:
 
     def serve(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit code."""
-        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda n, _f: self.signals.put(n))
+        self.signals = SignalInbox((signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
         self._remove_stale_temp_files(self.runtime)
         watchdog = self.notifier.watchdog_usec / 2e6 if self.notifier.watchdog_usec else 0.0
         self.server = Server(
@@ -162,11 +162,9 @@ class Daemon:
         status_every = 5.0
         last_status = ""
         next_status = time.monotonic() + status_every
+        assert self.signals is not None
         while True:
-            try:
-                signum = self.signals.get(timeout=max(0.0, next_status - time.monotonic()))
-            except queue.Empty:
-                signum = None
+            signum = self.signals.wait(next_status - time.monotonic())
             if signum == signal.SIGHUP:
                 self.reload()
             elif signum in (signal.SIGTERM, signal.SIGINT):
@@ -219,7 +217,8 @@ class Daemon:
             self.server.events = self.outbox.record
             self.stats.events = self.outbox.counts()
         else:
-            self.outbox.stable, self.outbox.cap = config.events.stable_seconds, config.events.max_seconds
+            completion = self.outbox.completion
+            completion.stable, completion.cap = config.events.stable_seconds, config.events.max_seconds
             self._set_consumers(config)
         assert self.hooks is not None
         self.hooks.apply(config.hooks)
@@ -303,11 +302,9 @@ class Daemon:
             # Let the load balancer hear "drain" before the port closes; a second SIGTERM
             # (or SIGINT) ends the notice at once.
             deadline = time.monotonic() + metrics.drain_notice
+            assert self.signals is not None
             while (left := deadline - time.monotonic()) > 0:
-                try:
-                    if self.signals.get(timeout=left) in (signal.SIGTERM, signal.SIGINT):
-                        break
-                except queue.Empty:
+                if self.signals.wait(left) in (None, signal.SIGTERM, signal.SIGINT):
                     break
         self.server.stop_accepting()
         if self.owns_listeners:

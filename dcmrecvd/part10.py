@@ -32,8 +32,15 @@ def meta_header(
     sop_instance_uid: str,
     transfer_syntax_uid: str,
     source_ae_title: str = "",
+    receiving_ae_title: str = "",
 ) -> bytes:
-    """Preamble, ``DICM`` and group 0002 (Explicit VR Little Endian)."""
+    """Preamble, ``DICM`` and group 0002 (Explicit VR Little Endian).
+
+    ``source_ae_title`` (0002,0016) is the calling AE, as dcmrecv writes it;
+    ``receiving_ae_title`` (0002,0018) the AE title the sender called.  The file is
+    then the one durable place that says which AE an acknowledged object came in
+    under: recovery after a crash reads it back (``outbox.body_from_file``).
+    """
     body = b"".join(
         (
             _element(0x0001, b"OB", b"\x00\x01"),
@@ -46,5 +53,7 @@ def meta_header(
     )
     if source_ae_title:
         body += _element(0x0016, b"AE", _padded(source_ae_title.strip(), b" "))
+    if receiving_ae_title.strip():
+        body += _element(0x0018, b"AE", _padded(receiving_ae_title.strip(), b" "))
     group_length = _element(0x0000, b"UL", struct.pack("<I", len(body)))
     return b"\x00" * 128 + b"DICM" + group_length + body

@@ -33,9 +33,11 @@ from dcmrecvd.dataset_walk import (
     SERIES_INSTANCE_UID,
     SOP_CLASS_UID,
     SOP_INSTANCE_UID,
+    SPECIFIC_CHARACTER_SET,
     STUDY_INSTANCE_UID,
     DatasetWalker,
     Malformed,
+    decoded_text,
     text_value,
 )
 from dcmrecvd.disk_space import DiskWatch
@@ -113,6 +115,8 @@ class Destination:
     disk: DiskWatch
     calling: str
     clock: Clock = dt.datetime.now
+    #: The AE title the sender called (into the file meta: recovery reads it back).
+    called: str = ""
 
 
 class Checked:
@@ -223,7 +227,7 @@ class Stored(Checked):
     """
 
     #: Read on the way for the events after the ack (and the +ssd directory): no decoding.
-    FOR_EVENTS = (SERIES_DATE, PATIENT_ID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID)
+    FOR_EVENTS = (SPECIFIC_CHARACTER_SET, SERIES_DATE, PATIENT_ID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID)
 
     def __init__(
         self,
@@ -272,7 +276,9 @@ class Stored(Checked):
             series_date = text_value(self.walker.captured.get(SERIES_DATE))
             self.directory = naming.directory_for(self.to.scheme, series_date, self.to.clock().date())
         self.file = self.to.writer.open(self.directory)
-        self.file.write(part10.meta_header(sop_class, instance, self.transfer_syntax, self.to.calling))
+        self.file.write(
+            part10.meta_header(sop_class, instance, self.transfer_syntax, self.to.calling, self.to.called)
+        )
         if self.prefix:
             self.file.write(self.prefix)
             self.prefix = bytearray()
@@ -319,7 +325,7 @@ class Stored(Checked):
         tags = {
             "study_uid": text_value(captured.get(STUDY_INSTANCE_UID)) or "",
             "series_uid": text_value(captured.get(SERIES_INSTANCE_UID)) or "",
-            "patient_id": (captured.get(PATIENT_ID) or b"").decode("latin-1").rstrip(" \x00"),
+            "patient_id": decoded_text(captured.get(PATIENT_ID), captured.get(SPECIFIC_CHARACTER_SET)),
         }
         return Outcome(
             Status.SUCCESS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 from conftest import wait_for
@@ -19,6 +20,8 @@ class NotifySocket:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind(str(path))
         self.messages: list[tuple[int, dict[str, str]]] = []
+        #: When each message arrived (monotonic), in step with ``messages``.
+        self.arrived: list[float] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._receive, daemon=True)
         self._thread.start()
@@ -37,6 +40,7 @@ class NotifySocket:
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             with self._lock:
                 self.messages.append((pid, fields))
+                self.arrived.append(time.monotonic())
 
     def seen(self, key: str, value: str | None = None, pid: int | None = None, after: int = 0) -> bool:
         with self._lock:
@@ -49,6 +53,14 @@ class NotifySocket:
         self, key: str, value: str | None = None, pid: int | None = None, after: int = 0, timeout: float = 15
     ) -> None:
         wait_for(lambda: self.seen(key, value, pid, after), timeout=timeout)
+
+    def arrival(self, key: str, value: str, after: int = 0) -> float:
+        """When the first message from index ``after`` on with ``key=value`` arrived."""
+        with self._lock:
+            for fields, at in zip(self.messages[after:], self.arrived[after:], strict=True):
+                if fields[1].get(key) == value:
+                    return at
+        raise LookupError(f"no {key}={value}")
 
     def count(self) -> int:
         with self._lock:

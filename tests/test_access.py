@@ -235,3 +235,34 @@ def test_max_associations_per_peer(daemons: DaemonFactory, tmp_path: Path) -> No
         for client in held:
             client.close()
     wait_for(lambda: run([need("echoscu"), "127.0.0.1", str(d.port)]).returncode == 0)
+
+
+RELEASE_RQ = bytes((5, 0, 0, 0, 0, 4, 0, 0, 0, 0))
+#: A P-DATA-TF whose one PDV names presentation context 99, which was never negotiated:
+#: the receiver must abort.
+UNKNOWN_CONTEXT = bytes((4, 0, 0, 0, 0, 8, 0, 0, 0, 4, 99, 3, 0, 0))
+
+
+@pytest.mark.parametrize("ending", ["release", "abort"])
+@pytest.mark.parametrize("limit", ["max_associations_per_peer", "max_associations"])
+def test_a_slot_is_free_once_the_peer_hears_the_association_is_over(
+    daemons: DaemonFactory, tmp_path: Path, ending: str, limit: str
+) -> None:
+    """#28.4: with one slot, associating again right after the A-RELEASE-RP (or an A-ABORT
+    from us) was refused (2,3,2) in 1-13 % of rounds: the slot was freed after the PDU."""
+    config = write_rules(tmp_path / "one.toml", f"[network]\n{limit} = 1\n")
+    d = daemons.start("--config", str(config), verbose=False)
+    refused = 0
+    rounds = 300 if ending == "release" else 150
+    for _ in range(rounds):
+        client = RawClient(d.port)
+        try:
+            if client.associate(VERIFICATION, "1.2.840.10008.1.2") != pdu.A_ASSOCIATE_AC:
+                refused += 1
+                continue
+            client.sock.sendall(RELEASE_RQ if ending == "release" else UNKNOWN_CONTEXT)
+            answer, _ = client.read_pdu()
+            assert answer == (pdu.A_RELEASE_RP if ending == "release" else pdu.A_ABORT)
+        finally:
+            client.close()
+    assert refused == 0, f"{refused} of {rounds} associations refused right after the last one ended"

@@ -20,7 +20,7 @@ EVENT = re.compile(r"^[a-z_]+(\.[a-z_]+)?$")
 
 def emitted() -> set[str]:
     names = set()
-    for path in Path(dcmrecvd.__file__).parent.glob("*.py"):
+    for path in Path(dcmrecvd.__file__).parent.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Call)

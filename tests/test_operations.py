@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Daemon, DaemonFactory, free_port, need, port_open, run, wait_for
@@ -247,3 +248,123 @@ def test_a_busy_metrics_port_exits_64(daemons: DaemonFactory, tmp_path: Path) ->
         d = daemons.start("--config", str(toml), wait=False)
         assert d.proc.wait(30) == 64
         assert "cannot listen for metrics" in d.log()
+
+
+def test_a_trickling_http_client_is_cut_off_by_one_deadline(daemons: DaemonFactory, tmp_path: Path) -> None:
+    """#28.2: a byte every 0.5 s used to keep the connection (and its thread) for ever,
+    since the 5 s was a timeout per read.  The whole request now has 5 s."""
+    d = ops_daemon(daemons, tmp_path)
+    request = b"GET /metrics HTTP/1.0\r\nX-Padding: " + b"a" * 100
+    with socket.create_connection(("127.0.0.1", d.metrics_port), timeout=10) as s:  # type: ignore[attr-defined]
+        started = time.monotonic()
+        closed_after = None
+        for byte in request:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:  # reset by the server: cut off
+                closed_after = time.monotonic() - started
+                break
+            readable, _, _ = __import__("select").select([s], [], [], 0.5)
+            if readable:  # the server answered or closed: either way it let go
+                closed_after = time.monotonic() - started
+                break
+        assert closed_after is not None, "still connected after the whole request was trickled"
+    assert closed_after < 5.0 + 1.5, closed_after
+    assert http(d, "/livez")[0] == 200
+
+
+def _accept_queue(port: int) -> int:
+    """Connections the kernel holds for the listener on ``port`` until it accepts them."""
+    for line in run([need("ss"), "-ltnH"]).stdout.splitlines():
+        fields = line.split()
+        if fields[3].endswith(f":{port}"):
+            return int(fields[1])
+    raise LookupError(port)
+
+
+def _tasks(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_flood_of_http_and_agent_connections_is_bounded(daemons: DaemonFactory, tmp_path: Path) -> None:
+    """#28.2: idle connections cost a thread and a descriptor each, without bound; and a
+    listen backlog of 5 made every sixth of 60 back-to-back connects wait a second."""
+    d = ops_daemon(daemons, tmp_path)
+    ports = (d.metrics_port, d.agent_port)  # type: ignore[attr-defined]
+    listing = run([need("ss"), "-ltnH"]).stdout
+    for port in ports:
+        backlogs = [line.split()[2] for line in listing.splitlines() if line.split()[3].endswith(f":{port}")]
+        assert backlogs and int(backlogs[0]) >= 128, (port, backlogs)
+    tasks, fds = _tasks(d.pid), _fds(d.pid)
+    held: list[socket.socket] = []
+    try:
+        slowest = 0.0
+        for i in range(200):  # silent clients: never send a byte
+            started = time.monotonic()
+            held.append(socket.create_connection(("127.0.0.1", d.metrics_port), timeout=10))  # type: ignore[attr-defined]
+            if i < 60:  # the issue's burst: fits the backlog even if the server is slow to accept
+                slowest = max(slowest, time.monotonic() - started)
+        assert slowest < 0.5, f"one of 60 back-to-back connects took {slowest:.2f} s"
+        wait_for(lambda: _accept_queue(d.metrics_port) == 0)  # type: ignore[attr-defined]
+        assert _tasks(d.pid) <= tasks + 32 + 4, _tasks(d.pid) - tasks
+        assert _fds(d.pid) <= fds + 32 + 4, _fds(d.pid) - fds
+        assert agent(d).startswith("up")  # the agent listener is its own pool
+    finally:
+        for s in held:
+            s.close()
+    # The held ones are let go at their deadline; then a probe is served again.
+    wait_for(lambda: http(d, "/livez")[0] == 200, timeout=15)
+    wait_for(lambda: _tasks(d.pid) <= tasks + 2, timeout=15)
+
+
+def test_signals_are_acted_on_at_once_while_probes_keep_threads_busy(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    """#28.3: a signal the kernel gave to a busy thread waited for the main thread's 5 s
+    tick (half the SIGTERMs took ~4.5 s with the agent polled).  Now < 0.2 s, each time."""
+    import threading
+
+    from conftest import isolated_env
+    from notify import NotifySocket
+
+    notify = NotifySocket(tmp_path / "n.sock")
+    env = isolated_env(daemons.config_dir, NOTIFY_SOCKET=str(notify.path), NO_COLOR="1")
+    d = ops_daemon(daemons, tmp_path, "drain_notice = 0\n", env=env)
+    notify.wait("READY", "1", pid=d.pid)
+    stop = threading.Event()
+
+    def poll(probe: Any) -> None:
+        while not stop.is_set():
+            try:
+                probe()
+            except OSError:
+                pass
+
+    pollers = [threading.Thread(target=poll, args=(lambda: agent(d),), daemon=True) for _ in range(4)]
+    pollers += [threading.Thread(target=poll, args=(lambda: http(d, "/metrics"),), daemon=True)]
+    for t in pollers:
+        t.start()
+    delays = []
+    try:
+        for _ in range(10):
+            mark = notify.count()
+            sent = time.monotonic()
+            os.kill(d.pid, signal.SIGHUP)
+            notify.wait("READY", "1", after=mark, timeout=15)
+            delays.append(notify.arrival("RELOADING", "1", after=mark) - sent)
+        mark = notify.count()
+        sent = time.monotonic()
+        os.kill(d.pid, signal.SIGTERM)
+        notify.wait("STOPPING", "1", after=mark, timeout=15)
+        delays.append(notify.arrival("STOPPING", "1", after=mark) - sent)
+        assert d.proc.wait(30) == 0
+    finally:
+        stop.set()
+        for t in pollers:
+            t.join(10)
+        notify.close()
+    assert max(delays) < 0.2, [round(x, 3) for x in delays]

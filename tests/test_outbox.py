@@ -243,3 +243,91 @@ def test_hooks_in_the_config_are_checked_and_printed_back() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             config.build([config.Layer("c.toml", {"hooks": [bad]})])
+
+
+def test_a_new_outbox_does_not_replay_what_the_directory_held_before_it(tmp_path: Path) -> None:
+    """#28.5: a new outbox had no mark, so its first recovery took every file in the
+    output directory for a lost event.  Its mark is its creation."""
+    import os
+    import time
+
+    output = tmp_path / "out"
+    output.mkdir()
+    archive = [output / f"CT.1.2.7.{i}" for i in range(3)]
+    for i, path in enumerate(archive):
+        write_object(path, f"1.2.7.{i}", "1.2.7")
+        os.utime(path, (time.time() - 3600, time.time() - 3600))  # stored last hour, no hooks then
+    box = Outbox(tmp_path / "events.sqlite", stable_seconds=60, max_seconds=600)
+    assert box.was_clean  # nothing to recover for an outbox that never ran
+    box.close()  # an unclean stop of the new outbox ...
+    after = Outbox(tmp_path / "events.sqlite", stable_seconds=60, max_seconds=600)
+    assert not after.was_clean
+    lost = output / "CT.1.2.7.9"
+    write_object(lost, "1.2.7.9", "1.2.7")  # ... lost one acknowledged object's event
+    assert after.recover([(output, "*")], outbox.body_from_file) == 1
+    after.drain()
+    assert [b["path"] for b in after.all_events()] == [str(lost)]
+    after.checkpoint(0.0)  # a mark from the past never goes below the creation
+    assert after.durable_before() >= after.created > 0
+
+
+def test_recovered_objects_join_their_study_under_the_ae_title_they_were_sent_to(tmp_path: Path) -> None:
+    """#28.7: after kill -9, objects whose events were still in memory were rebuilt with
+    called_aet '*', made a study of their own and completed apart (1 + 3 objects)."""
+    from dcmrecvd import part10
+
+    output = tmp_path / "out"
+    output.mkdir()
+    clock = Clock()
+    box = make(tmp_path, clock)
+    box.close()  # killed before the first two objects' events reached it
+    for i in (1, 2):
+        ds = base_dataset()
+        ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = f"1.2.8.{i}", "1.2.8", "1.2.8.0"
+        from malformed import encode
+
+        header = part10.meta_header(
+            ds.SOPClassUID, ds.SOPInstanceUID, "1.2.840.10008.1.2.1", "CT1", "ARCHIVE"
+        )
+        (output / f"CT.1.2.8.{i}").write_bytes(header + encode(ds))
+    after = make(tmp_path, clock)
+    assert after.recover([(output, "*")], outbox.body_from_file) == 2  # the default AE's directory
+    for i in (3, 4, 5):  # sent again after the restart, to AE title ARCHIVE
+        after.record({**stored("1.2.8", "1.2.8.0", f"1.2.8.{i}", called="ARCHIVE"), "calling_aet": "CT1"})
+    after.drain()
+    clock.now += 61
+    after.complete_due()
+    studies = [b for b in after.all_events() if b["event"] == "study.complete"]
+    assert [(s["called_aet"], s["objects"]) for s in studies] == [("ARCHIVE", 5)]
+
+
+def test_on_may_name_one_kind_as_a_string_and_a_string_array_says_what_to_write() -> None:
+    from dcmrecvd import config
+    from dcmrecvd.errors import ConfigError
+
+    one = config.build([config.Layer("a.toml", {"hooks": [{"on": "study.complete", "exec": ["/bin/true"]}]})])
+    assert one.hooks[0].on == ["study.complete"]
+    with pytest.raises(ConfigError, match=r'write exec = \["/usr/bin/dcmsend", "pacs", "104"\]'):
+        config.build([config.Layer("a.toml", {"hooks": [{"exec": "/usr/bin/dcmsend pacs 104"}]})])
+    with pytest.raises(ConfigError, match="is not an event kind"):
+        config.build([config.Layer("a.toml", {"hooks": [{"on": "study.done", "exec": ["/bin/true"]}]})])
+
+
+@pytest.mark.parametrize(
+    ("raw", "charset", "text"),
+    [
+        ("Jürgen-Ω".encode(), b"ISO_IR 192", "Jürgen-Ω"),
+        ("Jürgen ".encode("latin-1"), b"ISO_IR 100", "Jürgen"),
+        ("Иванов".encode("iso8859_5"), b"ISO_IR 144", "Иванов"),
+        (b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B", b"\\ISO 2022 IR 87", "Yamada^Tarou=山田^太郎"),
+        (b"PLAIN\x00", None, "PLAIN"),
+        (b"ABC", b"NO SUCH SET", "ABC"),
+        (b"\xff\xfe", b"ISO_IR 192", "\ufffd\ufffd"),
+    ],
+)
+def test_captured_text_is_decoded_by_specific_character_set(
+    raw: bytes, charset: bytes | None, text: str
+) -> None:
+    from dcmrecvd.dataset_walk import decoded_text
+
+    assert decoded_text(raw, charset) == text
