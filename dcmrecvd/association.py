@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import mmap
-import select
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,12 +22,13 @@ from typing import Any
 import structlog
 
 from dcmrecvd import admission, dimse, negotiation, pdu, prelude, services
+from dcmrecvd.answer_window import AnswerWindow
 from dcmrecvd.buffers import BufferPool
-from dcmrecvd.metrics import METRICS
+from dcmrecvd.receive_buffer import RECEIVE_BUFFERS, PeerClosed, ReceiveBuffer, more_waiting
 from dcmrecvd.receiving import Outcome, Sink
 from dcmrecvd.runtime import Runtime, Stats
 from dcmrecvd.services import Call, Service
-from dcmrecvd.status import Status, status_for_error
+from dcmrecvd.status import Status
 from dcmrecvd.storage import Writer
 from dcmrecvd.upper_layer import (
     Abort,
@@ -46,21 +44,8 @@ from dcmrecvd.upper_layer import (
 
 log = structlog.get_logger("dcmrecvd")
 
-#: The receive buffer of an established association: many PDUs per read.
-BUFFER_SIZE = 1 << 20
-#: The buffer of a connection that has not negotiated yet: enough for a usual
-#: A-ASSOCIATE-RQ (a larger one is read in pieces), so that idle or hostile
-#: connections cost a few KiB, not a MiB each.
-INITIAL_BUFFER_SIZE = 16 * 1024
 _ids = itertools.count(1)
-#: Receive buffers of established associations, shared by all of them.
-RECEIVE_BUFFERS = BufferPool(BUFFER_SIZE, keep=8)
-
 Clock = Callable[[], dt.datetime]
-
-
-class PeerClosed(Exception):
-    """The peer closed the connection (or reset it)."""
 
 
 def next_association_id() -> int:
@@ -107,28 +92,20 @@ class Association:
         self.admit = admit
         self.release_slot = release_slot
         self.negotiated = negotiated
-        self.buffers = buffers
         self.clock = clock
         #: Where an acknowledged object's ``object.stored`` goes (the outbox), if anywhere.
         self.events = events
         self.id = next_association_id()
         self.core = UpperLayer()
         #: The receive buffer: small until the association is accepted, then a pooled one.
-        self._buffer: bytearray | memoryview = bytearray(INITIAL_BUFFER_SIZE)
-        self._view = memoryview(self._buffer)
-        self._pooled: mmap.mmap | None = None
-        self._quickack = hasattr(socket, "TCP_QUICKACK")
+        self.buffer = ReceiveBuffer(buffers)
         self.contexts: dict[int, negotiation.AcceptedContext] = {}
         self.calling = ""
         self.called = ""
         self.request: Request | None = None
         self.writer: Writer | None = None
-        #: Requests complete and not yet answered, in order; answered together once their
-        #: objects are durable (see ``_answer_all``).  At most ``window`` of them.
-        self.answers: list[tuple[Request, Outcome]] = []
-        #: Requests the peer may have outstanding: the negotiated asynchronous operations
-        #: window, 1 without one.
-        self.window = 1
+        #: Requests complete and not yet answered, answered in order once durable.
+        self.answers: AnswerWindow[Request] = AnswerWindow(self._answer)
         self.log = log.bind(assoc_id=self.id, peer=peer)
         #: True while this connection holds one of the server's association slots;
         #: released exactly once (``_free_slot``), before the last PDU or in ``run``'s finally.
@@ -181,7 +158,7 @@ class Association:
             self._drop_request()
             if self.writer is not None:
                 self.writer.close()
-            self._release_buffer()  # after the request: no view into the buffer is left
+            self.buffer.release()  # after the request: no view into the buffer is left
             try:
                 self.sock.close()
             except OSError:
@@ -198,8 +175,8 @@ class Association:
             outcome = self._dispatch(self._feed(self._receive()))
             if outcome:
                 return outcome
-            if self.answers and not self._more_to_read():
-                self._answer_all()
+            if self.answers and not more_waiting(self.sock):
+                self.answers.flush()  # a sender that waits is answered at once
 
     def _feed(self, data: memoryview | bytes) -> list[Event]:
         """The core's events for ``data``; on a violation, first act on those before it."""
@@ -207,17 +184,8 @@ class Association:
             return self.core.feed(data)
         except ProtocolError as exc:
             self._dispatch(exc.events)
-            self._answer_all()  # what was complete before the violation is still answered
+            self.answers.flush()  # what was complete before the violation is still answered
             raise
-
-    def _more_to_read(self) -> bool:
-        """Has the peer already sent more (a pipelining sender)?  Then its requests are
-        made durable and answered together; a sender that waits is answered at once."""
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return True
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
 
     def _receive(self) -> memoryview:
         """One read into the receive buffer, under ARTIM before the association exists."""
@@ -226,30 +194,7 @@ class Association:
             if left <= 0:
                 raise TimeoutError("ARTIM expired")
             self.sock.settimeout(left)
-        try:
-            got = self.sock.recv_into(self._view)
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            raise PeerClosed(str(exc)) from None
-        if got == 0:
-            raise PeerClosed("connection closed by peer")
-        if self._quickack:
-            self._rearm_quickack()
-        return self._view[:got]
-
-    def _rearm_quickack(self) -> None:
-        """ACK at once what we just read, instead of up to 40 ms later.
-
-        Why: a sender with Nagle on (DCMTK's tools unless TCP_NODELAY=1 is in
-        their environment) holds its last small segment of a message until its
-        previous data is acknowledged, and Linux delays that ACK; each C-STORE
-        then waits for the delayed-ACK timer.  The kernel leaves quick-ACK mode
-        by itself, so it is re-armed after every read (one setsockopt, ~1 us;
-        cheaper than knowing which read ends a message).
-        """
-        try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        except OSError:  # not TCP (a socketpair in tests): nothing to re-arm
-            self._quickack = False
+        return self.buffer.read(self.sock)
 
     def _dispatch(self, events: list[Event]) -> str:
         """Act on the core's events in order; returns how the association ended, or ""."""
@@ -260,7 +205,7 @@ class Association:
                 request.sink.write(event.data)
                 if event.is_last:
                     self.request = None
-                    self._queue_answer(request, request.sink.finish())
+                    self.answers.add(request, request.sink.finish())
             elif type(event) is Command:
                 self._command(event.context_id, event.command)
             elif type(event) is AssociateRequest:
@@ -274,7 +219,7 @@ class Association:
                 if self.request is not None:
                     self.log.warning("assoc.release_mid_message")
                     self._drop_request()
-                self._answer_all()
+                self.answers.flush()
                 if self.writer is not None:
                     self.writer.close()  # before the peer hears we are done
                 self._free_slot()
@@ -284,15 +229,6 @@ class Association:
                 self.log.warning("assoc.aborted", reason="aborted by peer")
                 return "aborted"
         return ""
-
-    def _release_buffer(self) -> None:
-        """Give the large buffer back; every view of it must be dropped by now."""
-        pooled, self._pooled = self._pooled, None
-        self._view.release()
-        self._buffer = bytearray(0)
-        self._view = memoryview(self._buffer)
-        if pooled is not None:
-            self.buffers.give(pooled)
 
     def _take_slot(self) -> bool:
         self.holds_slot = self.admit(self.host)
@@ -352,21 +288,13 @@ class Association:
             return False
         self.sock.sendall(self.core.accept(outcome.pdu, outcome.contexts.keys(), decision.peer_max_pdu))
         self.contexts = outcome.contexts
-        self.window = outcome.window
-        self._grow_buffer()
-        self.writer = Writer(decision.rx.store)
+        self.answers.size = outcome.window
+        self.answers.writer = self.writer = Writer(decision.rx.store)
+        self.buffer.grow()
         self.admitted = True
         self.stats.add(active=1, associations=1)
         self.sock.settimeout(self.runtime.config.network.dimse_timeout or None)
         return True
-
-    def _grow_buffer(self) -> None:
-        """Move to a large pooled buffer: the small one held nothing that is still needed
-        (the core copies what it keeps across reads)."""
-        self._view.release()
-        self._pooled = self.buffers.take()
-        self._buffer = memoryview(self._pooled)
-        self._view = self._buffer
 
     # ------------------------------------------------------------------ DIMSE
 
@@ -381,32 +309,7 @@ class Association:
         if command.has_dataset:
             self.request = request
         else:
-            self._queue_answer(request, request.sink.finish())
-
-    def _queue_answer(self, request: Request, outcome: Outcome) -> None:
-        self.answers.append((request, outcome))
-        if len(self.answers) >= self.window:
-            self._answer_all()
-
-    def _answer_all(self) -> None:
-        """Make every staged object durable (one directory fsync for all of them), then
-        answer the requests in order.  A failed sync fails each object it covered."""
-        answers, self.answers = self.answers, []
-        if not answers:
-            return
-        if self.writer is not None and self.writer.unsynced:
-            try:
-                self.writer.sync()
-            except OSError as exc:
-                answers = [
-                    (request, Outcome(status_for_error(exc), str(exc)) if outcome.path else outcome)
-                    for request, outcome in answers
-                ]
-        now = time.monotonic()
-        for request, outcome in answers:
-            if outcome.commit_started:
-                METRICS.commit_seconds.observe(now - outcome.commit_started)
-            self._answer(request, outcome)
+            self.answers.add(request, request.sink.finish())
 
     def _answer(self, request: Request, outcome: Outcome) -> None:
         """Let the request's service answer it (its work is complete and durable)."""

@@ -15,6 +15,7 @@ import select
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from structlog.typing import FilteringBoundLogger
@@ -54,7 +55,9 @@ def _proxy_header(arrival: Arrival, runtime: Runtime, artim: float) -> Arrival |
         log.warning("conn.proxy_rejected", reason=f"{host} is not in network.trusted_proxies")
         return None
     try:
-        proxied = proxy_protocol.read_header(arrival.sock, runtime.config.network.proxy_protocol, artim)
+        proxied = proxy_protocol.read_header(
+            _exact_reader(arrival.sock, artim), runtime.config.network.proxy_protocol
+        )
     except proxy_protocol.ClosedBeforeHeader:  # a port probe or a TCP health check
         log.debug("conn.closed", reason="closed before a PROXY header")
         return None
@@ -106,3 +109,28 @@ def handshake_by(sock: ssl.SSLSocket, deadline: float) -> None:
             poller.poll(left * 1000)
     finally:
         sock.setblocking(True)
+
+
+def _exact_reader(sock: socket.socket, deadline: float) -> Callable[[int], bytes]:
+    """``read(n)``: exactly n bytes from ``sock`` before ``deadline``, never one more (what
+    follows the header belongs to TLS or the upper layer)."""
+    seen = False
+
+    def read(n: int) -> bytes:
+        nonlocal seen
+        out = bytearray()
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("PROXY header not complete within the ACSE timeout")
+            sock.settimeout(left)
+            chunk = sock.recv(n - len(out))
+            if not chunk:
+                if not seen:  # nothing at all was sent
+                    raise proxy_protocol.ClosedBeforeHeader("closed before a PROXY header")
+                raise proxy_protocol.ProxyHeaderError("connection closed inside the PROXY header")
+            seen = True
+            out += chunk
+        return bytes(out)
+
+    return read

@@ -8,15 +8,14 @@ from ``network.trusted_proxies``; bound its size and read it whole under the
 ACSE timeout; read exactly the header and not one byte more, because what
 follows belongs to TLS or to the DICOM upper layer.  A v2 ``LOCAL`` command
 (the balancer's own health check) and v1 ``UNKNOWN`` keep the balancer's
-address.
+address.  No I/O here: the reading (exact, under the ACSE timeout) is ``prelude``'s.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -103,17 +102,18 @@ def parse_v2(header: bytes, body: bytes) -> ProxiedPeer:
     return ProxiedPeer(str(src), sport, 2)
 
 
-def read_header(sock: socket.socket, mode: str, deadline: float) -> ProxiedPeer:
-    """Read exactly one header from ``sock`` before ``deadline`` (monotonic); ``mode`` v1, v2, any."""
-    start = _recv_exact(sock, 12, deadline, first=True)
+def read_header(read: Callable[[int], bytes], mode: str) -> ProxiedPeer:
+    """Read exactly one header with ``read(n)`` (exactly n bytes, or an exception); ``mode``
+    v1, v2 or any.  The caller's ``read`` owns the socket and the deadline."""
+    start = read(12)
     if start == V2_SIGNATURE:
         if mode == "v1":
             raise ProxyHeaderError("a v2 header where v1 is configured")
-        header = start + _recv_exact(sock, 4, deadline)
+        header = start + read(4)
         length = struct.unpack(">H", header[14:16])[0]
         if length > V2_MAX_LENGTH:
             raise ProxyHeaderError(f"v2 header of {length} bytes (at most {V2_MAX_LENGTH})")
-        return parse_v2(header, _recv_exact(sock, length, deadline))
+        return parse_v2(header, read(length))
     if start.startswith(V1_PREFIX):
         if mode == "v2":
             raise ProxyHeaderError("a v1 header where v2 is configured")
@@ -121,22 +121,6 @@ def read_header(sock: socket.socket, mode: str, deadline: float) -> ProxiedPeer:
         while not line.endswith(b"\r\n"):  # a byte at a time: never read past the header
             if len(line) >= V1_MAX:
                 raise ProxyHeaderError("v1 header without CRLF within 107 bytes")
-            line += _recv_exact(sock, 1, deadline)
+            line += read(1)
         return parse_v1(bytes(line))
     raise ProxyHeaderError("no PROXY header")
-
-
-def _recv_exact(sock: socket.socket, n: int, deadline: float, *, first: bool = False) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("PROXY header not complete within the ACSE timeout")
-        sock.settimeout(left)
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            if first and not out:  # nothing at all was sent
-                raise ClosedBeforeHeader("closed before a PROXY header")
-            raise ProxyHeaderError("connection closed inside the PROXY header")
-        out += chunk
-    return bytes(out)
