@@ -45,6 +45,7 @@ lint: venv test-deps
 	$(VENV)/bin/ruff check dcmrecvd tests bench
 	$(VENV)/bin/ruff format --check dcmrecvd
 	$(VENV)/bin/vulture dcmrecvd .ci/vulture_allow.py --min-confidence 60
+	$(VENV)/bin/lint-imports
 
 typecheck: venv
 	$(VENV)/bin/mypy
@@ -60,6 +61,7 @@ check: venv
 	$(VENV)/bin/ruff check dcmrecvd tests bench
 	$(VENV)/bin/ruff format --check dcmrecvd
 	$(VENV)/bin/vulture dcmrecvd .ci/vulture_allow.py --min-confidence 60
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -m inprocess $(PYTEST_ARGS)
 

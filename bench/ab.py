@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import SETS, cpu_seconds, ensure_data, free_port, fresh_output, send, tool_env, wait_listening  # noqa: E402
+from harness import SETS, cpu_seconds, ensure_data, free_port, fresh_output, send, tool_env, wait_listening  # noqa: E402
 
 
 def run_once(

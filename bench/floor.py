@@ -7,7 +7,7 @@ object (which never waits for the disk) says what ratio is reachable here.
 
     python bench/floor.py [--count 1000] [--sizes 3000,524288]
 
-Per size, into a fresh directory (see run.fresh_output): the acknowledgement
+Per size, into a fresh directory (see harness.fresh_output): the acknowledgement
 path through ``storage.Writer``, the code an association runs (write, flush,
 next temp file from the second file on, rename, directory fsync), and the
 same without fsync (what dcmrecv does).
@@ -25,10 +25,10 @@ from pathlib import Path, PurePosixPath
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import fresh_output  # noqa: E402
+from harness import fresh_output  # noqa: E402
 
-from dcmrecvd.fs_probe import journals_in_order  # noqa: E402
-from dcmrecvd.storage import Store, Writer  # noqa: E402
+from dcmrecvd.store.fs_probe import journals_in_order  # noqa: E402
+from dcmrecvd.store.storage import Store, Writer  # noqa: E402
 
 
 def measure(size: int, count: int, durable: bool) -> float:

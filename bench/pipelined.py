@@ -33,7 +33,7 @@ from pynetdicom.presentation import build_context
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import (  # noqa: E402
+from harness import (  # noqa: E402
     SETS,
     cpu_seconds,
     ensure_data,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import cpu_seconds, ensure_data, fresh_output, start_receiver, tool_env  # noqa: E402
+from harness import cpu_seconds, ensure_data, fresh_output, start_receiver, tool_env  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 

@@ -13,11 +13,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dcmrecvd import __version__, ciphers, flags, lifecycle, logs, server
-from dcmrecvd import config as config_mod
+from dcmrecvd import __version__, lifecycle
+from dcmrecvd.conf import config as config_mod
+from dcmrecvd.conf import flags
 from dcmrecvd.errors import DcmrecvdError, ExitCode
-from dcmrecvd.runtime import Runtime, prepare
-from dcmrecvd.systemd import Notifier, clear_listen_env
+from dcmrecvd.ops import logs
+from dcmrecvd.ops.systemd import Notifier, clear_listen_env
+from dcmrecvd.serve import ciphers, server
+from dcmrecvd.serve.runtime import Runtime, prepare
 
 PROG = "dcmrecvd"
 

@@ -20,19 +20,20 @@ from pathlib import Path
 
 import structlog
 
-from dcmrecvd import logs, storage
-from dcmrecvd.amqp import CONSUMER as AMQP_CONSUMER
-from dcmrecvd.amqp import Publisher, read_password, start_publisher
-from dcmrecvd.config import EVENT_KINDS, AmqpConfig, Config
+from dcmrecvd.conf.config import EVENT_KINDS, AmqpConfig, Config
 from dcmrecvd.errors import DcmrecvdError
-from dcmrecvd.health import Health, OpsListeners
-from dcmrecvd.hooks import Hooks
-from dcmrecvd.metrics import METRICS, LiveFigures
-from dcmrecvd.outbox import Outbox, body_from_file
-from dcmrecvd.runtime import Runtime, Stats, prepare
-from dcmrecvd.server import Server
+from dcmrecvd.events.amqp import CONSUMER as AMQP_CONSUMER
+from dcmrecvd.events.amqp import Publisher, read_password, start_publisher
+from dcmrecvd.events.hooks import Hooks
+from dcmrecvd.events.outbox import Outbox, body_from_file
+from dcmrecvd.ops import logs
+from dcmrecvd.ops.health import Health, OpsListeners
+from dcmrecvd.ops.metrics import METRICS, LiveFigures
+from dcmrecvd.ops.systemd import Notifier
+from dcmrecvd.serve.runtime import Runtime, Stats, prepare
+from dcmrecvd.serve.server import Server
 from dcmrecvd.signal_inbox import SignalInbox
-from dcmrecvd.systemd import Notifier
+from dcmrecvd.store import storage
 
 log = structlog.get_logger("dcmrecvd")
 

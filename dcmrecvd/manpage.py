@@ -11,7 +11,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from dcmrecvd import __version__, config, flags, logs, tls
+from dcmrecvd import __version__
+from dcmrecvd.conf import config, flags
+from dcmrecvd.ops import logs
+from dcmrecvd.serve import tls
 
 
 def _esc(text: str) -> str:

@@ -43,9 +43,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dcmrecvd import file_ops
-from dcmrecvd.file_ops import Buffer, FileOps
-from dcmrecvd.storage import TEMP_PREFIX, TEMP_SUFFIX
+from dcmrecvd.store import file_ops
+from dcmrecvd.store.file_ops import Buffer, FileOps
+from dcmrecvd.store.storage import TEMP_PREFIX, TEMP_SUFFIX
 
 WEAK = "weak"
 ORDERED = "ordered"

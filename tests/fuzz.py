@@ -37,7 +37,7 @@ from peers import RawClient, all_slots_accepted, command_elements  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian  # noqa: E402
 
-from dcmrecvd import pdu, uids  # noqa: E402
+from dcmrecvd.wire import pdu, uids  # noqa: E402
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 VERIFICATION = "1.2.840.10008.1.1"

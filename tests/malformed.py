@@ -12,7 +12,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 
-from dcmrecvd import uids
+from dcmrecvd.wire import uids
 
 INSTANCE_UID = "1.2.3.4.5"
 #: pydicom's own corpus holds three files that are not what they claim: a JPEG file whose

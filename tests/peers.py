@@ -20,7 +20,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import build_context
 
-from dcmrecvd import dimse, pdu
+from dcmrecvd.wire import dimse, pdu
 
 
 def dataset_offset(data: bytes) -> int:

@@ -12,8 +12,8 @@ from datasets import make_dataset, write
 from peers import RawClient, associate
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dcmrecvd import pdu
-from dcmrecvd.access import Policy, compile_rules
+from dcmrecvd.conf.access import Policy, compile_rules
+from dcmrecvd.wire import pdu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 VERIFICATION = "1.2.840.10008.1.1"

@@ -11,7 +11,7 @@ from peers import RawClient
 from pydicom import dcmread
 from test_receive import stored
 
-from dcmrecvd import pdu
+from dcmrecvd.wire import pdu
 
 PROFILES = Path(__file__).resolve().parent.parent / "etc" / "storescp.cfg"
 
@@ -86,7 +86,7 @@ def test_each_ae_directory_is_checked_and_printed(config_dir: Path, tmp_path: Pa
 
 
 def test_status_shows_what_each_named_ae_stored() -> None:
-    from dcmrecvd.runtime import Stats
+    from dcmrecvd.serve.runtime import Stats
 
     stats = Stats()
     stats.add(stored=3)

@@ -20,12 +20,14 @@ from malformed import base_dataset, encode
 from peers import RawClient, associate_rq, dataset_bytes, p_data, pdv, store_command
 from splits import by_byte, large_random_chunks, whole
 
-from dcmrecvd import config, dimse, pdu, runtime
-from dcmrecvd.association import Association
-from dcmrecvd.config import Layer
-from dcmrecvd.file_ops import FileOps
-from dcmrecvd.runtime import Stats
-from dcmrecvd.storage import TEMP_PREFIX, Store
+from dcmrecvd.conf import config
+from dcmrecvd.conf.config import Layer
+from dcmrecvd.serve import runtime
+from dcmrecvd.serve.association import Association
+from dcmrecvd.serve.runtime import Stats
+from dcmrecvd.store.file_ops import FileOps
+from dcmrecvd.store.storage import TEMP_PREFIX, Store
+from dcmrecvd.wire import dimse, pdu
 
 pytestmark = pytest.mark.inprocess
 
@@ -205,7 +207,7 @@ def test_a_failing_disk_fails_that_store_and_the_association_goes_on(tmp_path: P
 def test_a_bug_in_the_sink_fails_one_store_not_the_association(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dcmrecvd import receiving
+    from dcmrecvd.serve import receiving
 
     calls = {"n": 0}
     real = receiving.Stored._take

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import dcmrecvd
 
-from dcmrecvd import config
+from dcmrecvd.conf import config
 from dcmrecvd.errors import ConfigError
 
 pytestmark = pytest.mark.inprocess

@@ -20,11 +20,12 @@ from peers import associate_rq, p_data, pdv, store_command
 from splits import whole
 from test_association import CT, EXPLICIT, Peer, make_runtime, store
 
-from dcmrecvd import pdu, storage
-from dcmrecvd.association import Association
-from dcmrecvd.receiving import Outcome
-from dcmrecvd.status import Status
-from dcmrecvd.storage import Store
+from dcmrecvd.serve.association import Association
+from dcmrecvd.serve.receiving import Outcome
+from dcmrecvd.store import storage
+from dcmrecvd.store.storage import Store
+from dcmrecvd.wire import pdu
+from dcmrecvd.wire.status import Status
 
 pytestmark = pytest.mark.inprocess
 

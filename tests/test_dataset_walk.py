@@ -15,8 +15,8 @@ from malformed import NOT_WELL_FORMED, base_dataset, encode, explicit, malformed
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from dcmrecvd import uids
-from dcmrecvd.dataset_walk import (
+from dcmrecvd.wire import uids
+from dcmrecvd.wire.dataset_walk import (
     SERIES_DATE,
     SOP_CLASS_UID,
     SOP_INSTANCE_UID,

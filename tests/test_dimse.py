@@ -7,7 +7,7 @@ import struct
 import pytest
 from peers import command_elements, store_command
 
-from dcmrecvd import dimse
+from dcmrecvd.wire import dimse
 
 pytestmark = pytest.mark.inprocess
 

@@ -6,7 +6,9 @@ import subprocess
 
 from conftest import ROOT
 
-from dcmrecvd import flags, logs, manpage
+from dcmrecvd import manpage
+from dcmrecvd.conf import flags
+from dcmrecvd.ops import logs
 
 
 def test_man_pages_are_current() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import dcmrecvd
-from dcmrecvd import logs
+from dcmrecvd.ops import logs
 
 pytestmark = pytest.mark.inprocess
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import DaemonFactory, dcmrecvd, free_port, need, port_open, wait_for
 from test_hostile import associate_rq
 
-from dcmrecvd import pdu
+from dcmrecvd.wire import pdu
 
 
 @pytest.fixture

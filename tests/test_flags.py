@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import dcmrecvd
 
-from dcmrecvd import config, flags
+from dcmrecvd.conf import config, flags
 from dcmrecvd.errors import UsageError
 
 pytestmark = pytest.mark.inprocess
@@ -270,11 +270,13 @@ def test_each_fact_has_one_list() -> None:
     TLS code all use the one tuple."""
     import dataclasses
 
-    from dcmrecvd import config, logs, tls
+    from dcmrecvd.conf import config
+    from dcmrecvd.ops import logs
+    from dcmrecvd.serve import tls
 
     fields = {f.name: f for f in dataclasses.fields(config.LoggingConfig)}
-    assert fields["level"].metadata["choices"] == logs.LOG_LEVELS == tuple(logs.LEVELS)
-    assert fields["format"].metadata["choices"] == logs.LOG_FORMATS
+    assert fields["level"].metadata["choices"] == config.LOG_LEVELS == tuple(logs.LEVELS)
+    assert fields["format"].metadata["choices"] == config.LOG_FORMATS
     assert tuple(tls.PROFILES) == config.TLS_PROFILES
     set_by_flags = {o.sets["tls.profile"] for o in flags.OPTIONS if "tls.profile" in o.sets}
     assert set_by_flags <= set(config.TLS_PROFILES)

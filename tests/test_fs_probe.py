@@ -10,8 +10,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from dcmrecvd import fs_probe
-from dcmrecvd.storage import Store
+from dcmrecvd.store import fs_probe
+from dcmrecvd.store.storage import Store
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("mkfs.ext4") is None, reason="mounts a loop device (root, e2fsprogs)"

@@ -22,7 +22,7 @@ from peers import RawClient, send_file
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dcmrecvd import pdu
+from dcmrecvd.wire import pdu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 RELEASE_RQ = bytes((5, 0, 0, 0, 0, 4, 0, 0, 0, 0))

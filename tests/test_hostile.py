@@ -11,7 +11,7 @@ from conftest import DaemonFactory, need, run, wait_for
 from peers import RawClient, all_slots_accepted, command_elements, trickle
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dcmrecvd import pdu
+from dcmrecvd.wire import pdu
 
 VERIFICATION = "1.2.840.10008.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"

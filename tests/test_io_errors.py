@@ -21,9 +21,9 @@ from peers import associate_rq, dataset_bytes
 from splits import whole
 from test_association import CT, EXPLICIT, RELEASE_RQ, Peer, make_runtime, store
 
-from dcmrecvd import pdu
-from dcmrecvd.file_ops import Buffer, FileOps
-from dcmrecvd.storage import TEMP_PREFIX, Store
+from dcmrecvd.store.file_ops import Buffer, FileOps
+from dcmrecvd.store.storage import TEMP_PREFIX, Store
+from dcmrecvd.wire import pdu
 
 pytestmark = pytest.mark.inprocess
 

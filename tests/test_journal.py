@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, need
 from datasets import make_dataset, write
 
-from dcmrecvd.logs import message_id
+from dcmrecvd.ops.logs import message_id
 
 pytestmark = pytest.mark.systemd
 

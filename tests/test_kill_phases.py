@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from test_association import store
 
-from dcmrecvd.storage import TEMP_PREFIX
+from dcmrecvd.store.storage import TEMP_PREFIX
 
 CT = str(CTImageStorage)
 EXPLICIT = "1.2.840.10008.1.2.1"

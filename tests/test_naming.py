@@ -8,8 +8,9 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from dcmrecvd import naming
-from dcmrecvd.naming import NamingScheme
+from dcmrecvd.serve import naming
+from dcmrecvd.serve.naming import NamingScheme
+from dcmrecvd.wire import uids
 
 pytestmark = pytest.mark.inprocess
 
@@ -37,7 +38,7 @@ def test_short_unique_names_differ() -> None:
 
 @pytest.mark.parametrize("uid", ["../x", "1..2", "1.2.", "", "1" * 65, "1.2/3", "1.2\x00", "a.b"])
 def test_unsafe_uids(uid: str) -> None:
-    with pytest.raises(naming.UnsafeIdentifier):
+    with pytest.raises(uids.UnsafeIdentifier):
         naming.file_name(NamingScheme(), CT, uid, NOW)
 
 

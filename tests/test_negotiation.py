@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from peers import associate_rq
 
-from dcmrecvd import negotiation, pdu, profiles
+from dcmrecvd.wire import negotiation, pdu, profiles
 
 pytestmark = pytest.mark.inprocess
 

@@ -21,7 +21,7 @@ from peers import RawClient, associate
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dcmrecvd import pdu
+from dcmrecvd.wire import pdu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

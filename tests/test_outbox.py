@@ -9,8 +9,9 @@ import pytest
 from malformed import base_dataset
 from pydicom.dataset import FileMetaDataset
 
-from dcmrecvd import events, outbox
-from dcmrecvd.outbox import Outbox
+from dcmrecvd.events import body as events
+from dcmrecvd.events import outbox
+from dcmrecvd.events.outbox import Outbox
 
 pytestmark = pytest.mark.inprocess
 
@@ -42,7 +43,7 @@ def make(tmp_path: Path, clock: Clock, consumers: dict[str, frozenset[str]] | No
 
 
 def events_kinds() -> tuple[str, ...]:
-    from dcmrecvd.config import EVENT_KINDS
+    from dcmrecvd.conf.config import EVENT_KINDS
 
     return EVENT_KINDS
 
@@ -223,7 +224,7 @@ def test_hostile_values_stay_single_argv_items() -> None:
 
 
 def test_hooks_in_the_config_are_checked_and_printed_back() -> None:
-    from dcmrecvd import config
+    from dcmrecvd.conf import config
     from dcmrecvd.errors import ConfigError
 
     layer = {"hooks": [{"on": ["study.complete"], "exec": ["/usr/bin/prog", "{study_uid}"], "retries": 2}]}
@@ -274,7 +275,7 @@ def test_a_new_outbox_does_not_replay_what_the_directory_held_before_it(tmp_path
 def test_recovered_objects_join_their_study_under_the_ae_title_they_were_sent_to(tmp_path: Path) -> None:
     """#28.7: after kill -9, objects whose events were still in memory were rebuilt with
     called_aet '*', made a study of their own and completed apart (1 + 3 objects)."""
-    from dcmrecvd import part10
+    from dcmrecvd.wire import part10
 
     output = tmp_path / "out"
     output.mkdir()
@@ -302,7 +303,7 @@ def test_recovered_objects_join_their_study_under_the_ae_title_they_were_sent_to
 
 
 def test_on_may_name_one_kind_as_a_string_and_a_string_array_says_what_to_write() -> None:
-    from dcmrecvd import config
+    from dcmrecvd.conf import config
     from dcmrecvd.errors import ConfigError
 
     one = config.build([config.Layer("a.toml", {"hooks": [{"on": "study.complete", "exec": ["/bin/true"]}]})])
@@ -328,6 +329,6 @@ def test_on_may_name_one_kind_as_a_string_and_a_string_array_says_what_to_write(
 def test_captured_text_is_decoded_by_specific_character_set(
     raw: bytes, charset: bytes | None, text: str
 ) -> None:
-    from dcmrecvd.dataset_walk import decoded_text
+    from dcmrecvd.wire.dataset_walk import decoded_text
 
     assert decoded_text(raw, charset) == text

@@ -12,7 +12,7 @@ from malformed import encode
 from peers import RawClient
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dcmrecvd import pdu
+from dcmrecvd.wire import pdu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 COUNT = 20

@@ -32,8 +32,8 @@ from peers import RawClient, dataset_bytes
 from test_association import store
 from test_kill_phases import CT, EXPLICIT, objects
 
-from dcmrecvd import storage
-from dcmrecvd.storage import TEMP_PREFIX
+from dcmrecvd.store import storage
+from dcmrecvd.store.storage import TEMP_PREFIX
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("mkfs.btrfs", "mkfs.xfs", "mkfs.ext4", "losetup")),

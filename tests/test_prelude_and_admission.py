@@ -13,10 +13,11 @@ import structlog
 from peers import associate_rq
 from test_association import make_runtime
 
-from dcmrecvd import admission, dimse, negotiation, prelude, services
-from dcmrecvd.config import Layer, build
-from dcmrecvd.runtime import Stats, prepare
-from dcmrecvd.upper_layer import ProtocolError
+from dcmrecvd.conf.config import Layer, build
+from dcmrecvd.serve import admission, prelude, services
+from dcmrecvd.serve.runtime import Stats, prepare
+from dcmrecvd.wire import dimse, negotiation
+from dcmrecvd.wire.upper_layer import ProtocolError
 
 pytestmark = pytest.mark.inprocess
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import DCMTK_PROFILES, PROFILES, dcmrecvd
 
-from dcmrecvd import profiles, uids
 from dcmrecvd.errors import ProfileError
+from dcmrecvd.wire import profiles, uids
 
 pytestmark = pytest.mark.inprocess
 

@@ -15,8 +15,8 @@ from peers import RawClient, trickle
 from test_hostile import associate_rq
 from test_receive import stored
 
-from dcmrecvd import pdu
-from dcmrecvd.proxy_protocol import V2_SIGNATURE, ProxyHeaderError, parse_v1, parse_v2
+from dcmrecvd.wire import pdu
+from dcmrecvd.wire.proxy_protocol import V2_SIGNATURE, ProxyHeaderError, parse_v1, parse_v2
 
 BALANCER = "127.0.0.3"  # HAProxy connects from here (``source``); clients come from 127.0.0.1
 VERIFICATION = "1.2.840.10008.1.1"

@@ -22,7 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dcmrecvd.storage import TEMP_PREFIX
+from dcmrecvd.store.storage import TEMP_PREFIX
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

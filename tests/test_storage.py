@@ -9,8 +9,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 from conftest import wait_for
 
-from dcmrecvd import direct_io, storage
-from dcmrecvd.storage import FileExists, Store
+from dcmrecvd.store import direct_io, storage
+from dcmrecvd.store.storage import FileExists, Store
 
 pytestmark = pytest.mark.inprocess
 
@@ -160,7 +160,7 @@ def test_directory_fsyncs_are_shared_by_callers_that_wait_for_one_in_flight() ->
     covers everyone who arrived meanwhile; never for the one already running."""
     import threading
 
-    from dcmrecvd.storage import _DirectorySync
+    from dcmrecvd.store.storage import _DirectorySync
 
     group = _DirectorySync()
     started, release = threading.Event(), threading.Event()
@@ -190,7 +190,7 @@ def test_a_failed_shared_fsync_fails_every_caller_it_covered() -> None:
     import errno
     import threading
 
-    from dcmrecvd.storage import _DirectorySync
+    from dcmrecvd.store.storage import _DirectorySync
 
     group = _DirectorySync()
     started, release = threading.Event(), threading.Event()

@@ -28,7 +28,7 @@ from peers import associate
 from pydicom.uid import ExplicitVRLittleEndian
 from test_receive import stored, write_huge
 
-from dcmrecvd.storage import TEMP_PREFIX
+from dcmrecvd.store.storage import TEMP_PREFIX
 
 pytestmark = pytest.mark.systemd
 

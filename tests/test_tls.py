@@ -20,7 +20,7 @@ from pki import CA, Issued, chain_file, to_der
 from pynetdicom import AE
 from test_receive import stored
 
-from dcmrecvd import tls
+from dcmrecvd.serve import tls
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -527,8 +527,8 @@ def _listed_suites(config_dir: Path) -> list[str]:
 def test_every_suite_cc_lists_is_accepted_by_cs(config_dir: Path, pki: PKI) -> None:
     """#28.1: +cc printed TLS 1.3 names that +cs refused (exit 71).  Every name it prints
     builds a context (a NULL suite under the NULL profile, as dcmrecv demands)."""
-    from dcmrecvd import ciphers
-    from dcmrecvd.config import TLSConfig
+    from dcmrecvd.conf.config import TLSConfig
+    from dcmrecvd.serve import ciphers
 
     listed = _listed_suites(config_dir)
     assert "TLS_AES_256_GCM_SHA384" in listed and "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256" in listed

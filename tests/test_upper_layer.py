@@ -14,8 +14,8 @@ import pytest
 from peers import associate_rq, p_data, pdv, store_command
 from splits import Split, by_byte, by_pdu, random_chunks, whole
 
-from dcmrecvd import dimse, pdu
-from dcmrecvd.upper_layer import (
+from dcmrecvd.wire import dimse, pdu
+from dcmrecvd.wire.upper_layer import (
     MAX_COMMAND_SET,
     Abort,
     AssociateRequest,

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peers import associate_rq, p_data, pdv, store_command
 
-from dcmrecvd.upper_layer import (
+from dcmrecvd.wire.upper_layer import (
     Abort,
     AssociateRequest,
     Command,

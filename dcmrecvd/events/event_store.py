@@ -1,0 +1,206 @@
+"""The outbox's durable half: events and their deliveries in SQLite, and what consumers ask of it.
+
+Why SQLite (stdlib): one file, transactions, WAL so that readers (hooks, the
+publisher) never wait for the writer; ``synchronous=NORMAL``, because the
+stored files are the durable record and ``checkpoint`` makes the database
+durable every few seconds together with its mark (see ``outbox``).
+
+An event is one row; a delivery is (event, consumer): each consumer (a hook,
+the AMQP publisher) takes the kinds it asked for, in order per study, with
+retries and a dead letter.  Completion's table (``groups``) lives in the same
+file and transactions, but is ``completion``'s to use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dcmrecvd.events import body as events
+from dcmrecvd.events.body import Body
+
+#: Pending deliveries a consumer looks at per round (the oldest ones).
+WINDOW = 100
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, created REAL NOT NULL,
+    study_key TEXT NOT NULL, path TEXT, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_path ON events(path);
+CREATE TABLE IF NOT EXISTS deliveries(
+    event_id INTEGER NOT NULL, consumer TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0, dead INTEGER NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY(event_id, consumer));
+CREATE INDEX IF NOT EXISTS deliveries_order ON deliveries(consumer, dead, event_id);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Due:
+    """An event a consumer should handle now."""
+
+    event_id: int
+    study_key: str
+    body: Body
+
+
+class EventStore:
+    """Events, deliveries and marks in one SQLite file; safe to share between threads
+    (one lock around the connection)."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.clock = clock
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        self.lock = threading.Lock()
+        #: consumer name -> the event kinds it takes (set by the lifecycle from the config).
+        self.consumers: dict[str, frozenset[str]] = {}
+        #: Notified after each write: consumers wait on it instead of polling the database.
+        self.changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One transaction, under the caller's ``lock`` (the connection is in autocommit
+        mode, so ``with db:`` alone would commit each statement by itself: an event
+        without its deliveries after a kill)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def insert(self, body: Body) -> int:
+        """One event and a delivery per consumer of its kind (inside a transaction)."""
+        kind = str(body["event"])
+        cursor = self.db.execute(
+            "INSERT INTO events(kind, created, study_key, path, body) VALUES (?, ?, ?, ?, ?)",
+            (kind, self.clock(), events.study_key(body), body.get("path"), events.to_json(body)),
+        )
+        event_id = int(cursor.lastrowid or 0)
+        self.db.executemany(
+            "INSERT INTO deliveries(event_id, consumer) VALUES (?, ?)",
+            [(event_id, name) for name, kinds in self.consumers.items() if kind in kinds],
+        )
+        return event_id
+
+    def knows_file(self, path: Path) -> bool:
+        """Is there an ``object.stored`` event for this file?"""
+        with self.lock:
+            row = self.db.execute(
+                "SELECT 1 FROM events WHERE path = ? AND kind = ? LIMIT 1", (str(path), events.OBJECT_STORED)
+            ).fetchone()
+        return row is not None
+
+    def durable_before(self) -> float:
+        value = self.meta("durable_before")
+        return float(value) if value else 0.0
+
+    # ------------------------------------------------------------------ consumers
+
+    def due(self, consumer: str, busy: Collection[str], limit: int) -> tuple[list[Due], float | None]:
+        """Up to ``limit`` events for ``consumer``: per study its oldest pending one, if that
+        is due and its study not ``busy`` (in order per study); and the earliest retry time
+        seen (when to look again).  Reads the oldest ``WINDOW`` pending deliveries only:
+        scanning from the oldest, a study's first row is its oldest pending event."""
+        now = self.clock()
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT e.id, e.study_key, d.next_try FROM deliveries d JOIN events e ON e.id = d.event_id"
+                " WHERE d.consumer = ? AND d.dead = 0 ORDER BY d.event_id LIMIT ?",
+                (consumer, WINDOW),
+            ).fetchall()
+        chosen: list[tuple[int, str]] = []
+        seen: set[str] = set()
+        retry: float | None = None
+        for event_id, key, next_try in rows:
+            if key in seen:
+                continue
+            seen.add(key)
+            if next_try > now:
+                retry = next_try if retry is None else min(retry, next_try)
+            elif key not in busy:
+                chosen.append((int(event_id), str(key)))
+                if len(chosen) >= limit:
+                    break
+        out: list[Due] = []
+        with self.lock:  # the bodies of the chosen ones only
+            for event_id, key in chosen:
+                body = self.db.execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()[0]
+                out.append(Due(event_id, key, events.from_json(body)))
+        return out, retry
+
+    def due_in_order(self, consumer: str, limit: int) -> list[Due]:
+        """Up to ``limit`` of ``consumer``'s due events, oldest first (a publisher keeps
+        the order of the log, not per study)."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT e.id, e.study_key, e.body FROM deliveries d JOIN events e ON e.id = d.event_id"
+                " WHERE d.consumer = ? AND d.dead = 0 AND d.next_try <= ? ORDER BY e.id LIMIT ?",
+                (consumer, self.clock(), limit),
+            ).fetchall()
+        return [Due(int(i), str(k), events.from_json(b)) for i, k, b in rows]
+
+    def done(self, event_id: int, consumer: str) -> None:
+        with self.lock, self.transaction():
+            self.db.execute(
+                "DELETE FROM deliveries WHERE event_id = ? AND consumer = ?", (event_id, consumer)
+            )
+
+    def attempts(self, event_id: int, consumer: str) -> int:
+        """Failed runs of this delivery so far."""
+        with self.lock:
+            row = self.db.execute(
+                "SELECT attempts FROM deliveries WHERE event_id = ? AND consumer = ?", (event_id, consumer)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def failed(self, event_id: int, consumer: str, error: str, retry_at: float | None) -> None:
+        """Count a failed run: tried again at ``retry_at``, or (None) dead-lettered."""
+        with self.lock, self.transaction():
+            self.db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, error = ?, next_try = ?, dead = ?"
+                " WHERE event_id = ? AND consumer = ?",
+                (error[-500:], retry_at or 0.0, retry_at is None, event_id, consumer),
+            )
+
+    def forget(self, consumers: Iterable[str]) -> None:
+        """Consumers removed by a reload: their pending deliveries go."""
+        with self.lock, self.transaction():
+            self.db.executemany("DELETE FROM deliveries WHERE consumer = ?", [(c,) for c in consumers])
+
+    def pending_and_dead(self) -> tuple[int, int]:
+        """Deliveries waiting, and dead-lettered ones."""
+        with self.lock:
+            pending, dead = self.db.execute(
+                "SELECT COALESCE(SUM(dead = 0), 0), COALESCE(SUM(dead = 1), 0) FROM deliveries"
+            ).fetchone()
+        return int(pending), int(dead)
+
+    def all_events(self) -> list[Body]:
+        """Every event still in the outbox, oldest first (tests, inspection)."""
+        with self.lock:
+            rows = self.db.execute("SELECT body FROM events ORDER BY id").fetchall()
+        return [events.from_json(r[0]) for r in rows]

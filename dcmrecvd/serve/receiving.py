@@ -1,0 +1,376 @@
+"""Where a request's dataset goes: one sink per request, chosen before its first byte.
+
+The association (``association``) knows the protocol and nothing about files;
+``storage`` knows files and nothing about DICOM.  This module is the DICOM-aware
+part in between: which requests may store at all (``sink_for``), walking each
+dataset to refuse a malformed one, reading the few tags a file needs (SOP
+UIDs for the Part 10 meta, Series Date for ``+ssd``) from its first bytes, and
+staging it through ``storage.Writer`` (the driver's ``Writer.sync`` makes it durable,
+for several objects at once when a sender pipelines).  Every outcome is an ``Outcome``
+whose status comes from ``status.status_for_error``, the one map.
+
+A sink is fed views of the receive buffer (``upper_layer``'s contract): it may
+queue them, and ``flush`` writes what it queued; the driver calls ``flush``
+before it reuses the buffer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Protocol
+
+from structlog.typing import FilteringBoundLogger
+
+from dcmrecvd.serve import naming
+from dcmrecvd.store.disk_space import DiskWatch
+from dcmrecvd.store.storage import PendingFile, Writer
+from dcmrecvd.wire import dimse, part10, uids
+from dcmrecvd.wire.dataset_walk import (
+    PATIENT_ID,
+    SERIES_DATE,
+    SERIES_INSTANCE_UID,
+    SOP_CLASS_UID,
+    SOP_INSTANCE_UID,
+    SPECIFIC_CHARACTER_SET,
+    STUDY_INSTANCE_UID,
+    DatasetWalker,
+    Malformed,
+    decoded_text,
+    text_value,
+)
+from dcmrecvd.wire.status import Failure, Status, status_for_error
+
+DISK_LOW = "output directory below output.min_free"
+#: Bytes kept in memory while waiting for the dataset's SOP UIDs (and Series Date)
+#: before the file is opened; they sit in the first few hundred bytes.
+MAX_PREFIX = 1 << 20
+
+Clock = Callable[[], dt.datetime]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one request came to: the status to answer, and the file if one was stored."""
+
+    status: Status
+    error: str = ""
+    path: str = ""
+    replaced: bool = False
+    #: When its commit began (monotonic); the commit ends when the writer's ``sync`` does.
+    commit_started: float = 0.0
+    #: What the events after the ack need of a stored object: file size, study, series, patient.
+    size: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class Sink(Protocol):
+    """Takes one request's dataset, piece by piece."""
+
+    received: int
+
+    def write(self, chunk: memoryview) -> None:
+        """Take the next piece (a view valid until ``flush``); never raises."""
+
+    def flush(self) -> None:
+        """Write the pieces held so far; never raises (a failure becomes the outcome)."""
+
+    def finish(self) -> Outcome:
+        """The dataset is complete: store it (if it is stored at all) and say how it went."""
+
+    def discard(self) -> None:
+        """The dataset will never complete: leave nothing behind; never raises."""
+
+
+class Drained:
+    """A request whose answer is known before its data (a failure, or not a store):
+    the dataset is counted and dropped."""
+
+    def __init__(self, status: Status = Status.SUCCESS, error: str = "") -> None:
+        self.outcome = Outcome(status, error)
+        self.received = 0
+
+    def write(self, chunk: memoryview) -> None:
+        self.received += len(chunk)
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self) -> Outcome:
+        return self.outcome
+
+    def discard(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Destination:
+    """How a stored object is placed (from the AE it was sent to)."""
+
+    writer: Writer
+    scheme: naming.NamingScheme
+    disk: DiskWatch
+    calling: str
+    clock: Clock = dt.datetime.now
+    #: The AE title the sender called (into the file meta: recovery reads it back).
+    called: str = ""
+
+
+class Checked:
+    """Walks the dataset and checks its UIDs, writing nothing (``-ignore``): a success
+    still means a well-formed dataset with a valid SOP Instance UID."""
+
+    WANTED = (SOP_CLASS_UID, SOP_INSTANCE_UID)
+
+    def __init__(
+        self,
+        command: dimse.Command,
+        transfer_syntax: str,
+        log: FilteringBoundLogger,
+        wanted: tuple[int, ...] = WANTED,
+    ) -> None:
+        self.command = command
+        self.transfer_syntax = transfer_syntax
+        self.log = log
+        self.walker = DatasetWalker(transfer_syntax, list(wanted))
+        self.received = 0
+        #: Set once the request has failed; the rest of the dataset is drained unread.
+        self.failed: Outcome | None = None
+
+    def write(self, chunk: memoryview) -> None:
+        self.received += len(chunk)
+        if self.failed is not None:
+            return
+        try:
+            self._take(chunk)
+        except Exception as exc:  # a declared Failure, an OSError, or a bug: that request fails
+            self._fail(exc)
+
+    def _take(self, chunk: memoryview) -> None:
+        try:
+            self.walker.feed(chunk)
+        except Malformed as exc:
+            raise Failure(Status.CANNOT_UNDERSTAND, f"malformed dataset: {exc}") from None
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self) -> Outcome:
+        if self.failed is None:
+            try:
+                return self._complete()
+            except Exception as exc:
+                self._fail(exc)
+        assert self.failed is not None
+        return self.failed
+
+    def _complete(self) -> Outcome:
+        self._end_walk()
+        self.dataset_uids()
+        return Outcome(Status.SUCCESS)
+
+    def _end_walk(self) -> None:
+        try:
+            self.walker.finish()
+        except Malformed as exc:
+            raise Failure(Status.CANNOT_UNDERSTAND, f"malformed dataset: {exc}") from None
+
+    def discard(self) -> None:
+        pass
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = Outcome(status_for_error(exc), str(exc) or type(exc).__name__)
+        if not isinstance(exc, Failure | OSError | ValueError):
+            self.log.exception(
+                "store.internal_error", sop_instance_uid=self.command.affected_sop_instance_uid
+            )
+        self.discard()
+
+    def dataset_uids(self) -> tuple[str, str]:
+        """The SOP Class and Instance UIDs for the file meta, from the dataset (PS3.10).
+
+        Refuses the object when the dataset's own SOP Instance UID is missing or
+        not a valid UID, or its SOP Class UID is not one; a dataset that names
+        no SOP class keeps the command's.  When they differ from the command's,
+        the file meta follows the dataset and the file name the command, as in
+        dcmrecv.
+        """
+        captured = self.walker.captured
+        command = self.command
+        instance = text_value(captured.get(SOP_INSTANCE_UID))
+        sop_class = text_value(captured.get(SOP_CLASS_UID))
+        if instance is None or not uids.is_valid_uid(instance):
+            what = "no SOP Instance UID" if instance is None else f"an invalid SOP Instance UID {instance!r}"
+            raise Failure(Status.CANNOT_UNDERSTAND, f"dataset has {what}")
+        if sop_class is not None and not uids.is_valid_uid(sop_class):
+            raise Failure(Status.CANNOT_UNDERSTAND, f"dataset has an invalid SOP Class UID {sop_class!r}")
+        sop_class = sop_class or command.affected_sop_class_uid
+        if (sop_class, instance) != (command.affected_sop_class_uid, command.affected_sop_instance_uid):
+            self.log.warning(
+                "store.uid_mismatch",
+                command_sop_class_uid=command.affected_sop_class_uid,
+                command_sop_instance_uid=command.affected_sop_instance_uid,
+                dataset_sop_class_uid=sop_class,
+                dataset_sop_instance_uid=instance,
+            )
+        return sop_class, instance
+
+
+class Stored(Checked):
+    """An object to store.  It must probe its first bytes before it has a file: the
+    dataset's SOP UIDs go into the file meta, and under ``+ssd`` its Series Date
+    picks the directory.  Until then those bytes are held aside (bounded by
+    ``MAX_PREFIX``); from then on views are queued and written by ``flush``.
+    """
+
+    #: Read on the way for the events after the ack (and the +ssd directory): no decoding.
+    FOR_EVENTS = (SPECIFIC_CHARACTER_SET, SERIES_DATE, PATIENT_ID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID)
+
+    def __init__(
+        self,
+        command: dimse.Command,
+        transfer_syntax: str,
+        log: FilteringBoundLogger,
+        destination: Destination,
+    ) -> None:
+        self.open_after = SERIES_DATE if destination.scheme.needs_series_date else SOP_INSTANCE_UID
+        super().__init__(command, transfer_syntax, log, (*Checked.WANTED, *Stored.FOR_EVENTS))
+        self.to = destination
+        self.prefix = bytearray()
+        self.pending: list[memoryview] = []
+        self.file: PendingFile | None = None
+        self.directory = PurePosixPath(".")
+        #: Bytes of this object counted against the free-space watermark on their way.
+        self.disk_counted = 0
+
+    def _take(self, chunk: memoryview) -> None:
+        disk = self.to.disk
+        if disk.watermark.enabled:
+            disk.received(len(chunk))
+            self.disk_counted += len(chunk)
+            if not disk.has_room():  # this object would take the disk below output.min_free
+                raise OSError(errno.ENOSPC, DISK_LOW)
+        super()._take(chunk)
+        if self.file is not None:
+            self.pending.append(chunk)
+            return
+        walker = self.walker
+        if not walker.past(self.open_after) and len(self.prefix) + len(chunk) <= MAX_PREFIX:
+            self.prefix += chunk
+            return
+        if not walker.past(SOP_INSTANCE_UID):
+            raise Failure(
+                Status.CANNOT_UNDERSTAND,
+                f"no SOP Instance UID in the first {MAX_PREFIX} bytes of the dataset",
+            )
+        self._open()
+        self.pending.append(chunk)
+
+    def _open(self) -> None:
+        """Open the object's file (in its +ssd directory) and write the meta and the prefix."""
+        sop_class, instance = self.dataset_uids()
+        if self.open_after == SERIES_DATE:
+            series_date = text_value(self.walker.captured.get(SERIES_DATE))
+            self.directory = naming.directory_for(self.to.scheme, series_date, self.to.clock().date())
+        self.file = self.to.writer.open(self.directory)
+        self.file.write(
+            part10.meta_header(sop_class, instance, self.transfer_syntax, self.to.calling, self.to.called)
+        )
+        if self.prefix:
+            self.file.write(self.prefix)
+            self.prefix = bytearray()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        chunks, self.pending = self.pending, []
+        if self.file is None or self.failed is not None:
+            return
+        try:
+            self.file.writev(chunks)
+        except Exception as exc:
+            self._fail(exc)
+
+    def _complete(self) -> Outcome:
+        self._end_walk()
+        if self.file is None:
+            self._open()  # a dataset that ended before the tags we wait for
+        self.flush()
+        if self.failed is not None:
+            return self.failed
+        assert self.file is not None
+        command = self.command
+        scheme, clock = self.to.scheme, self.to.clock
+        size = self.file.size
+        started = time.monotonic()
+        committed = self.to.writer.stage(
+            self.file,
+            self.directory,
+            lambda: naming.file_name(
+                scheme, command.affected_sop_class_uid, command.affected_sop_instance_uid, clock()
+            ),
+            replace=scheme.overwrites,
+        )
+        self.file = None
+        if self.to.writer.spare_error:
+            self.log.debug("store.spare_failed", reason=self.to.writer.spare_error)
+        if committed.replaced:
+            self.log.warning(
+                "store.replaced", path=str(committed.path), sop_instance_uid=command.affected_sop_instance_uid
+            )
+        captured = self.walker.captured
+        tags = {
+            "study_uid": text_value(captured.get(STUDY_INSTANCE_UID)) or "",
+            "series_uid": text_value(captured.get(SERIES_INSTANCE_UID)) or "",
+            "patient_id": decoded_text(captured.get(PATIENT_ID), captured.get(SPECIFIC_CHARACTER_SET)),
+        }
+        return Outcome(
+            Status.SUCCESS,
+            path=str(committed.path),
+            replaced=committed.replaced,
+            commit_started=started,
+            size=size,
+            tags=tags,
+        )
+
+    def discard(self) -> None:
+        self.pending = []
+        self.prefix = bytearray()
+        if self.disk_counted:  # the object will not reach the disk
+            self.to.disk.received(-self.disk_counted)
+            self.disk_counted = 0
+        if self.file is not None:
+            self.file.discard()
+            self.file = None
+
+
+def sink_for(
+    command: dimse.Command,
+    abstract_syntax: str,
+    transfer_syntax: str,
+    mode: str,
+    destination: Destination,
+    log: FilteringBoundLogger,
+) -> Sink:
+    """The sink of a C-STORE request, decided from its command before any data.
+
+    A request that cannot succeed gets a ``Drained`` sink carrying its failure:
+    bad UIDs in the command (never a path from the wire without validation), a
+    SOP class other than its presentation context's, a disk below the watermark.
+    """
+    try:
+        naming.check_uid(command.affected_sop_class_uid, "Affected SOP Class UID")
+        naming.check_uid(command.affected_sop_instance_uid, "Affected SOP Instance UID")
+    except uids.UnsafeIdentifier as exc:
+        return Drained(Status.CANNOT_UNDERSTAND, str(exc))
+    if command.affected_sop_class_uid != abstract_syntax:
+        return Drained(Status.SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context's")
+    if mode == "ignore":
+        return Checked(command, transfer_syntax, log)
+    if not destination.disk.has_room():
+        return Drained(Status.OUT_OF_RESOURCES, DISK_LOW)
+    return Stored(command, transfer_syntax, log, destination)

@@ -1,0 +1,49 @@
+"""DIMSE status codes we send, and the one table that maps failures onto them."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from dcmrecvd.wire.uids import UnsafeIdentifier
+
+
+class Status(IntEnum):
+    """C-STORE / C-ECHO response statuses (PS3.4 Annex B, PS3.7 Annex C)."""
+
+    SUCCESS = 0x0000
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    UNRECOGNIZED_OPERATION = 0x0211
+    OUT_OF_RESOURCES = 0xA700
+    CANNOT_UNDERSTAND = 0xC000
+
+    @property
+    def is_failure(self) -> bool:
+        """Anything but success (we send no warnings)."""
+        return self is not Status.SUCCESS
+
+
+class Failure(Exception):
+    """One C-STORE cannot succeed, for a reason that names its status class.
+
+    Raised where the reason is known (a refused dataset, a full disk); the
+    association answers that one request with ``status`` and goes on.
+    """
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def status_for_error(exc: BaseException) -> Status:
+    """The one map from what went wrong to the status sent: a declared ``Failure`` says
+    its own; disk and permission trouble -> 0xA700; data we cannot understand -> 0xC000;
+    anything unexpected -> 0xA700 (it is ours, not the sender's)."""
+    if isinstance(exc, Failure):
+        return exc.status
+    if isinstance(exc, UnsafeIdentifier):
+        return Status.CANNOT_UNDERSTAND
+    if isinstance(exc, OSError):
+        return Status.OUT_OF_RESOURCES
+    if isinstance(exc, ValueError):
+        return Status.CANNOT_UNDERSTAND
+    return Status.OUT_OF_RESOURCES
