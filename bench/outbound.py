@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from pydicom import dcmread
 from pynetdicom.presentation import build_context
 
 HERE = Path(__file__).resolve().parent
@@ -43,10 +44,8 @@ def with_storescu(port: int, files: list[Path]) -> tuple[float, float]:
 
 def with_pool(port: int, files: list[Path]) -> tuple[float, float]:
     syntaxes = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
-    contexts = [
-        build_context("1.2.840.10008.5.1.4.1.1.2", syntaxes),
-        build_context("1.2.840.10008.5.1.4.1.1.7", syntaxes),
-    ]
+    classes = sorted({str(dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files})
+    contexts = [build_context(sop_class, syntaxes) for sop_class in classes]
     before, start = cpu(resource.RUSAGE_SELF), time.monotonic()
     pool = AssociationPool(Remote("ANY-SCP", "127.0.0.1", port, max_pdu=16384), contexts)
     with pool.association() as assoc:

@@ -1,12 +1,14 @@
 """One association, start to end, on its own thread: the socket driver of ``upper_layer``.
 
-What is here is I/O and time: the PROXY header, the TLS handshake, ARTIM and
-the DIMSE timeout, ``recv_into`` one receive buffer, feeding the protocol core,
-sending what it returns.  The protocol rules are in ``upper_layer``; what
-happens to a dataset is in ``receiving``; how a file becomes durable is in
-``storage``.  The C-STORE response is sent only after its object is durable.
-Any protocol violation aborts the association, removes the partial object,
-and touches nothing else.
+What is here is I/O and time: reading into the receive buffer, feeding the
+protocol core, dispatching its events, sending what it returns, ARTIM and the
+DIMSE timeout.  Everything else is delegated: the connection's prelude (PROXY
+header, TLS) to ``prelude``; whether it becomes an association to
+``admission``; what a request means to its service (``services``); what
+happens to a dataset to ``receiving``; the order and durability of answers to
+``answer_window``; how a file becomes durable to ``store.storage``.  A response
+is sent only after its object is durable.  Any protocol violation aborts the
+association, removes the partial object, and touches nothing else.
 """
 
 from __future__ import annotations
