@@ -44,12 +44,9 @@ request_queue_size  # socketserver's listen backlog (dcmrecvd/health.py)
 _.rfile  # BaseHTTPRequestHandler reads its request from it (dcmrecvd/health.py)
 # dcmrecvd/remote: the one home of outgoing associations (#22 item 5); its callers are the
 # Storage Commitment reports and the forwarder; tests/test_remote.py drives it against DCMTK.
-_.STORE_SEND_CHUNKED_DATASET
 AssociationPool
-_.requested_contexts
-_.connection_timeout
-_.network_timeout
-_.maximum_pdu_size
 _.opened
 _.close_idle
 _.in_use
+_.echo
+proposals  # wire.requestor.proposals: how callers of dcmrecvd.remote number their contexts

@@ -1,9 +1,10 @@
-"""Outgoing associations: is pynetdicom's requestor fast enough to be our one home for them?
+"""Outgoing associations: which requestor should be our one home for them?
 
 The forwarder and Storage Commitment reports call other nodes (dcmrecvd.remote). This sends
-the same data set to one DCMTK dcmrecv over one association, alternately with DCMTK's
-storescu and with dcmrecvd.remote's pool (pynetdicom, datasets streamed from the files
-without decoding), and prints each sender's median rate and CPU per object.
+the same data set to one DCMTK dcmrecv over one association, in turn with DCMTK's storescu,
+with pynetdicom's requestor (datasets streamed from the files without decoding, TCP_NODELAY
+on) and with dcmrecvd.remote (our requestor core, sendfile from the stored files), and
+prints each sender's median rate and CPU per object.
 
     python bench/outbound.py [--set small|ct] [--count 1000] [--reps 3]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import time
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom.presentation import build_context
+from pynetdicom import AE, _config
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -29,6 +31,9 @@ from harness import DCMTK_CFG, ensure_data, free_port, fresh_output, tool_env, w
 
 from dcmrecvd.remote.peers import Remote  # noqa: E402
 from dcmrecvd.remote.pool import AssociationPool  # noqa: E402
+from dcmrecvd.wire.requestor import proposals  # noqa: E402
+
+SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 
 def cpu(who: int) -> float:
@@ -42,19 +47,40 @@ def with_storescu(port: int, files: list[Path]) -> tuple[float, float]:
     return time.monotonic() - start, cpu(resource.RUSAGE_CHILDREN) - before
 
 
-def with_pool(port: int, files: list[Path]) -> tuple[float, float]:
-    syntaxes = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
-    classes = sorted({str(dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files})
-    contexts = [build_context(sop_class, syntaxes) for sop_class in classes]
+def _classes(files: list[Path]) -> list[str]:
+    return sorted({str(dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files})
+
+
+def with_pynetdicom(port: int, files: list[Path]) -> tuple[float, float]:
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title="BENCH")
+    for sop_class in _classes(files):
+        ae.add_requested_context(sop_class, SYNTAXES)
     before, start = cpu(resource.RUSAGE_SELF), time.monotonic()
-    pool = AssociationPool(Remote("ANY-SCP", "127.0.0.1", port, max_pdu=16384), contexts)
+    assoc = ae.associate("127.0.0.1", port, max_pdu=16384)
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for i, path in enumerate(files):
+        status = assoc.send_c_store(path, msg_id=i % 65535 + 1)
+        if status.get("Status") != 0:
+            raise RuntimeError(f"{path}: {status or 'no response'} (aborted: {assoc.is_aborted})")
+    assoc.release()
+    return time.monotonic() - start, cpu(resource.RUSAGE_SELF) - before
+
+
+def with_remote(port: int, files: list[Path]) -> tuple[float, float]:
+    offered = proposals([(sop_class, tuple(SYNTAXES)) for sop_class in _classes(files)])
+    before, start = cpu(resource.RUSAGE_SELF), time.monotonic()
+    pool = AssociationPool(Remote("ANY-SCP", "127.0.0.1", port, max_pdu=16384), offered)
     with pool.association() as assoc:
-        for i, path in enumerate(files):
-            status = assoc.send_c_store(path, msg_id=i % 65535 + 1)
-            if status.Status != 0:
-                raise RuntimeError(f"{path}: status {status.Status:#06x}")
+        for path in files:
+            status = assoc.store(path).status
+            if status != 0:
+                raise RuntimeError(f"{path}: status {status:#06x}")
     pool.close()
     return time.monotonic() - start, cpu(resource.RUSAGE_SELF) - before
+
+
+SENDERS = {"storescu": with_storescu, "pynetdicom": with_pynetdicom, "dcmrecvd.remote": with_remote}
 
 
 def main() -> int:
@@ -67,7 +93,7 @@ def main() -> int:
     args = parser.parse_args()
     folder = ensure_data(args.set, 2000)
     files = sorted(folder.iterdir())[: args.count]
-    results: dict[str, list[tuple[float, float]]] = {"storescu": [], "pynetdicom pool": []}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in SENDERS}
     for rep in range(args.reps):
         for name in list(results) if rep % 2 == 0 else list(results)[::-1]:
             out = fresh_output(after_deletions=False)
@@ -80,8 +106,7 @@ def main() -> int:
             )
             try:
                 wait_listening(port, scp)
-                send = with_storescu if name == "storescu" else with_pool
-                results[name].append(send(port, files))
+                results[name].append(SENDERS[name](port, files))
             finally:
                 scp.terminate()
                 scp.wait(30)

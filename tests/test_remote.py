@@ -15,16 +15,16 @@ from conftest import free_port, need, port_open, wait_for
 from datasets import make_dataset, write
 from peers import dataset_offset
 from pki import CA
-from pynetdicom.presentation import build_context
 
 from dcmrecvd.remote.peers import ClientTLS, Remote
 from dcmrecvd.remote.pool import AssociationPool, PoolExhausted, RemoteUnavailable
+from dcmrecvd.wire.requestor import proposals
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT = "1.2.840.10008.1.2.1"
 #: DCMTK's own profile file (ours uses names DCMTK 3.6.7 does not know yet).
 DCMTK_PROFILES = "/etc/dcmtk/storescp.cfg"
-CONTEXTS = [build_context(CT, [EXPLICIT, "1.2.840.10008.1.2"]), build_context("1.2.840.10008.1.1")]
+CONTEXTS = proposals([(CT, (EXPLICIT, "1.2.840.10008.1.2")), ("1.2.840.10008.1.1", ("1.2.840.10008.1.2",))])
 
 
 class Dcmrecv:
@@ -70,7 +70,7 @@ def test_one_association_carries_many_objects_sent_as_stored(remote_scp: Dcmrecv
     sent = objects(tmp_path, 3)
     for path in sent:
         with pool.association() as assoc:
-            assert assoc.send_c_store(path).Status == 0
+            assert assoc.store(path).status == 0
     assert pool.opened == 1 and pool.idle == 1 and pool.in_use == 0
     pool.close()
     got = remote_scp.files()
@@ -105,7 +105,7 @@ def test_idle_associations_are_released_and_broken_ones_dropped(remote_scp: Dcmr
         Remote("STORESCP", "127.0.0.1", remote_scp.port, idle_close=5), CONTEXTS, clock=lambda: now[0]
     )
     with pool.association() as assoc:
-        assert assoc.send_c_echo().Status == 0
+        assert assoc.echo() == 0
     now[0] += 4
     assert pool.close_idle() == 0 and pool.idle == 1
     now[0] += 2
@@ -115,7 +115,7 @@ def test_idle_associations_are_released_and_broken_ones_dropped(remote_scp: Dcmr
         raise RuntimeError("a DIMSE timeout, say")
     assert broken.is_aborted and pool.idle == 0 and pool.in_use == 0
     with pool.association() as fresh:
-        assert fresh is not broken and fresh.send_c_echo().Status == 0
+        assert fresh is not broken and fresh.echo() == 0
     assert pool.opened == 3
     pool.close()
 
@@ -130,7 +130,7 @@ def test_an_unreachable_or_refusing_remote_is_named(remote_scp: Dcmrecv) -> None
     # dcmrecv refuses a context it was not configured for? It accepts the rest; an AE that
     # proposes nothing it accepts is rejected.
     nothing = AssociationPool(
-        Remote("STORESCP", "127.0.0.1", remote_scp.port), [build_context("1.2.3.4.5.6.7", [EXPLICIT])]
+        Remote("STORESCP", "127.0.0.1", remote_scp.port), proposals([("1.2.3.4.5.6.7", (EXPLICIT,))])
     )
     with pytest.raises(RemoteUnavailable), nothing.association():
         pass
@@ -163,7 +163,7 @@ def test_tls_with_our_client_certificate(pki: tuple[CA, object, object], tmp_pat
         )
         pool = AssociationPool(Remote("STORESCP", "127.0.0.1", scp.port, tls=ours), CONTEXTS)
         with pool.association() as assoc:
-            assert assoc.send_c_store(objects(tmp_path, 1)[0]).Status == 0
+            assert assoc.store(objects(tmp_path, 1)[0]).status == 0
         pool.close()
         assert len(scp.files()) == 1
         # Without a client certificate, dcmrecv (which requires one) refuses the handshake.

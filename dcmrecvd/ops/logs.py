@@ -81,6 +81,7 @@ EVENTS = (
     "hook.failed",
     "events.amqp_up",
     "events.amqp_down",
+    "remote.opened",
     "storage.stale_temp_removed",
     "reload.started",
     "reload.completed",

@@ -8,41 +8,35 @@ remote allows (PACS limit them per calling AE).  So: at most
 idle one released after ``remote.idle_close`` seconds, one whose use raised
 (a DIMSE timeout, a vanished peer) aborted and dropped, so the next borrower
 opens a fresh one.
-
-Datasets are sent as stored: ``STORE_SEND_CHUNKED_DATASET`` makes pynetdicom read
-a file's dataset in chunks from disk, without decoding it (set once, here: this
-process never sends a decoded dataset from a path).
 """
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import structlog
-from pynetdicom import AE, _config
-from pynetdicom.association import Association
-from pynetdicom.presentation import PresentationContext
 
+from dcmrecvd.remote.client import AssociationFailed, OutboundAssociation
 from dcmrecvd.remote.client_tls import client_context
 from dcmrecvd.remote.peers import Remote
+from dcmrecvd.wire.requestor import Proposal
 
 log = structlog.get_logger("dcmrecvd")
 
-_config.STORE_SEND_CHUNKED_DATASET = True
-
 
 class RemoteUnavailable(Exception):
-    """No association to the remote: ``why`` is unreachable, rejected or aborted."""
+    """No association to the remote: ``why`` is unreachable, rejected or aborted; for a
+    rejection, ``result`` says permanent (1) or transient (2)."""
 
-    def __init__(self, remote: Remote, why: str) -> None:
-        super().__init__(f"{remote.name}: {why}")
+    def __init__(self, remote: Remote, failed: AssociationFailed) -> None:
+        super().__init__(f"{remote.name}: {failed}")
         self.remote = remote
-        self.why = why
+        self.why = failed.why
+        self.result = failed.result
 
 
 class PoolExhausted(TimeoutError):
@@ -51,28 +45,22 @@ class PoolExhausted(TimeoutError):
 
 @dataclass
 class _Idle:
-    association: Association
+    association: OutboundAssociation
     since: float
 
 
 class AssociationPool:
-    """Associations to ``remote`` proposing ``contexts``, at most ``remote.max_associations``."""
+    """Associations to ``remote`` proposing ``offered``, at most ``remote.max_associations``."""
 
     def __init__(
         self,
         remote: Remote,
-        contexts: Sequence[PresentationContext],
+        offered: Sequence[Proposal],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.remote = remote
+        self.offered = list(offered)
         self.clock = clock
-        self._ae = AE(ae_title=remote.calling_aet)
-        self._ae.requested_contexts = list(contexts)
-        self._ae.connection_timeout = remote.connect_timeout
-        self._ae.acse_timeout = remote.acse_timeout
-        self._ae.dimse_timeout = remote.dimse_timeout
-        self._ae.network_timeout = max(remote.idle_close * 2, remote.dimse_timeout)
-        self._ae.maximum_pdu_size = remote.max_pdu
         self._tls = client_context(remote.tls) if remote.tls is not None else None
         self._lock = threading.Condition()
         self._idle: list[_Idle] = []
@@ -81,7 +69,7 @@ class AssociationPool:
         self.opened = 0
 
     @contextlib.contextmanager
-    def association(self, wait: float | None = None) -> Iterator[Association]:
+    def association(self, wait: float | None = None) -> Iterator[OutboundAssociation]:
         """An established association for the block's use; returned to the pool after it,
         or aborted if the block raised.  Waits up to ``wait`` seconds (None: for ever)
         for one to be free; PoolExhausted after that, RemoteUnavailable when none opens."""
@@ -94,7 +82,7 @@ class AssociationPool:
             raise
         self._give_back(assoc if assoc.is_established else None)
 
-    def _borrow(self, wait: float | None) -> Association:
+    def _borrow(self, wait: float | None) -> OutboundAssociation:
         deadline = None if wait is None else time.monotonic() + wait
         with self._lock:
             while True:
@@ -118,24 +106,16 @@ class AssociationPool:
                 self._lock.notify()
             raise
 
-    def _open(self) -> Association:
-        remote = self.remote
-        tls_args = None
-        if self._tls is not None:
-            assert remote.tls is not None
-            tls_args = (self._tls, remote.tls.server_name or remote.host)  # SNI only, unless checked
-        assoc = self._ae.associate(
-            remote.host, remote.port, ae_title=remote.ae_title, max_pdu=remote.max_pdu, tls_args=tls_args
-        )
-        if assoc.is_established:
-            _no_delay(assoc)
-            self.opened += 1
-            log.debug("remote.opened", remote=remote.name)
-            return assoc
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "unreachable"
-        raise RemoteUnavailable(remote, why)
+    def _open(self) -> OutboundAssociation:
+        try:
+            assoc = OutboundAssociation.open(self.remote, self.offered, self._tls)
+        except AssociationFailed as exc:
+            raise RemoteUnavailable(self.remote, exc) from None
+        self.opened += 1
+        log.debug("remote.opened", remote=self.remote.name)
+        return assoc
 
-    def _give_back(self, assoc: Association | None) -> None:
+    def _give_back(self, assoc: OutboundAssociation | None) -> None:
         with self._lock:
             self._busy -= 1
             if assoc is not None:
@@ -168,14 +148,3 @@ class AssociationPool:
     def idle(self) -> int:
         with self._lock:
             return len(self._idle)
-
-
-def _no_delay(assoc: Association) -> None:
-    """TCP_NODELAY on the association's socket (pynetdicom leaves Nagle on): without it each
-    C-STORE's last small segment waits for the remote's delayed ACK, ~40 ms an object."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    try:
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass

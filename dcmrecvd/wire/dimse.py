@@ -41,9 +41,8 @@ def _text(value: bytes) -> str:
     return value.decode("latin-1").rstrip(" \x00")
 
 
-def decode(data: bytes | bytearray | memoryview) -> Command:
-    """Parse an Implicit VR Little Endian command set."""
-    buf = bytes(data)
+def _elements(buf: bytes) -> dict[int, bytes]:
+    """Element number -> value of an Implicit VR Little Endian command set."""
     values: dict[int, bytes] = {}
     pos = 0
     end = len(buf)
@@ -58,6 +57,12 @@ def decode(data: bytes | bytearray | memoryview) -> Command:
             raise CommandError(f"bad length for (0000,{elem:04X})")
         values[elem] = buf[pos : pos + length]
         pos += length
+    return values
+
+
+def decode(data: bytes | bytearray | memoryview) -> Command:
+    """Parse an Implicit VR Little Endian request command set."""
+    values = _elements(bytes(data))
 
     def us(elem: int, default: int | None = None) -> int:
         raw = values.get(elem)
@@ -106,6 +111,50 @@ def encode_response(
     if error_comment:  # (0000,0902) before (0000,1000): command elements ascend by tag
         comment = error_comment.encode("ascii", "replace")[:64]
         body += _element(0x0902, comment + (b" " if len(comment) % 2 else b""))
+    if sop_instance_uid:
+        body += _element(0x1000, _uid(sop_instance_uid))
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+@dataclass(frozen=True)
+class Response:
+    """The fields of a response command set that a requestor needs."""
+
+    command_field: int
+    responding_to: int
+    status: int
+    error_comment: str
+
+
+def decode_response(data: bytes | bytearray | memoryview) -> Response:
+    """Parse a response command set (Implicit VR Little Endian)."""
+    values = _elements(bytes(data))
+    field, responding_to, status = (values.get(e) for e in (0x0100, 0x0120, 0x0900))
+    if field is None or responding_to is None or status is None or not len(field) == len(status) == 2:
+        raise CommandError("response without command field, message ID or status")
+    return Response(
+        int(_US.unpack(field)[0]),
+        int(_US.unpack(responding_to[:2])[0]),
+        int(_US.unpack(status)[0]),
+        _text(values.get(0x0902, b"")),
+    )
+
+
+def encode_request(
+    command_field: int,
+    message_id: int,
+    sop_class_uid: str,
+    sop_instance_uid: str = "",
+    has_dataset: bool = False,
+    priority: int = 0,
+) -> bytes:
+    """A request command set (C-STORE-RQ, C-ECHO-RQ...), with its group length."""
+    body = _element(0x0002, _uid(sop_class_uid))
+    body += _element(0x0100, _US.pack(command_field))
+    body += _element(0x0110, _US.pack(message_id))
+    if command_field == C_STORE_RQ:
+        body += _element(0x0700, _US.pack(priority))
+    body += _element(0x0800, _US.pack(0x0000 if has_dataset else NO_DATASET))
     if sop_instance_uid:
         body += _element(0x1000, _uid(sop_instance_uid))
     return _element(0x0000, struct.pack("<I", len(body))) + body
