@@ -16,6 +16,7 @@ from datasets import make_dataset, write
 from peers import dataset_offset
 from pki import CA
 
+from dcmrecvd.remote.client import NoContext
 from dcmrecvd.remote.peers import ClientTLS, Remote
 from dcmrecvd.remote.pool import AssociationPool, PoolExhausted, RemoteUnavailable
 from dcmrecvd.wire.requestor import proposals
@@ -99,7 +100,7 @@ def test_the_pool_is_bounded_and_a_waiting_borrower_gets_the_returned_one(remote
     pool.close()
 
 
-def test_idle_associations_are_released_and_broken_ones_dropped(remote_scp: Dcmrecv) -> None:
+def test_idle_associations_are_released_and_broken_ones_dropped(remote_scp: Dcmrecv, tmp_path: Path) -> None:
     now = [1000.0]
     pool = AssociationPool(
         Remote("STORESCP", "127.0.0.1", remote_scp.port, idle_close=5), CONTEXTS, clock=lambda: now[0]
@@ -117,6 +118,12 @@ def test_idle_associations_are_released_and_broken_ones_dropped(remote_scp: Dcmr
     with pool.association() as fresh:
         assert fresh is not broken and fresh.echo() == 0
     assert pool.opened == 3
+    # An object of a SOP class the remote did not accept is refused before anything is
+    # sent: an answer about that object, not about the association, which stays.
+    path = write(make_dataset("1.2.840.10008.5.1.4.1.1.7", rows=8, columns=8), tmp_path / "sc.dcm")
+    with pytest.raises(NoContext), pool.association() as same:
+        same.store(path)
+    assert same is fresh and same.is_established and pool.idle == 1 and pool.opened == 3
     pool.close()
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from dcmrecvd.remote.client import AssociationFailed, OutboundAssociation
+from dcmrecvd.remote.client import AssociationFailed, NoContext, OutboundAssociation
 from dcmrecvd.remote.client_tls import client_context
 from dcmrecvd.remote.peers import Remote
 from dcmrecvd.wire.requestor import Proposal
@@ -71,11 +71,15 @@ class AssociationPool:
     @contextlib.contextmanager
     def association(self, wait: float | None = None) -> Iterator[OutboundAssociation]:
         """An established association for the block's use; returned to the pool after it,
-        or aborted if the block raised.  Waits up to ``wait`` seconds (None: for ever)
+        or aborted if the block raised (but for ``NoContext``, which a request raises before
+        anything is sent).  Waits up to ``wait`` seconds (None: for ever)
         for one to be free; PoolExhausted after that, RemoteUnavailable when none opens."""
         assoc = self._borrow(wait)
         try:
             yield assoc
+        except NoContext:  # said of one object before anything went out: the association is fine
+            self._give_back(assoc if assoc.is_established else None)
+            raise
         except BaseException:
             assoc.abort()
             self._give_back(None)
