@@ -4,6 +4,7 @@ drops what broke, and sends a stored file's dataset without decoding it."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -13,12 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import free_port, need, port_open, wait_for
 from datasets import make_dataset, write
-from peers import dataset_offset
+from peers import RawClient, dataset_offset
 from pki import CA
 
-from dcmrecvd.remote.client import NoContext
+from dcmrecvd.remote.client import AssociationFailed, NoContext
 from dcmrecvd.remote.peers import ClientTLS, Remote
 from dcmrecvd.remote.pool import AssociationPool, PoolExhausted, RemoteUnavailable
+from dcmrecvd.wire import pdu
 from dcmrecvd.wire.requestor import proposals
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -181,3 +183,52 @@ def test_tls_with_our_client_certificate(pki: tuple[CA, object, object], tmp_pat
             pass
     finally:
         scp.stop()
+
+
+class SilentRemote:
+    """A remote that accepts the association (with dcmrecvd's own acceptor) and then never
+    answers a request: what a hung PACS looks like.  Records the PDU types it received."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received: list[int] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        from test_requestor import answer_of_our_acceptor
+
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(10)
+            reader = RawClient(sock=conn)
+            kind, body = reader.read_pdu()
+            self.received.append(kind)
+            conn.sendall(answer_of_our_acceptor(pdu.PDU_HEADER.pack(kind, len(body)) + body))
+            try:
+                while True:
+                    kind, _ = reader.read_pdu()
+                    self.received.append(kind)
+            except (ConnectionError, OSError):
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(10)
+
+
+def test_a_remote_that_never_answers_is_aborted_at_the_dimse_timeout(tmp_path: Path) -> None:
+    silent = SilentRemote()
+    try:
+        pool = AssociationPool(Remote("ARCHIVE", "127.0.0.1", silent.port, dimse_timeout=0.5), CONTEXTS)
+        started = time.monotonic()
+        with pytest.raises(AssociationFailed), pool.association() as assoc:
+            assoc.store(objects(tmp_path, 1)[0])
+        assert 0.5 <= time.monotonic() - started < 3
+        assert assoc.is_aborted and pool.idle == 0 and pool.in_use == 0
+        silent.thread.join(10)
+        assert silent.received[0] == pdu.A_ASSOCIATE_RQ and silent.received[-1] == pdu.A_ABORT
+        assert pdu.P_DATA_TF in silent.received  # the request went out, then the abort
+    finally:
+        silent.close()
