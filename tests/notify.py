@@ -37,7 +37,8 @@ class NotifySocket:
             for level, kind, cmsg in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = struct.unpack("iII", cmsg[: struct.calcsize("iII")])[0]
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            text = data.decode("utf-8", "replace")  # a stray datagram must not end the recording
+            fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
             with self._lock:
                 self.messages.append((pid, fields))
                 self.arrived.append(time.monotonic())

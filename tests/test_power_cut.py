@@ -23,11 +23,12 @@ import random
 import shutil
 import subprocess
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DaemonFactory, wait_for
+from conftest import Daemon, DaemonFactory, wait_for
 from peers import RawClient, dataset_bytes
 from test_association import store
 from test_kill_phases import CT, EXPLICIT, objects
@@ -110,6 +111,25 @@ def outer(tmp_path: Path) -> Iterator[Path]:
         yield point
 
 
+class Stalled(AssertionError):
+    """The stream made no progress for a minute (see the report: where the daemon waits)."""
+
+
+def stall_report(d: Daemon, sender: Sender) -> str:
+    """Where each daemon thread waits (state and kernel wait channel), and its last log lines."""
+    threads = []
+    for task in sorted(Path(f"/proc/{d.pid}/task").glob("*")):
+        try:
+            state = (task / "stat").read_text().rsplit(") ", 1)[1].split()[0]
+            threads.append(f"{(task / 'comm').read_text().strip()}:{state}:{(task / 'wchan').read_text()}")
+        except (OSError, IndexError):
+            continue
+    return (
+        f"no progress for 60 s: {len(sender.acked)} acknowledged, sender error {sender.error!r}; "
+        f"daemon threads {threads}; daemon log tail:\n{d.log()[-2000:]}"
+    )
+
+
 def cut_while_sending(
     daemons: DaemonFactory, outer: Path, tmp_path: Path, kind: str, *args: str
 ) -> tuple[dict[str, bytes], list[tuple[Path, list[str]]]]:
@@ -121,25 +141,31 @@ def cut_while_sending(
     cuts: list[tuple[Path, list[str]]] = []
     with mounted(disk, tmp_path / "live") as live:
         d = daemons.start(*args, output=live)
-        if not args:  # the durability mode this filesystem must get
-            expected = "fdatasync" if kind == "ext4-nojournal" else "journal-ordered"
-            wait_for(lambda: f"durability={expected}" in d.log(), timeout=20)
-        sender = Sender(d.port, sent)
-        sender.start()
-        rng = random.Random(kind)
-        for n in range(CUTS):
-            # Spread the cuts over the stream, at moments not aligned with anything.
-            target = (n + 1) * len(sent) // (CUTS + 1) + rng.randint(-3, 3)
-            wait_for(lambda t=target: len(sender.acked) >= t or not sender.is_alive(), timeout=60)
-            before = list(sender.acked)  # read before the clone starts: all of these must be in it
-            image = outer / f"cut{n}.img"
-            clone = run("cp", "--reflink=always", str(disk), str(image))
-            assert clone.returncode == 0, clone.stderr
-            cuts.append((image, before))
-        sender.join(120)
-        assert sender.error is None, repr(sender.error)
-        d.proc.terminate()
-        d.proc.wait(20)
+        try:
+            wait_for(lambda: "daemon.ready" in d.log(), timeout=20)
+            if not args:  # the durability mode this filesystem must get
+                expected = "fdatasync" if kind == "ext4-nojournal" else "journal-ordered"
+                assert f"durability={expected}" in d.log()
+            sender = Sender(d.port, sent)
+            sender.start()
+            rng = random.Random(kind)
+            for n in range(CUTS):
+                # Spread the cuts over the stream, at moments not aligned with anything.
+                target = (n + 1) * len(sent) // (CUTS + 1) + rng.randint(-3, 3)
+                try:
+                    wait_for(lambda t=target: len(sender.acked) >= t or not sender.is_alive(), timeout=60)
+                except AssertionError:
+                    raise Stalled(stall_report(d, sender)) from None
+                before = list(sender.acked)  # read before the clone starts: all of these must be in it
+                image = outer / f"cut{n}.img"
+                clone = run("cp", "--reflink=always", str(disk), str(image))
+                assert clone.returncode == 0, clone.stderr
+                cuts.append((image, before))
+            sender.join(120)
+            assert sender.error is None, repr(sender.error)
+        finally:  # before the unmount: a daemon still writing there would keep it busy
+            d.proc.terminate()
+            d.proc.wait(20)
     return sent, cuts
 
 
@@ -175,7 +201,16 @@ def test_the_clones_do_see_a_receiver_that_acknowledges_before_the_disk(
     seconds ago are still only in the page cache, and a clone lacks them."""
     no_fsync = tmp_path / "no-fsync.toml"
     no_fsync.write_text("[output]\nfsync = false\n")
-    sent, cuts = cut_while_sending(daemons, outer, tmp_path, "ext4-nojournal", "--config", str(no_fsync))
+    try:
+        sent, cuts = cut_while_sending(daemons, outer, tmp_path, "ext4-nojournal", "--config", str(no_fsync))
+    except Stalled as stall:
+        # Seen twice in full CI runs on these VMs (never alone): the page-cache path on a loop
+        # device inside btrfs made no progress for a minute.  Once more on a fresh disk, with
+        # where it waited on record; a second stall fails the test.
+        warnings.warn(f"power-cut stream stalled, tried again: {stall}", stacklevel=1)
+        for image in outer.glob("cut*.img"):
+            image.unlink()
+        sent, cuts = cut_while_sending(daemons, outer, tmp_path, "ext4-nojournal", "--config", str(no_fsync))
     lost = [
         missing_after_the_cut("ext4-nojournal", image, tmp_path / f"cut{n}", sent, before)
         for n, (image, before) in enumerate(cuts)
