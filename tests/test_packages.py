@@ -133,20 +133,36 @@ class Container:
             stderr=subprocess.DEVNULL,
         )
         self.init = int(wait_for(self._init_pid, timeout=30))
-        wait_for(
-            lambda: (
-                self.run("systemctl", "is-system-running", check=False).stdout.strip()
-                in ("running", "degraded")
-            ),
-            timeout=60,
-            interval=0.1,
-        )
+        try:
+            wait_for(lambda: self._state() in ("running", "degraded"), timeout=120, interval=0.2)
+        except AssertionError:
+            state = self._state()
+            jobs = self.run("systemctl", "list-jobs", "--no-pager", check=False).stdout
+            self.stop()
+            raise AssertionError(f"container never finished booting ({state!r}); jobs:\n{jobs}") from None
+
+    def _state(self) -> str:
+        return self.run("systemctl", "is-system-running", check=False).stdout.strip()
 
     def _init_pid(self) -> int | None:
+        """The container's PID 1, seen from the host.
+
+        Why not simply nspawn's first child: while it starts, nspawn's child is its own
+        "outer child" (a fork in our PID namespace that exits once it has cloned the
+        container's init); entering that one's namespaces enters none of the container's.
+        """
         children = subprocess.run(
             ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True
         ).stdout.split()
-        return int(children[0]) if children else None
+        for child in children:
+            try:
+                status = Path(f"/proc/{child}/status").read_text()
+            except OSError:
+                continue
+            nspid = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+            if len(nspid) >= 2 and nspid[-1] == "1":
+                return int(child)
+        return None
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return sh("nsenter", "-t", str(self.init), "-a", *cmd, check=check, timeout=timeout)
