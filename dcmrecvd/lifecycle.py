@@ -25,11 +25,12 @@ from dcmrecvd.errors import DcmrecvdError
 from dcmrecvd.events.amqp import CONSUMER as AMQP_CONSUMER
 from dcmrecvd.events.amqp import Publisher, read_password, start_publisher
 from dcmrecvd.events.hooks import Hooks
-from dcmrecvd.events.outbox import Outbox, body_from_file
+from dcmrecvd.events.outbox import Outbox
 from dcmrecvd.ops import logs
 from dcmrecvd.ops.health import Health, OpsListeners
 from dcmrecvd.ops.metrics import METRICS, LiveFigures
 from dcmrecvd.ops.systemd import Notifier
+from dcmrecvd.serve.ack_journal import AckJournal, open_ack_journal, state_directory
 from dcmrecvd.serve.runtime import Runtime, Stats, prepare
 from dcmrecvd.serve.server import Server
 from dcmrecvd.signal_inbox import SignalInbox
@@ -44,6 +45,12 @@ RESTART_KEYS = (
     ("metrics", "listen"),
     ("metrics", "agent_listen"),
     ("events", "database"),
+    ("journal", "enabled"),
+    ("journal", "directory"),
+    ("journal", "segment_mib"),
+    ("journal", "segments"),
+    ("journal", "inline_max_kib"),
+    ("output", "fsync"),
 )
 
 
@@ -69,6 +76,8 @@ class Daemon:
     outbox: Outbox | None = None
     hooks: Hooks | None = None
     publisher: Publisher | None = None
+    #: The ack journal (None: the per-file path, said at start with the reason).
+    ack: AckJournal | None = None
 
     def current(self) -> Runtime:
         """The Runtime new associations get (read once per association)."""
@@ -79,7 +88,7 @@ class Daemon:
     def serve(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit code."""
         self.signals = SignalInbox((signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
-        self._remove_stale_temp_files(self.runtime)
+        self.ack, replay, no_journal = open_ack_journal(self.runtime.config, self.environ)
         watchdog = self.notifier.watchdog_usec / 2e6 if self.notifier.watchdog_usec else 0.0
         self.server = Server(
             self.listeners,
@@ -87,8 +96,12 @@ class Daemon:
             self.stats,
             heartbeat=self.notifier.watchdog if watchdog else None,
             heartbeat_interval=watchdog,
+            journal=self.ack,
         )
         self._apply_hooks(self.runtime)
+        if self.ack is not None:  # recovery: before the socket is served and before READY
+            self.ack.recover(replay)
+        self._remove_stale_temp_files(self.runtime)
         metrics = self.runtime.config.metrics
         if metrics.listen or metrics.agent_listen:  # bound before READY: a busy port is exit 64
             self.ops = OpsListeners(
@@ -107,6 +120,12 @@ class Daemon:
             profile=self.runtime.profile.name,
             output=str(self.runtime.store.root),
             durability=self.runtime.store.durability(),
+            ack="journal" if self.ack is not None else "per-file",
+            **(
+                {"journal": str(self.ack.journal.directory)}
+                if self.ack is not None
+                else {"journal_off": no_journal}
+            ),
             **(
                 {
                     "aes": {
@@ -209,10 +228,9 @@ class Daemon:
                 path, stable_seconds=config.events.stable_seconds, max_seconds=config.events.max_seconds
             )
             self.hooks = Hooks(self.outbox, self.environ)
-            self._set_consumers(config)  # known before recovered events are written
-            if not self.outbox.was_clean:
-                roots = [(rx.store.root, rx.name) for rx in runtime.all_receivers()]
-                self.outbox.recover(roots, body_from_file)
+            self._set_consumers(config)  # known before replayed events are written
+            if self.ack is not None:  # events of acknowledged objects come from the journal
+                self.ack.connect_events(self.outbox.record, self.outbox.persist)
             self.outbox.start()
             assert self.server is not None
             self.server.events = self.outbox.record
@@ -313,6 +331,8 @@ class Daemon:
                 listener.close()
         aborted = self.server.drain(self.runtime.config.daemon.drain_timeout)
         self.server.close()
+        if self.ack is not None:  # every acknowledged object under its name, its events handed on
+            self.ack.close()
         if self.outbox is not None:  # every acknowledged object's event is in, durably
             assert self.hooks is not None
             self.hooks.stop()
@@ -349,5 +369,4 @@ def events_database(config: Config, environ: Mapping[str, str]) -> Path:
     if config.events.database:
         return Path(config.events.database)
     # Hidden, so that nothing that watches the output directory takes it for an object.
-    base = environ.get("STATE_DIRECTORY", "").split(":")[0] or config.output.directory
-    return Path(base) / ".dcmrecvd" / "events.sqlite"
+    return state_directory(config, environ) / ".dcmrecvd" / "events.sqlite"

@@ -216,6 +216,41 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class JournalConfig:
+    """The ack journal: with output.fsync on, an object is acknowledged once its record is durable."""
+
+    enabled: bool = _opt(
+        True,
+        "Acknowledge each object once its record is in the ack journal (a data-only flush), "
+        "and make its file off the ack path. Off: each object's own file, data flush, rename "
+        "and directory fsync before its ack (the per-file path). Without output.fsync there "
+        "is no journal either way.",
+    )
+    directory: str = _opt(
+        "",
+        "Where the journal's segments live. Empty: .dcmrecvd/journal in $STATE_DIRECTORY under "
+        "systemd, else in output.directory. A separate fast device (NVMe) may hold it; it must "
+        "support O_DIRECT (not tmpfs), else dcmrecvd falls back to the per-file path and says so.",
+    )
+    segment_mib: int = _opt(16, "Size of one journal segment, in MiB.", minimum=1, maximum=1024)
+    segments: int = _opt(
+        32,
+        "Segments at most (disk use: segments x segment_mib). When all hold objects not yet "
+        "materialised, new objects wait up to 10 s, then fail with 0xA700.",
+        minimum=2,
+        maximum=4096,
+    )
+    inline_max_kib: int = _opt(
+        1024,
+        "Objects up to this size (KiB) travel inside their journal record; larger ones stream "
+        "into their own file with O_DIRECT, as on the per-file path, and their record only "
+        "names it (writing them twice would halve the bandwidth).",
+        minimum=4,
+        maximum=65536,
+    )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """How much is logged and where."""
 
@@ -468,6 +503,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     association: AssociationConfig = field(default_factory=AssociationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     access: AccessConfig = field(default_factory=AccessConfig)

@@ -2,8 +2,8 @@
 
 Why SQLite (stdlib): one file, transactions, WAL so that readers (hooks, the
 publisher) never wait for the writer; ``synchronous=NORMAL``, because the
-stored files are the durable record and ``checkpoint`` makes the database
-durable every few seconds together with its mark (see ``outbox``).
+ack journal is the durable record and ``checkpoint`` makes the database
+durable every few seconds and whenever the ack journal checkpoints (see ``outbox``).
 
 An event is one row; a delivery is (event, consumer): each consumer (a hook,
 the AMQP publisher) takes the kinds it asked for, in order per study, with
@@ -105,18 +105,6 @@ class EventStore:
             [(event_id, name) for name, kinds in self.consumers.items() if kind in kinds],
         )
         return event_id
-
-    def knows_file(self, path: Path) -> bool:
-        """Is there an ``object.stored`` event for this file?"""
-        with self.lock:
-            row = self.db.execute(
-                "SELECT 1 FROM events WHERE path = ? AND kind = ? LIMIT 1", (str(path), events.OBJECT_STORED)
-            ).fetchone()
-        return row is not None
-
-    def durable_before(self) -> float:
-        value = self.meta("durable_before")
-        return float(value) if value else 0.0
 
     # ------------------------------------------------------------------ consumers
 

@@ -1,52 +1,51 @@
 """The event outbox: every acknowledged object's events, at least once, off the ack path.
 
-The association hands an ``object.stored`` body to ``record`` after its response
-is sent; that only appends to an in-memory queue, so nothing after the ack can
-delay or fail a C-STORE.  One writer thread moves the queue into SQLite (WAL,
-``synchronous=NORMAL``: commits are not fsynced one by one), tracks series and
-studies for completion, and emits their events.
+An ``object.stored`` body arrives through ``record`` (from the ack journal's
+materialiser once the object's file is made, or, on the per-file path, from
+the association after its response); that only appends to an in-memory
+queue, so nothing after the ack can delay or fail a C-STORE.  One writer
+thread moves the queue into SQLite (WAL, ``synchronous=NORMAL``: commits are
+not fsynced one by one), tracks series and studies for completion, and emits
+their events.
 
-Why no fsync per object: the stored file is already the durable record.  Every
-few seconds the writer checkpoints the database (which fsyncs it) together with
-a mark, *durable_before*: every object whose file was last written before it
-has its event on disk.  After a crash the events the outbox lost are rebuilt
-from the files themselves: every file newer than the mark that the outbox does
-not know (``recover``).  So: at least once; duplicates are possible after a
-crash (an event delivered, then lost from the outbox, then rebuilt); never a
-missing event for an acknowledged object, provided the gap between an object's
-last write and its ack stays under ``SLACK`` seconds.
+Why no fsync per object: the ack journal is the durable record.  Its
+checkpoint passes an object's record only after ``persist`` has made the
+object's event durable here; a crash before that leaves the record past the
+checkpoint, and replay at start hands the event on again.  So: at least
+once; duplicates are possible after a crash (an event delivered, then
+handed on again by the replay); never a missing event for an acknowledged
+object.  On the per-file path (journal off or unusable) an event queued but
+not yet written when the process dies is lost: the journal is what makes
+events crash-proof.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
-from dcmrecvd.events import body as events
 from dcmrecvd.events.body import Body
-from dcmrecvd.events.completion import Completion, iso
+from dcmrecvd.events.completion import Completion
 from dcmrecvd.events.event_store import EventStore
 
 log = structlog.get_logger("dcmrecvd")
 
-#: Seconds allowed between an object's last write and its event being queued (flush,
-#: rename, directory fsync, response); the mark stays this far behind the writer.
-SLACK = 60.0
+#: How long delivered events are kept (inspection; a replay may hand one on again meanwhile).
+KEEP_DELIVERED_SECONDS = 3600.0
 #: How long events gather in memory before the writer stores them, in one transaction.
 BATCH_SECONDS = 0.05
-#: How often the writer makes the outbox durable and moves the mark.
+#: How often the writer makes the outbox durable (and forgets old delivered events).
 CHECKPOINT_SECONDS = 5.0
 
 
 class Outbox(EventStore):
-    """The event store, its writer thread, completion and recovery."""
+    """The event store, its writer thread and completion."""
 
     def __init__(
         self,
@@ -61,21 +60,8 @@ class Outbox(EventStore):
         self._queue: queue.SimpleQueue[Body] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if self.meta("clean") is None:
-            self._begin()
-        #: Files written before this are not the outbox's: the mark never goes below it.
-        self.created = float(self.meta("created") or 0.0)
-        self.was_clean = self.meta("clean") == "1"
+        self.was_clean = self.meta("clean") in (None, "1")
         self.set_meta("clean", "0")
-
-    def _begin(self) -> None:
-        """A new outbox starts clean, its mark at its creation, durably: what the output
-        directory held before it existed (a site turning hooks or AMQP on) is no event
-        of its, and must not be replayed as one by a recovery."""
-        now = repr(self.clock())
-        for key, value in (("created", now), ("durable_before", now), ("clean", "1")):
-            self.set_meta(key, value)
-        self.db.execute("PRAGMA wal_checkpoint(FULL)")
 
     # ------------------------------------------------------------------ the ack side
 
@@ -103,7 +89,7 @@ class Outbox(EventStore):
                     self.complete_due()
                     next_completion = began + 1.0
                 if self.clock() >= next_checkpoint:
-                    self.checkpoint(began - SLACK)
+                    self.checkpoint(began)
                     next_checkpoint = self.clock() + CHECKPOINT_SECONDS
             except sqlite3.Error as exc:  # a full or broken disk: events wait in the queue
                 log.error("events.unavailable", reason=str(exc), database=str(self.path))
@@ -136,17 +122,22 @@ class Outbox(EventStore):
         """Emit the series and study completions that are due (``completion``)."""
         return self.completion.complete_due(force)
 
-    def checkpoint(self, mark: float) -> None:
-        """Make the outbox durable up to now, and say so: files older than ``mark`` are in."""
+    def checkpoint(self, now: float) -> None:
+        """Make the outbox durable, and forget delivered events older than an hour."""
         with self.lock:
-            self.set_meta("durable_before", repr(max(mark, self.created)))
             self.db.execute("PRAGMA wal_checkpoint(FULL)")
-            # Delivered events are kept while recovery may still look for their files.
             self.db.execute(
                 "DELETE FROM events WHERE created < ? AND id NOT IN (SELECT event_id FROM deliveries)",
-                (mark - SLACK,),
+                (now - KEEP_DELIVERED_SECONDS,),
             )
             self.completion.forget_old()
+
+    def persist(self) -> None:
+        """Everything recorded so far durably in the outbox (the ack journal's checkpoint
+        waits for this before it lets go of the records these events came from)."""
+        self.drain()
+        with self.lock:
+            self.db.execute("PRAGMA wal_checkpoint(FULL)")
 
     def stop(self, *, complete: bool = False) -> None:
         """Drain, optionally complete everything pending, make it durable, mark it clean."""
@@ -169,88 +160,3 @@ class Outbox(EventStore):
         """Pending and dead-lettered deliveries, and events not yet written (for STATUS)."""
         pending, dead = self.pending_and_dead()
         return {"pending": pending, "dead": dead, "queued": self._queue.qsize()}
-
-    # ------------------------------------------------------------------ recovery
-
-    def recover(self, roots: Sequence[tuple[Path, str]], read: Callable[[Path], Body | None]) -> int:
-        """After an unclean stop: queue ``object.stored`` for every file newer than the mark
-        that the outbox does not know.  ``roots``: (output directory, called AE name);
-        ``read`` makes an event body from a file (None: not an object of ours)."""
-        mark = self.durable_before() - 1.0  # mtime granularity
-        found = 0
-        own = {self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"), self.path.parent}
-        for root, called in roots:
-            for path in _files_since(root, mark, skip=own):
-                if self.knows_file(path):
-                    continue
-                body = read(path)
-                if body is None:
-                    continue
-                # Our files say which AE title they came in under (0002,0018); for one that
-                # does not (written before that), the study it belongs to, if the outbox
-                # already tracks it, does.
-                body.setdefault("called_aet", self.completion.called_for(body) or called)
-                self.record({**body, "recovered": 1})
-                found += 1
-        if found:
-            log.info("events.recovered", objects=found, since=iso(mark) if mark > 0 else "the first event")
-        return found
-
-
-def _files_since(root: Path, mark: float, skip: Collection[Path]) -> Iterable[Path]:
-    """Final (not hidden) files under ``root`` written since ``mark``.  A file is only
-    stat'ed in a directory that changed since then (a rename into it changes it), so
-    an archive of old days costs a listing per directory, not a stat per file."""
-    stack = [root]
-    while stack:
-        directory = stack.pop()
-        try:
-            changed = directory.stat().st_mtime >= mark
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.name.startswith(".") or Path(entry.path) in skip:
-                continue  # hidden: temp files, the outbox itself
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
-            elif changed and entry.is_file(follow_symlinks=False):
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime >= mark:
-                        yield Path(entry.path)
-                except OSError:
-                    continue
-
-
-def body_from_file(path: Path) -> Body | None:
-    """An ``object.stored`` body rebuilt from a stored file (recovery)."""
-    from pydicom import dcmread
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError):
-        return None
-    meta = getattr(ds, "file_meta", None)
-    if meta is None or "SOPInstanceUID" not in ds:
-        return None
-    st = path.stat()
-    return {
-        "event": events.OBJECT_STORED,
-        "calling_aet": str(meta.get("SourceApplicationEntityTitle", "") or "").strip(),
-        **({"called_aet": called} if (called := _text(meta.get("ReceivingApplicationEntityTitle"))) else {}),
-        "sop_class_uid": str(ds.get("SOPClassUID", "")),
-        "sop_instance_uid": str(ds.SOPInstanceUID),
-        "study_uid": str(ds.get("StudyInstanceUID", "")),
-        "series_uid": str(ds.get("SeriesInstanceUID", "")),
-        "patient_id": str(ds.get("PatientID", "")),
-        "path": str(path),
-        "directory": str(path.parent),
-        "size": st.st_size,
-        "transfer_syntax": str(meta.get("TransferSyntaxUID", "")),
-        "time": iso(st.st_mtime),
-    }
-
-
-def _text(value: object) -> str:
-    return str(value or "").strip()

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from dcmrecvd.ops.metrics import METRICS
+from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.receiving import Outcome
-from dcmrecvd.store.storage import Writer
-from dcmrecvd.wire.status import status_for_error
+from dcmrecvd.store.storage import Writer, take_back
+from dcmrecvd.wire.status import Status, status_for_error
 
 R = TypeVar("R")
 
@@ -31,6 +33,10 @@ class AnswerWindow(Generic[R]):
         self.size = 1
         #: The writer whose staged objects a flush makes durable (set once accepted).
         self.writer: Writer | None = None
+        #: The ack journal the records of stored objects go to before their answers.
+        self.journal: AckJournal | None = None
+        #: The last journal record committed for this association (0: none).
+        self.last_seq = 0
         self._waiting: list[tuple[R, Outcome]] = []
 
     def __bool__(self) -> bool:
@@ -56,8 +62,31 @@ class AnswerWindow(Generic[R]):
                     (request, Outcome(status_for_error(exc), str(exc)) if outcome.path else outcome)
                     for request, outcome in waiting
                 ]
+        if self.journal is not None:
+            waiting = self._commit(self.journal, waiting)
         now = time.monotonic()
         for request, outcome in waiting:
             if outcome.commit_started:
                 METRICS.commit_seconds.observe(now - outcome.commit_started)
             self.answer(request, outcome)
+
+    def _commit(self, journal: AckJournal, waiting: list[tuple[R, Outcome]]) -> list[tuple[R, Outcome]]:
+        """The records of the objects stored, durable in one commit (with other associations')."""
+        records = [o.record for _, o in waiting if o.record is not None and o.status == Status.SUCCESS]
+        if not records:
+            return waiting
+        try:
+            journal.commit(records)
+        except OSError as exc:  # none of them is acknowledged: a file already named goes again
+            for record in records:
+                if record.header.get("file"):
+                    take_back(
+                        journal.journal.ops,
+                        Path(record.header["root"], record.header["dir"], record.header["name"]),
+                    )
+            failed = Outcome(status_for_error(exc), str(exc))
+            return [
+                (r, failed if o.record is not None and o.status == Status.SUCCESS else o) for r, o in waiting
+            ]
+        self.last_seq = records[-1].seq
+        return waiting

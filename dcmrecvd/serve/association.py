@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from dcmrecvd.serve import admission, prelude, services
+from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.answer_window import AnswerWindow
 from dcmrecvd.serve.receive_buffer import RECEIVE_BUFFERS, PeerClosed, ReceiveBuffer, more_waiting
 from dcmrecvd.serve.receiving import Outcome, Sink
@@ -82,6 +83,7 @@ class Association:
         buffers: BufferPool = RECEIVE_BUFFERS,
         clock: Clock = dt.datetime.now,
         events: Callable[[dict[str, Any]], None] | None = None,
+        journal: AckJournal | None = None,
     ) -> None:
         self.sock = sock
         self.peer = peer
@@ -98,6 +100,8 @@ class Association:
         self.clock = clock
         #: Where an acknowledged object's ``object.stored`` goes (the outbox), if anywhere.
         self.events = events
+        #: The ack journal (None: the per-file path): see ``ack_journal``.
+        self.journal = journal
         self.id = next_association_id()
         self.core = UpperLayer()
         #: The receive buffer: small until the association is accepted, then a pooled one.
@@ -223,6 +227,7 @@ class Association:
                     self.log.warning("assoc.release_mid_message")
                     self._drop_request()
                 self.answers.flush()
+                self._wait_visible()
                 if self.writer is not None:
                     self.writer.close()  # before the peer hears we are done
                 self._free_slot()
@@ -232,6 +237,13 @@ class Association:
                 self.log.warning("assoc.aborted", reason="aborted by peer")
                 return "aborted"
         return ""
+
+    def _wait_visible(self) -> None:
+        """Every object of this association under its final name before A-RELEASE-RP: a
+        script run when storescu returns finds them all (as with dcmrecv)."""
+        seq = self.answers.last_seq
+        if self.journal is not None and seq and not self.journal.wait_visible(seq):
+            self.log.warning("journal.behind", seq=seq)
 
     def _take_slot(self) -> bool:
         self.holds_slot = self.admit(self.host)
@@ -293,6 +305,7 @@ class Association:
         self.contexts = outcome.contexts
         self.answers.size = outcome.window
         self.answers.writer = self.writer = Writer(decision.rx.store)
+        self.answers.journal = self.journal
         self.buffer.grow()
         self.admitted = True
         self.stats.add(active=1, associations=1)

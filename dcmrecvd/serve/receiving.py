@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
-from typing import Protocol
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
 from dcmrecvd.serve import naming
 from dcmrecvd.store.disk_space import DiskWatch
+from dcmrecvd.store.journal import Record
 from dcmrecvd.store.storage import PendingFile, Writer
 from dcmrecvd.wire import dimse, part10, uids
 from dcmrecvd.wire.dataset_walk import (
@@ -44,6 +47,9 @@ from dcmrecvd.wire.dataset_walk import (
     text_value,
 )
 from dcmrecvd.wire.status import Failure, Status, status_for_error
+
+if TYPE_CHECKING:
+    from dcmrecvd.serve.ack_journal import AckJournal
 
 DISK_LOW = "output directory below output.min_free"
 #: Bytes kept in memory while waiting for the dataset's SOP UIDs (and Series Date)
@@ -66,6 +72,10 @@ class Outcome:
     #: What the events after the ack need of a stored object: file size, study, series, patient.
     size: int = 0
     tags: dict[str, str] = field(default_factory=dict)
+    #: The ``object.stored`` body, for the outbox once the object is acknowledged.
+    event: dict[str, Any] | None = None
+    #: Its ack-journal record (committed before the answer; the journal then owns the event).
+    record: Record | None = None
 
 
 class Sink(Protocol):
@@ -116,8 +126,12 @@ class Destination:
     disk: DiskWatch
     calling: str
     clock: Clock = dt.datetime.now
-    #: The AE title the sender called (into the file meta: recovery reads it back).
+    #: The AE title the sender called (into the file meta and the events).
     called: str = ""
+    #: The sender's address, for the events.
+    peer: str = ""
+    #: The ack journal, when objects are acknowledged through it (fsync on, journal usable).
+    journal: AckJournal | None = None
 
 
 class Checked:
@@ -246,6 +260,12 @@ class Stored(Checked):
         self.directory = PurePosixPath(".")
         #: Bytes of this object counted against the free-space watermark on their way.
         self.disk_counted = 0
+        #: Journal path: the object (file meta and dataset) gathered in memory while it
+        #: stays under ``inline_max``; None once it has its own file.
+        self.inline: bytearray | None = None
+        self.meta_len = 0
+        #: The dataset's digest, kept on the way for an object that outgrew its record.
+        self.digest: Any = None
 
     def _take(self, chunk: memoryview) -> None:
         disk = self.to.disk
@@ -255,7 +275,7 @@ class Stored(Checked):
             if not disk.has_room():  # this object would take the disk below output.min_free
                 raise OSError(errno.ENOSPC, DISK_LOW)
         super()._take(chunk)
-        if self.file is not None:
+        if self.file is not None or self.inline is not None:
             self.pending.append(chunk)
             return
         walker = self.walker
@@ -271,37 +291,63 @@ class Stored(Checked):
         self.pending.append(chunk)
 
     def _open(self) -> None:
-        """Open the object's file (in its +ssd directory) and write the meta and the prefix."""
+        """Start the object: its file (in its +ssd directory), or its record in memory."""
         sop_class, instance = self.dataset_uids()
         if self.open_after == SERIES_DATE:
             series_date = text_value(self.walker.captured.get(SERIES_DATE))
             self.directory = naming.directory_for(self.to.scheme, series_date, self.to.clock().date())
+        meta = part10.meta_header(sop_class, instance, self.transfer_syntax, self.to.calling, self.to.called)
+        self.meta_len = len(meta)
+        if self.to.journal is not None:
+            self.inline = bytearray(meta)
+            self.inline += self.prefix
+            self.prefix = bytearray()
+            self._maybe_spill()
+            return
         self.file = self.to.writer.open(self.directory)
-        self.file.write(
-            part10.meta_header(sop_class, instance, self.transfer_syntax, self.to.calling, self.to.called)
-        )
+        self.file.write(meta)
         if self.prefix:
             self.file.write(self.prefix)
             self.prefix = bytearray()
+
+    def _maybe_spill(self) -> None:
+        """An object that outgrows its record gets its own file, streamed as on the per-file path."""
+        inline, journal = self.inline, self.to.journal
+        if inline is None or journal is None or len(inline) <= journal.inline_max:
+            return
+        self.digest = hashlib.sha256(memoryview(inline)[self.meta_len :])
+        self.inline = None
+        self.file = self.to.writer.open(self.directory)
+        self.file.write(inline)
 
     def flush(self) -> None:
         if not self.pending:
             return
         chunks, self.pending = self.pending, []
-        if self.file is None or self.failed is not None:
+        if self.failed is not None:
             return
         try:
-            self.file.writev(chunks)
+            if self.inline is not None:
+                for chunk in chunks:
+                    self.inline += chunk
+                self._maybe_spill()
+            elif self.file is not None:
+                if self.digest is not None:
+                    for chunk in chunks:
+                        self.digest.update(chunk)
+                self.file.writev(chunks)
         except Exception as exc:
             self._fail(exc)
 
     def _complete(self) -> Outcome:
         self._end_walk()
-        if self.file is None:
+        if self.file is None and self.inline is None:
             self._open()  # a dataset that ended before the tags we wait for
         self.flush()
         if self.failed is not None:
             return self.failed
+        if self.inline is not None:
+            return self._journaled()
         assert self.file is not None
         command = self.command
         scheme, clock = self.to.scheme, self.to.clock
@@ -322,24 +368,95 @@ class Stored(Checked):
             self.log.warning(
                 "store.replaced", path=str(committed.path), sop_instance_uid=command.affected_sop_instance_uid
             )
-        captured = self.walker.captured
-        tags = {
-            "study_uid": text_value(captured.get(STUDY_INSTANCE_UID)) or "",
-            "series_uid": text_value(captured.get(SERIES_INSTANCE_UID)) or "",
-            "patient_id": decoded_text(captured.get(PATIENT_ID), captured.get(SPECIFIC_CHARACTER_SET)),
-        }
-        return Outcome(
+        outcome = Outcome(
             Status.SUCCESS,
             path=str(committed.path),
             replaced=committed.replaced,
             commit_started=started,
             size=size,
-            tags=tags,
+            tags=self._tags(),
         )
+        outcome.event = self._event(outcome)
+        if self.to.journal is not None:  # its record only names the file, made durable already
+            header = self._header(committed.path.parent, committed.path.name, size, outcome.event)
+            header["file"] = True
+            header["digest"] = self.digest.hexdigest() if self.digest is not None else ""
+            outcome.record = Record(header)
+        return outcome
+
+    def _journaled(self) -> Outcome:
+        """An object small enough to travel in its record: named now, made after the ack."""
+        assert self.inline is not None and self.to.journal is not None
+        command, scheme, clock = self.command, self.to.scheme, self.to.clock
+        directory = self.to.writer.store.root.joinpath(*self.directory.parts)
+        name = self.to.journal.choose_name(
+            directory,
+            lambda: naming.file_name(
+                scheme, command.affected_sop_class_uid, command.affected_sop_instance_uid, clock()
+            ),
+            replace=scheme.overwrites,
+        )
+        data, self.inline = self.inline, None
+        outcome = Outcome(
+            Status.SUCCESS,
+            path=str(directory / name),
+            commit_started=time.monotonic(),
+            size=len(data),
+            tags=self._tags(),
+        )
+        outcome.event = self._event(outcome)
+        outcome.record = Record(self._header(directory, name, len(data), outcome.event), data)
+        return outcome
+
+    def _header(self, directory: Path, name: str, size: int, event: dict[str, Any]) -> dict[str, Any]:
+        """The journal record's header (see ``store.materialiser``)."""
+        root = self.to.writer.store.root
+        return {
+            "root": str(root),
+            "dir": str(directory.relative_to(root)),
+            "name": name,
+            "replace": self.to.scheme.overwrites,
+            "size": size,
+            "meta_len": self.meta_len,
+            "index": {
+                "called_aet": self.to.called,
+                "sop_instance_uid": self.command.affected_sop_instance_uid,
+                "sop_class_uid": self.command.affected_sop_class_uid,
+                "stored": event["time"],
+            },
+            "event": event,
+        }
+
+    def _tags(self) -> dict[str, str]:
+        captured = self.walker.captured
+        return {
+            "study_uid": text_value(captured.get(STUDY_INSTANCE_UID)) or "",
+            "series_uid": text_value(captured.get(SERIES_INSTANCE_UID)) or "",
+            "patient_id": decoded_text(captured.get(PATIENT_ID), captured.get(SPECIFIC_CHARACTER_SET)),
+        }
+
+    def _event(self, outcome: Outcome) -> dict[str, Any]:
+        """The ``object.stored`` body of this object."""
+        command = self.command
+        return {
+            "event": "object.stored",
+            "called_aet": self.to.called,
+            "calling_aet": self.to.calling,
+            "peer": self.to.peer,
+            "sop_class_uid": command.affected_sop_class_uid,
+            "sop_instance_uid": command.affected_sop_instance_uid,
+            **outcome.tags,
+            "path": outcome.path,
+            "directory": os.path.dirname(outcome.path),
+            "size": outcome.size,
+            "transfer_syntax": self.transfer_syntax,
+            "time": self.to.clock().isoformat(timespec="microseconds"),
+        }
 
     def discard(self) -> None:
         self.pending = []
         self.prefix = bytearray()
+        self.inline = None
         if self.disk_counted:  # the object will not reach the disk
             self.to.disk.received(-self.disk_counted)
             self.disk_counted = 0

@@ -22,6 +22,7 @@ from dcmrecvd.conf.config import Config
 from dcmrecvd.errors import ListenError, UsageError
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.ops.systemd import listen_fds
+from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.association import Association
 from dcmrecvd.serve.runtime import Runtime, Stats
 
@@ -77,9 +78,12 @@ class Server:
         heartbeat: Callable[[], None] | None = None,
         heartbeat_interval: float = 0.0,
         events: Callable[[dict[str, Any]], None] | None = None,
+        journal: AckJournal | None = None,
     ) -> None:
         self.listeners = listeners
         self.events = events
+        #: The ack journal stored objects are acknowledged through (None: the per-file path).
+        self.journal = journal
         self.runtime = runtime
         self.stats = stats
         self.heartbeat = heartbeat
@@ -226,6 +230,7 @@ class Server:
             negotiated=self._negotiated,
             host=host,
             events=self.events,
+            journal=self.journal,
         )
         if runtime.config.network.host_lookup and isinstance(addr, tuple):
             bound = assoc.log

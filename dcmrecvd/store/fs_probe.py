@@ -18,6 +18,8 @@ from pathlib import Path
 
 EXT_MAGIC = 0xEF53
 XFS_MAGIC = 0x58465342
+#: Filesystems in memory: nothing written there survives a power cut.
+MEMORY_FILESYSTEMS = {0x01021994: "tmpfs", 0x858458F6: "ramfs"}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
+from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.receiving import Drained, Outcome, Sink
 from dcmrecvd.serve.runtime import Receiver, Stats
 from dcmrecvd.store.storage import Writer
@@ -46,6 +47,8 @@ class Peer(Protocol):
     log: FilteringBoundLogger
     events: Callable[[dict[str, Any]], None] | None
     clock: Callable[[], dt.datetime]
+    #: The ack journal, when stored objects are acknowledged through it.
+    journal: AckJournal | None
 
 
 @dataclass(slots=True)

@@ -1,5 +1,6 @@
 """Storage (C-STORE): the request's dataset is walked, written and made durable by its
-sink (``receiving``); the answer goes out only then, and the event after it.
+sink (``receiving``); the answer goes out only then, and the event after it (from the
+ack journal once the object's file is made, when the journal is in use).
 
 The durability order lives in ``storage.Writer``; what a dataset may be, in
 ``receiving``.  Here: which sink a C-STORE gets, and what answering it means
@@ -9,9 +10,7 @@ log line and the ``object.stored`` event after it, so neither delays it).
 
 from __future__ import annotations
 
-import os
 import time
-from typing import Any
 
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.serve.receiving import Destination, Drained, Outcome, Sink, sink_for
@@ -29,7 +28,10 @@ class Storage:
             return Drained(Status.CANNOT_UNDERSTAND, "C-STORE without dataset")
         assert peer.writer is not None  # an accepted association has one
         rx = peer.rx
-        destination = Destination(peer.writer, rx.scheme, rx.disk, peer.calling, peer.clock, peer.called)
+        journal = peer.journal if rx.store.durable and rx.mode != "ignore" else None
+        destination = Destination(
+            peer.writer, rx.scheme, rx.disk, peer.calling, peer.clock, peer.called, peer.peer, journal
+        )
         return sink_for(
             command, context.abstract_syntax, context.transfer_syntax, rx.mode, destination, peer.log
         )
@@ -60,27 +62,10 @@ class Storage:
         if rx.title:
             peer.stats.stored_for(rx.title)
         peer.log.info("store.completed", path=outcome.path or None, **fields)
-        if peer.events is not None and outcome.path:  # after the response: never delays it
-            peer.events(stored_event(peer, call, outcome))
-
-
-def stored_event(peer: Peer, call: Call, outcome: Outcome) -> dict[str, Any]:
-    """The ``object.stored`` body of an acknowledged object."""
-    command = call.command
-    return {
-        "event": "object.stored",
-        "called_aet": peer.called,
-        "calling_aet": peer.calling,
-        "peer": peer.peer,
-        "sop_class_uid": command.affected_sop_class_uid,
-        "sop_instance_uid": command.affected_sop_instance_uid,
-        **outcome.tags,
-        "path": outcome.path,
-        "directory": os.path.dirname(outcome.path),
-        "size": outcome.size,
-        "transfer_syntax": call.context.transfer_syntax,
-        "time": peer.clock().isoformat(timespec="microseconds"),
-    }
+        # After the response: never delays it.  An object acknowledged through the journal has
+        # its event handed on from the journal once its file is made (``store.materialiser``).
+        if peer.events is not None and outcome.event is not None and outcome.record is None:
+            peer.events(outcome.event)
 
 
 SERVICE = Storage()

@@ -1,0 +1,138 @@
+"""The ack journal as the serving side sees it: open and recover it, commit to it, wait on it.
+
+``store.journal`` keeps records durably, ``store.materialiser`` turns them into
+files, index rows and events; this module puts them together for the daemon
+(where the journal lives, the fallback when it cannot be used, recovery
+before READY) and for an association (a stored object's record, the
+commit that precedes its ack, the wait for its file before A-RELEASE-RP).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from dcmrecvd.conf.config import Config
+from dcmrecvd.store.instance_index import InstanceIndex
+from dcmrecvd.store.journal import Journal, JournalUnusable, Record
+from dcmrecvd.store.materialiser import Materialiser
+
+log = structlog.get_logger("dcmrecvd")
+
+#: Names handed out and perhaps not yet made, remembered so that two objects in flight never
+#: get one name (the materialiser never clobbers, but a second name would be a surprise).
+RESERVED_NAMES = 65536
+#: Names tried for one object (as ``storage.MAX_NAME_ATTEMPTS``).
+MAX_NAME_ATTEMPTS = 100
+#: How long A-RELEASE-RP waits for the association's objects to reach their final names.
+RELEASE_WAIT_SECONDS = 60.0
+
+
+@dataclass
+class AckJournal:
+    """The journal, its materialiser and the instance index, opened together."""
+
+    journal: Journal
+    materialiser: Materialiser
+    index: InstanceIndex
+    #: Objects up to this many bytes travel inside their record.
+    inline_max: int
+    _reserved: OrderedDict[str, None] = field(default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def choose_name(self, directory: Path, names: Callable[[], str], *, replace: bool) -> str:
+        """A name for an object made later: a default name as it is (it replaces), another
+        scheme's first name that is neither on disk nor given to an object in flight."""
+        if replace:
+            return names()
+        for _attempt in range(MAX_NAME_ATTEMPTS):
+            name = names()
+            key = os.path.join(directory, name)
+            with self._lock:
+                if key in self._reserved or os.path.lexists(key):
+                    continue
+                self._reserved[key] = None
+                if len(self._reserved) > RESERVED_NAMES:
+                    self._reserved.popitem(last=False)
+            return name
+        raise FileExistsError(f"no free file name after {MAX_NAME_ATTEMPTS} attempts")
+
+    def commit(self, records: list[Record]) -> None:
+        """Durable when this returns (group commit with other threads); OSError otherwise."""
+        self.journal.commit(records)
+
+    def wait_visible(self, seq: int, timeout: float = RELEASE_WAIT_SECONDS) -> bool:
+        return self.materialiser.wait_visible(seq, timeout)
+
+    def connect_events(self, record: Callable[[dict[str, Any]], None], persist: Callable[[], None]) -> None:
+        """Hand ``object.stored`` bodies to the outbox from now on (and replayed ones)."""
+
+        def hand_on(bodies: list[dict[str, Any]]) -> None:
+            for body in bodies:
+                record(body)
+
+        self.materialiser.events = hand_on
+        self.materialiser.persist_events = persist
+
+    def recover(self, records: list[Record]) -> None:
+        """Replay what a crash left past the checkpoint (before serving and READY)."""
+        started = time.monotonic()
+        counts = self.materialiser.replay(records)
+        if records:
+            log.warning(
+                "journal.recovered",
+                **counts,
+                seconds=round(time.monotonic() - started, 3),
+                through=self.journal.done_through,
+            )
+        self.materialiser.start()
+
+    def close(self) -> None:
+        """Every record made and checkpointed, then closed (after the associations ended)."""
+        self.materialiser.stop()
+        if self.materialiser.visible_through > self.journal.done_through:
+            self.materialiser.checkpoint()
+        self.journal.close()
+        self.index.close()
+
+
+def state_directory(config: Config, environ: Mapping[str, str]) -> Path:
+    """$STATE_DIRECTORY under systemd, else the output directory: where .dcmrecvd/ goes."""
+    return Path(environ.get("STATE_DIRECTORY", "").split(":")[0] or config.output.directory)
+
+
+def wanted(config: Config) -> bool:
+    """Does any AE acknowledge through the journal (fsync on, objects stored)?"""
+    return config.journal.enabled and config.output.fsync
+
+
+def open_ack_journal(
+    config: Config, environ: Mapping[str, str]
+) -> tuple[AckJournal | None, list[Record], str]:
+    """The journal, the records to replay, and why not when there is none (for daemon.ready)."""
+    if not config.journal.enabled:
+        return None, [], "journal.enabled is off"
+    if not config.output.fsync:
+        return None, [], "output.fsync is off"
+    settings = config.journal
+    base = state_directory(config, environ) / ".dcmrecvd"
+    directory = Path(settings.directory) if settings.directory else base / "journal"
+    journal = Journal(directory, segment_size=settings.segment_mib << 20, segments=settings.segments)
+    try:
+        records = journal.open()
+    except JournalUnusable as exc:
+        journal.close()
+        log.warning("journal.unavailable", reason=str(exc), fallback="per-file")
+        return None, [], str(exc)
+    index = InstanceIndex(base / "instances.sqlite")
+    materialiser = Materialiser(journal, index)
+    journal.on_written = materialiser.written
+    return AckJournal(journal, materialiser, index, settings.inline_max_kib << 10), records, ""

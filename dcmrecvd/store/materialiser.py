@@ -1,0 +1,271 @@
+"""Journal records become files, off the ack path: one thread, in record order.
+
+Per batch of records (whatever the journal wrote since the last turn): each
+inline object is written to a temp file in its directory and flushed, then
+renamed (or linked without replacing), and each directory touched is fsynced
+once (``storage``: a final name only ever holds a complete, durable file).
+Only then are the batch's index rows written and its events handed on, and
+only after those are durable (``sync``) does the journal's checkpoint pass
+the records, which lets their segment be recycled.  A crash anywhere in this
+leaves records past the checkpoint, which ``replay`` does again at start:
+it makes what is missing and verifies what exists.
+
+A record's header (made by the serving side; nothing here knows DICOM):
+``root``, ``dir``, ``name``, ``replace`` (a default name replaces an older
+file), ``file`` (a large object already durable under its name: only its row
+and events are left), ``meta_len`` (bytes of file meta before the dataset,
+for the digest), ``index`` (the row's identifiers) and ``event`` (the body of
+``object.stored``, if events are wanted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import structlog
+
+from .instance_index import Instance, InstanceIndex
+from .journal import Journal, Record
+from .storage import FileExists, PendingFile, Store, take_back
+
+log = structlog.get_logger("dcmrecvd")
+
+#: How often, at most, the index and events are made durable and the checkpoint moved on
+#: while objects keep coming (when idle it happens at once).
+CHECKPOINT_SECONDS = 0.5
+
+Events = Callable[[list[dict[str, Any]]], None]
+
+
+class Materialiser:
+    """Turns committed records into files, index rows and events; see the module docstring."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        index: InstanceIndex,
+        *,
+        events: Events | None = None,
+        persist_events: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.journal = journal
+        self.index = index
+        #: Where ``object.stored`` bodies go (the outbox), and how it makes them durable.
+        self.events = events
+        self.persist_events = persist_events
+        self._stores: dict[str, Store] = {}
+        self._cond = threading.Condition()
+        self._queue: list[Record] = []
+        #: Every record at or below this is under its final name (and has its row and events).
+        self.visible_through = journal.done_through
+        #: Sequence numbers done beyond ``visible_through`` (a gap before them is not).
+        self._done: set[int] = set()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.failures = 0
+
+    # ------------------------------------------------------------------ intake
+
+    def written(self, records: list[Record], ok: bool) -> None:
+        """The journal wrote (``ok``) or failed to write these records, in sequence order."""
+        with self._cond:
+            if ok:
+                self._queue.extend(records)
+            else:  # never acknowledged, never to be made: their numbers are simply done
+                self._done.update(r.seq for r in records)
+                self._advance_locked()
+            self._cond.notify_all()
+
+    def wait_visible(self, seq: int, timeout: float) -> bool:
+        """Wait until the record ``seq`` (and all before it) is under its final name."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.visible_through < seq:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    # ------------------------------------------------------------------ the thread
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="materialiser", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Make everything queued, checkpoint, and end the thread."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        last_checkpoint = time.monotonic()
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    if self.visible_through > self.journal.done_through:
+                        break  # idle with work not yet checkpointed: do it now
+                    self._cond.wait(1.0)
+                batch, self._queue = self._queue, []
+                stopping = self._stop
+            try:
+                if batch:
+                    self.apply(batch)
+                self._advance(batch)
+                now = time.monotonic()
+                idle = not self._queue
+                if self.visible_through > self.journal.done_through and (
+                    idle or now - last_checkpoint >= CHECKPOINT_SECONDS
+                ):
+                    self.checkpoint()
+                    last_checkpoint = now
+            except Exception as exc:  # a disk that fails: the records stay in the journal
+                self.failures += 1
+                log.error("journal.materialise_failed", reason=str(exc) or type(exc).__name__)
+                with self._cond:
+                    self._queue[:0] = batch  # tried again; never acknowledged twice, never lost
+                    self._cond.wait(1.0)
+                continue
+            if stopping and not self._queue:
+                return
+
+    def _advance(self, batch: list[Record]) -> None:
+        with self._cond:
+            self._done.update(r.seq for r in batch)
+            self._advance_locked()
+            self._cond.notify_all()
+
+    def _advance_locked(self) -> None:
+        through = self.visible_through
+        while through + 1 in self._done:
+            through += 1
+            self._done.discard(through)
+        self.visible_through = through
+
+    def checkpoint(self) -> None:
+        """Index rows and events durable, then the journal told: its records are done."""
+        through = self.visible_through
+        self.index.sync()
+        self.persist_events()
+        self.journal.checkpoint(through)
+
+    # ------------------------------------------------------------------ making files
+
+    def replay(self, records: list[Record]) -> dict[str, int]:
+        """At start: make what a crash left undone, verify what exists; counts for the log."""
+        counts = {"records": len(records), "made": 0, "verified": 0, "missing": 0}
+        for record in records:
+            counts[self._replay_one(record)] += 1
+        self._finish(records)
+        if records:
+            self.visible_through = max(self.visible_through, records[-1].seq)
+            self.checkpoint()
+        return counts
+
+    def _replay_one(self, record: Record) -> str:
+        header = record.header
+        final = _final_path(header)
+        if header.get("file"):
+            if final.is_file() and final.stat().st_size == header.get("size", -1):
+                return "verified"
+            log.error("journal.file_missing", path=str(final), seq=record.seq)
+            return "missing"
+        for candidate in (final, final.with_name(f"{final.name}.{record.seq}")):
+            try:
+                if candidate.read_bytes() == record.data:
+                    header["path"] = str(candidate)
+                    return "verified"
+            except OSError:
+                continue
+        self._make([record])
+        return "made"
+
+    def apply(self, batch: list[Record]) -> None:
+        """Make a batch's files durable under their names, then its rows and events."""
+        self._make([r for r in batch if not r.header.get("file")])
+        self._finish(batch)
+
+    def _make(self, records: list[Record]) -> None:
+        staged: list[tuple[Store, Path, Path]] = []
+        try:
+            for record in records:
+                header = record.header
+                store = self._store(header["root"])
+                relative = PurePosixPath(header["dir"])
+                pending = store.open(relative)
+                try:
+                    pending.write(record.data)
+                    final = self._publish(pending, header, record.seq)
+                except BaseException:
+                    pending.discard()
+                    raise
+                staged.append((store, pending.directory, final))
+                header["path"] = str(final)
+            for store, directory in dict.fromkeys((s, d) for s, d, _ in staged):
+                store.sync_published(directory)
+        except OSError:
+            for store, _, final in staged:
+                take_back(store.ops, final)  # not known durable: made again on the next try
+            raise
+
+    @staticmethod
+    def _publish(pending: PendingFile, header: dict[str, Any], seq: int) -> Path:
+        name = header["name"]
+        replace = bool(header.get("replace"))
+        try:
+            final, _ = pending.publish(name, replace=replace)
+        except FileExists:
+            # Someone else's file took the name after the ack: keep both, never clobber.
+            final, _ = pending.publish(f"{name}.{seq}", replace=False)
+        return final
+
+    def _finish(self, records: list[Record]) -> None:
+        rows = []
+        bodies = []
+        for record in records:
+            header = record.header
+            ident = header.get("index") or {}
+            path = header.get("path") or str(_final_path(header))
+            if ident:
+                digest = (
+                    header.get("digest")
+                    or hashlib.sha256(memoryview(record.data)[header.get("meta_len", 0) :]).hexdigest()
+                )
+                rows.append(
+                    Instance(
+                        ident["called_aet"],
+                        ident["sop_instance_uid"],
+                        ident["sop_class_uid"],
+                        path,
+                        int(header.get("size") or len(record.data)),
+                        digest,
+                        ident["stored"],
+                    )
+                )
+            event = header.get("event")
+            if event is not None:
+                event["path"] = path
+                event["directory"] = os.path.dirname(path)
+                bodies.append(event)
+        self.index.put(rows)
+        if bodies and self.events is not None:
+            self.events(bodies)
+
+    def _store(self, root: str) -> Store:
+        store = self._stores.get(root)
+        if store is None:
+            store = self._stores[root] = Store(Path(root), durable=True)
+        return store
+
+
+def _final_path(header: dict[str, Any]) -> Path:
+    return Path(header["root"]).joinpath(*PurePosixPath(header["dir"]).parts, header["name"])
