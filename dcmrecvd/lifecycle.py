@@ -230,7 +230,7 @@ class Daemon:
             self.hooks = Hooks(self.outbox, self.environ)
             self._set_consumers(config)  # known before replayed events are written
             if self.ack is not None:  # events of acknowledged objects come from the journal
-                self.ack.connect_events(self.outbox.record, self.outbox.persist)
+                self.ack.connect_events(self.outbox.record, self.outbox.persist, self.outbox.knows_event)
             self.outbox.start()
             assert self.server is not None
             self.server.events = self.outbox.record

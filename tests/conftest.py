@@ -60,6 +60,13 @@ def dcmrecvd_cmd() -> list[str]:
     return [sys.executable, "-m", "dcmrecvd"]
 
 
+def per_file_config(tmp_path: Path) -> Path:
+    """A config file that turns the ack journal off: the per-file path (fsync per object)."""
+    path = tmp_path / "per-file.toml"
+    path.write_text("[journal]\nenabled = false\n")
+    return path
+
+
 def isolated_env(config_dir: Path, **extra: str) -> dict[str, str]:
     """An environment whose config layers are the test's own, never /etc."""
     env = dict(os.environ)

@@ -127,11 +127,11 @@ class FailingWrite(FileOps):
     def __init__(self) -> None:
         self.fail_next = False
 
-    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
+    def journal_write(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> int:
         if self.fail_next:
             self.fail_next = False
             raise OSError(errno.EIO, "injected write error")
-        return super().pwrite(fd, data, offset)
+        return super().journal_write(fd, data, offset)
 
 
 def test_a_failed_write_fails_its_commit_and_the_next_one_lands_elsewhere(tmp_path: Path) -> None:
@@ -184,7 +184,7 @@ def test_the_materialiser_makes_files_rows_and_events_then_checkpoints(tmp_path:
     j = journal(tmp_path / "j")
     index = InstanceIndex(tmp_path / "index.sqlite")
     events: list[dict[str, object]] = []
-    m = Materialiser(j, index, events=events.extend)
+    m = Materialiser(j, index, events=lambda bodies, replayed: events.extend(bodies))
     j.on_written = m.written
     m.start()
     j.commit([Record(header(out, f"f{i}", f"1.2.{i}"), b"META" + bytes([i]) * 50) for i in range(5)])
@@ -234,3 +234,11 @@ def test_someone_elses_file_under_the_name_is_never_clobbered(tmp_path: Path) ->
     assert (out / "taken").read_bytes() == b"theirs"
     row = index.get("AE", "1.2.9")
     assert row is not None and Path(row.path).read_bytes() == b"METAours"
+
+
+def test_a_second_process_cannot_use_a_journal_in_use(tmp_path: Path) -> None:
+    first = journal(tmp_path)
+    with pytest.raises(JournalUnusable, match="in use"):
+        Journal(tmp_path, segment_size=SEGMENT).open()
+    first.close()
+    journal(tmp_path).close()  # free again once the first let go

@@ -55,7 +55,7 @@ def store_once(port: int, data: bytes, instance: str = INSTANCE_UID) -> tuple[in
 
 
 def files_in(daemon: Daemon) -> list[Path]:
-    return [p for p in daemon.output.rglob("*") if p.is_file()]
+    return [p for p in daemon.output.rglob("*") if p.is_file() and ".dcmrecvd" not in p.parts]
 
 
 def test_every_malformed_dataset_gets_0xC000_with_a_reason_and_leaves_no_file(daemons: DaemonFactory) -> None:

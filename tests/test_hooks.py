@@ -366,7 +366,7 @@ def test_turning_hooks_on_does_not_replay_the_archive(
     wait_for(lambda: runs(tmp_path / "studies.jsonl"), timeout=20)
     assert [r["argv"][0] for r in runs(tmp_path / "objects.jsonl")] == ["1.2.44.1"]
     assert [r["argv"][0] for r in runs(tmp_path / "studies.jsonl")] == ["1.2.44"]
-    assert "events.recovered" not in d.log()
+    assert "journal.recovered" not in d.log()
 
 
 def test_stored_files_say_which_ae_title_they_came_in_under(daemons: DaemonFactory) -> None:
@@ -380,7 +380,7 @@ def test_stored_files_say_which_ae_title_they_came_in_under(daemons: DaemonFacto
     client.sock.sendall(store(dataset("1.2.45.1", "1.2.45"), "1.2.45.1"))
     assert client.response_status() == 0
     client.close()
-    (path,) = [p for p in d.output.rglob("*") if p.is_file()]
+    (path,) = wait_for(lambda: [p for p in d.output.rglob("*") if p.is_file() and ".dcmrecvd" not in p.parts])
     meta = dcmread(path, stop_before_pixels=True).file_meta
     assert meta.ReceivingApplicationEntityTitle == "ARCHIVE"
     assert meta.SourceApplicationEntityTitle == "MODALITY"

@@ -6,11 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from malformed import base_dataset
-from pydicom.dataset import FileMetaDataset
 
 from dcmrecvd.events import body as events
-from dcmrecvd.events import outbox
 from dcmrecvd.events.outbox import Outbox
 
 pytestmark = pytest.mark.inprocess
@@ -146,48 +143,6 @@ def test_complete_on_stop(tmp_path: Path) -> None:
     assert kinds(box).count("study.complete") == 1
 
 
-def write_object(path: Path, uid: str, study: str) -> None:
-    ds = base_dataset()
-    ds.SOPInstanceUID = uid
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = study + ".1"
-    ds.PatientID = "P1"
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = uid
-    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
-    meta.SourceApplicationEntityTitle = "CT1"
-    ds.file_meta = meta
-    ds.save_as(path, enforce_file_format=True)
-
-
-def test_after_a_crash_the_events_the_outbox_lost_are_rebuilt_from_the_files(tmp_path: Path) -> None:
-    output = tmp_path / "out"
-    (output / "data" / "2024").mkdir(parents=True)
-    clock = Clock()
-    box = make(tmp_path, clock)
-    known = output / "CT.1.2.3.1"
-    write_object(known, "1.2.3.1", "1.2.3")
-    box.record({**stored("1.2.3", "1.2.3.1", "1.2.3.1"), "path": str(known)})
-    box.drain()
-    box.checkpoint(0.0)  # durable; the mark is old, so everything newer is looked at
-    # Acknowledged, but the process died before their events were written:
-    lost = [output / "CT.1.2.3.2", output / "data" / "2024" / "CT.1.2.3.3"]
-    for i, path in enumerate(lost, 2):
-        write_object(path, f"1.2.3.{i}", "1.2.3")
-    (output / ".dcmrecvd-1-x.tmp").write_bytes(b"partial")  # a temp file is no object
-    (output / "notes.txt").write_text("not DICOM")
-    box.close()  # no stop(): not clean
-    after = make(tmp_path, clock)
-    assert not after.was_clean
-    assert after.recover([(output, "PACS")], outbox.body_from_file) == 2
-    after.drain()
-    rebuilt = [b for b in after.all_events() if b.get("recovered")]
-    assert sorted(b["path"] for b in rebuilt) == sorted(str(p) for p in lost)
-    assert all(b["called_aet"] == "PACS" and b["calling_aet"] == "CT1" for b in rebuilt)
-    assert all(b["study_uid"] == "1.2.3" and b["patient_id"] == "P1" for b in rebuilt)
-
-
 def test_a_failed_run_is_retried_then_dead_lettered(tmp_path: Path) -> None:
     clock = Clock()
     box = make(tmp_path, clock, {"h": frozenset({"object.stored"})})
@@ -244,62 +199,6 @@ def test_hooks_in_the_config_are_checked_and_printed_back() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             config.build([config.Layer("c.toml", {"hooks": [bad]})])
-
-
-def test_a_new_outbox_does_not_replay_what_the_directory_held_before_it(tmp_path: Path) -> None:
-    """#28.5: a new outbox had no mark, so its first recovery took every file in the
-    output directory for a lost event.  Its mark is its creation."""
-    import os
-    import time
-
-    output = tmp_path / "out"
-    output.mkdir()
-    archive = [output / f"CT.1.2.7.{i}" for i in range(3)]
-    for i, path in enumerate(archive):
-        write_object(path, f"1.2.7.{i}", "1.2.7")
-        os.utime(path, (time.time() - 3600, time.time() - 3600))  # stored last hour, no hooks then
-    box = Outbox(tmp_path / "events.sqlite", stable_seconds=60, max_seconds=600)
-    assert box.was_clean  # nothing to recover for an outbox that never ran
-    box.close()  # an unclean stop of the new outbox ...
-    after = Outbox(tmp_path / "events.sqlite", stable_seconds=60, max_seconds=600)
-    assert not after.was_clean
-    lost = output / "CT.1.2.7.9"
-    write_object(lost, "1.2.7.9", "1.2.7")  # ... lost one acknowledged object's event
-    assert after.recover([(output, "*")], outbox.body_from_file) == 1
-    after.drain()
-    assert [b["path"] for b in after.all_events()] == [str(lost)]
-    after.checkpoint(0.0)  # a mark from the past never goes below the creation
-    assert after.durable_before() >= after.created > 0
-
-
-def test_recovered_objects_join_their_study_under_the_ae_title_they_were_sent_to(tmp_path: Path) -> None:
-    """#28.7: after kill -9, objects whose events were still in memory were rebuilt with
-    called_aet '*', made a study of their own and completed apart (1 + 3 objects)."""
-    from dcmrecvd.wire import part10
-
-    output = tmp_path / "out"
-    output.mkdir()
-    clock = Clock()
-    box = make(tmp_path, clock)
-    box.close()  # killed before the first two objects' events reached it
-    for i in (1, 2):
-        ds = base_dataset()
-        ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = f"1.2.8.{i}", "1.2.8", "1.2.8.0"
-        from malformed import encode
-
-        header = part10.meta_header(
-            ds.SOPClassUID, ds.SOPInstanceUID, "1.2.840.10008.1.2.1", "CT1", "ARCHIVE"
-        )
-        (output / f"CT.1.2.8.{i}").write_bytes(header + encode(ds))
-    after = make(tmp_path, clock)
-    assert after.recover([(output, "*")], outbox.body_from_file) == 2  # the default AE's directory
-    for i in (3, 4, 5):  # sent again after the restart, to AE title ARCHIVE
-        after.record({**stored("1.2.8", "1.2.8.0", f"1.2.8.{i}", called="ARCHIVE"), "calling_aet": "CT1"})
-    after.drain()
-    clock.now += 61
-    after.complete_due()
-    studies = [b for b in after.all_events() if b["event"] == "study.complete"]
-    assert [(s["called_aet"], s["objects"]) for s in studies] == [("ARCHIVE", 5)]
 
 
 def test_on_may_name_one_kind_as_a_string_and_a_string_array_says_what_to_write() -> None:

@@ -46,7 +46,7 @@ class Dcmrecv:
         assert self.proc.poll() is None, "dcmrecv did not start"
 
     def files(self) -> list[Path]:
-        return sorted(p for p in self.out.rglob("*") if p.is_file())
+        return sorted(p for p in self.out.rglob("*") if p.is_file() and ".dcmrecvd" not in p.parts)
 
     def stop(self) -> None:
         self.proc.kill()

@@ -14,6 +14,7 @@ file and transactions, but is ``completion``'s to use.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import threading
 import time
@@ -105,6 +106,22 @@ class EventStore:
             [(event_id, name) for name, kinds in self.consumers.items() if kind in kinds],
         )
         return event_id
+
+    def knows_event(self, body: Body) -> bool:
+        """Is this very ``object.stored`` (same object, same path, same ack time) in already?
+        (A replay after kill -9 hands on events the outbox may have written before.)"""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT body FROM events WHERE path = ? AND kind = ?",
+                (body.get("path"), events.OBJECT_STORED),
+            ).fetchall()
+        for (text,) in rows:
+            known = json.loads(text)
+            if known.get("time") == body.get("time") and known.get("sop_instance_uid") == body.get(
+                "sop_instance_uid"
+            ):
+                return True
+        return False
 
     # ------------------------------------------------------------------ consumers
 

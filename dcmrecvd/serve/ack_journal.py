@@ -72,12 +72,19 @@ class AckJournal:
     def wait_visible(self, seq: int, timeout: float = RELEASE_WAIT_SECONDS) -> bool:
         return self.materialiser.wait_visible(seq, timeout)
 
-    def connect_events(self, record: Callable[[dict[str, Any]], None], persist: Callable[[], None]) -> None:
-        """Hand ``object.stored`` bodies to the outbox from now on (and replayed ones)."""
+    def connect_events(
+        self,
+        record: Callable[[dict[str, Any]], None],
+        persist: Callable[[], None],
+        known: Callable[[dict[str, Any]], bool],
+    ) -> None:
+        """Hand ``object.stored`` bodies to the outbox from now on; a replayed one only if
+        the outbox does not hold it already (after kill -9 it mostly does)."""
 
-        def hand_on(bodies: list[dict[str, Any]]) -> None:
+        def hand_on(bodies: list[dict[str, Any]], replayed: bool) -> None:
             for body in bodies:
-                record(body)
+                if not (replayed and known(body)):
+                    record(body)
 
         self.materialiser.events = hand_on
         self.materialiser.persist_events = persist

@@ -54,6 +54,10 @@ class FileOps:
     def pwrite(self, fd: int, data: Buffer, offset: int) -> int:
         return os.pwrite(fd, data, offset)
 
+    def journal_write(self, fd: int, data: Buffer, offset: int) -> int:
+        """A write into an ack-journal file opened O_DSYNC | O_DIRECT: durable on return."""
+        return os.pwrite(fd, data, offset)
+
     def fdatasync(self, fd: int) -> None:
         os.fdatasync(fd)
 
@@ -102,8 +106,9 @@ class StopAfter(FileOps):
     """A test hook: the process stops itself (SIGSTOP) right after the ``count``-th call
     of ``op``, so that a test can kill -9 it in exactly that phase of the write path.
 
-    ``op`` is one of: open, write (write, writev, pwrite), flush (fdatasync, or the
-    waiting sync_file_range), rename (replace or link), unlink, dirsync.  Set from
+    ``op`` is one of: open, write (write, writev, pwrite), journal (a write into the
+    ack journal, durable on return), flush (fdatasync, or the waiting sync_file_range),
+    rename (replace or link), unlink, dirsync.  Set from
     ``DCMRECVD_TEST_STOP_AFTER=op:count``; never set in production.
     """
 
@@ -129,6 +134,11 @@ class StopAfter(FileOps):
     def pwrite(self, fd: int, data: Buffer, offset: int) -> int:
         n = super().pwrite(fd, data, offset)
         self._after("write")
+        return n
+
+    def journal_write(self, fd: int, data: Buffer, offset: int) -> int:
+        n = super().journal_write(fd, data, offset)
+        self._after("journal")
         return n
 
     def fdatasync(self, fd: int) -> None:

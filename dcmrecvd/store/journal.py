@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -141,6 +142,7 @@ class Journal:
         #: Every record at or below this is done (durably, once ``checkpoint`` wrote it).
         self.done_through = 0
         self._checkpoint_fd = -1
+        self._lock_fd = -1
         self._checkpoint_counter = 0
         #: Page-aligned (O_DIRECT) buffers: batches and segment heads (the leader's), the
         #: checkpoint's (its writer's, under ``_checkpoint_lock``).
@@ -160,10 +162,11 @@ class Journal:
         Raises JournalUnusable when the directory cannot host one (say why).
         """
         try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self._make_directory()
             memory = MEMORY_FILESYSTEMS.get(filesystem_type(self.directory))
             if memory:
                 raise JournalUnusable(f"{self.directory} is on {memory}: nothing there survives a power cut")
+            self._lock_directory()
             self._open_checkpoint()
             records: list[Record] = []
             for path in sorted(self.directory.glob(f"*{SUFFIX}")):
@@ -183,6 +186,17 @@ class Journal:
         self._next_seq = max(self._next_seq, self.done_through + 1)
         return records
 
+    def _lock_directory(self) -> None:
+        """One process per journal: a second dcmrecvd on the same state directory must not
+        write into (or recycle) segments that the first one is using."""
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise JournalUnusable(f"{self.directory} is in use by another dcmrecvd") from None
+
     def _open_direct(self, path: Path, create: bool) -> int:
         flags = os.O_RDWR | os.O_CLOEXEC | os.O_DSYNC | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
@@ -197,21 +211,34 @@ class Journal:
 
     def _zero_file(self, path: Path, size: int) -> int:
         """A new file of ``size`` zero bytes, written (not merely allocated) and synced."""
+        ops = self.ops
         temp = path.with_name(f".{path.name}.new")
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            ops.unlink(temp)
+        fd = ops.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
         try:
-            zeros = bytes(1 << 20)
+            zeros = bytes(min(size, 1 << 20))
             left = size
             while left:
-                left -= os.write(fd, zeros[: min(left, len(zeros))])
-            os.fsync(fd)
+                left -= ops.write(fd, zeros[: min(left, len(zeros))])
+            ops.fdatasync(fd)
         finally:
-            os.close(fd)
-        os.rename(temp, path)
-        self.ops.fsync_directory(self.directory)
+            ops.close(fd)
+        ops.replace(temp, path)
+        ops.fsync_directory(self.directory)
         return self._open_direct(path, create=False)
+
+    def _make_directory(self) -> None:
+        """The journal directory and any missing parent, each made durable in its parent."""
+        missing = []
+        probe = self.directory
+        while not probe.is_dir():
+            missing.append(probe)
+            probe = probe.parent
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                self.ops.mkdir(path, 0o750)
+            self.ops.fsync_directory(path.parent)
 
     def _open_checkpoint(self) -> None:
         path = self.directory / "checkpoint"
@@ -385,7 +412,7 @@ class Journal:
 
     def _pwrite_all(self, fd: int, data: memoryview, offset: int) -> None:
         while data:
-            n = self.ops.pwrite(fd, data, offset)
+            n = self.ops.journal_write(fd, data, offset)
             data, offset = data[n:], offset + n
 
     # ------------------------------------------------------------------ done and recycling
@@ -428,10 +455,11 @@ class Journal:
                 with contextlib.suppress(OSError):
                     os.close(segment.fd)
             self._segments = []
-            if self._checkpoint_fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(self._checkpoint_fd)
-                self._checkpoint_fd = -1
+            for fd in (self._checkpoint_fd, self._lock_fd):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._checkpoint_fd = self._lock_fd = -1
 
 
 def _decode_batch(body: bytes, first: int) -> Iterator[Record]:

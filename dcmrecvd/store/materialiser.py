@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from .file_ops import REAL, FileOps
 from .instance_index import Instance, InstanceIndex
 from .journal import Journal, Record
 from .storage import FileExists, PendingFile, Store, take_back
@@ -40,7 +41,8 @@ log = structlog.get_logger("dcmrecvd")
 #: while objects keep coming (when idle it happens at once).
 CHECKPOINT_SECONDS = 0.5
 
-Events = Callable[[list[dict[str, Any]]], None]
+#: Takes ``object.stored`` bodies; the flag says they come from a replay (maybe handed on before).
+Events = Callable[[list[dict[str, Any]], bool], None]
 
 
 class Materialiser:
@@ -53,6 +55,8 @@ class Materialiser:
         *,
         events: Events | None = None,
         persist_events: Callable[[], None] = lambda: None,
+        ops: FileOps = REAL,
+        ordered_journal: bool | None = None,
     ) -> None:
         self.journal = journal
         self.index = index
@@ -60,6 +64,9 @@ class Materialiser:
         self.events = events
         self.persist_events = persist_events
         self._stores: dict[str, Store] = {}
+        #: The system calls, and what the filesystem promises (None: probed), for its ``Store``s.
+        self.ops = ops
+        self.ordered_journal = ordered_journal
         self._cond = threading.Condition()
         self._queue: list[Record] = []
         #: Every record at or below this is under its final name (and has its row and events).
@@ -165,7 +172,7 @@ class Materialiser:
         counts = {"records": len(records), "made": 0, "verified": 0, "missing": 0}
         for record in records:
             counts[self._replay_one(record)] += 1
-        self._finish(records)
+        self._finish(records, replayed=True)
         if records:
             self.visible_through = max(self.visible_through, records[-1].seq)
             self.checkpoint()
@@ -222,13 +229,16 @@ class Materialiser:
         name = header["name"]
         replace = bool(header.get("replace"))
         try:
-            final, _ = pending.publish(name, replace=replace)
+            final, replaced = pending.publish(name, replace=replace)
         except FileExists:
             # Someone else's file took the name after the ack: keep both, never clobber.
-            final, _ = pending.publish(f"{name}.{seq}", replace=False)
+            final, replaced = pending.publish(f"{name}.{seq}", replace=False)
+        if replaced:
+            uid = (header.get("index") or {}).get("sop_instance_uid", "")
+            log.warning("store.replaced", path=str(final), sop_instance_uid=uid)
         return final
 
-    def _finish(self, records: list[Record]) -> None:
+    def _finish(self, records: list[Record], replayed: bool = False) -> None:
         rows = []
         bodies = []
         for record in records:
@@ -258,12 +268,13 @@ class Materialiser:
                 bodies.append(event)
         self.index.put(rows)
         if bodies and self.events is not None:
-            self.events(bodies)
+            self.events(bodies, replayed)
 
     def _store(self, root: str) -> Store:
         store = self._stores.get(root)
         if store is None:
-            store = self._stores[root] = Store(Path(root), durable=True)
+            store = Store(Path(root), durable=True, ops=self.ops, ordered_journal=self.ordered_journal)
+            self._stores[root] = store
         return store
 
 
