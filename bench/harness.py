@@ -59,6 +59,9 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30
 
 
 NO_FSYNC = OUT / "no-fsync.toml"
+#: dcmrecvd's ack journal lives here across runs, as it does on a server (its segments are
+#: made once, not in every run's fresh output directory).
+JOURNALED = OUT / "journal.toml"
 IGNORE = "/ignore"
 
 
@@ -73,7 +76,8 @@ def receiver_cmd(which: str, port: int, pdu: int, out: Path) -> list[str]:
     if which == "nofsync":  # like dcmrecv: acknowledged before it is on disk
         NO_FSYNC.write_text("[output]\nfsync = false\n")
         return [daemon, "--config", str(NO_FSYNC), *common]
-    return [daemon, *common]
+    JOURNALED.write_text(f'[journal]\ndirectory = "{OUT / "journal"}"\n')
+    return [daemon, "--config", str(JOURNALED), *common]
 
 
 #: TCP_NODELAY=1 for DCMTK's tools (the bench's default); ``--nagle`` empties it: Debian's DCMTK
@@ -108,7 +112,7 @@ def send(port: int, folder: Path, senders: int = 1, env: dict[str, str] | None =
 
 def verify(folder: Path, out: Path) -> tuple[int, int]:
     sent = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.iterdir()}
-    got = [p for p in out.rglob("*") if p.is_file()]
+    got = [p for p in out.rglob("*") if p.is_file() and ".dcmrecvd" not in p.relative_to(out).parts]
     uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in got}
     if uids != sent or len(got) != len(sent):
         raise RuntimeError(f"verification failed: {len(got)} files for {len(sent)} sent")

@@ -55,7 +55,7 @@ MAX_VARIANTS = 256
 
 @dataclass
 class Op:
-    kind: str  # create write datasync wait rename link unlink mkdir dirsync ack
+    kind: str  # create write datasync dsync wait rename link unlink mkdir dirsync indexsync ack
     path: str = ""  # relative to the root
     target: str = ""  # rename/link target
     inode: int = 0
@@ -71,6 +71,7 @@ class Recorder(FileOps):
         self.root = root
         self.ops: list[Op] = []
         self._fds: dict[int, int] = {}  # fd -> inode
+        self._dsync: set[int] = set()  # fds opened O_DSYNC
         self._pos: dict[int, int] = {}  # fd -> file offset (write/writev)
         self._inodes = itertools.count(1)
         self._by_path: dict[str, int] = {}
@@ -78,9 +79,14 @@ class Recorder(FileOps):
     def rel(self, path: Path | str) -> str:
         return os.path.relpath(path, self.root)
 
-    def ack(self, name: str) -> None:
-        """The test's mark: a success for the file now under ``name`` is being sent."""
-        self.ops.append(Op("ack", path=name))
+    def ack(self, name: str, data: bytes = b"") -> None:
+        """The test's mark: a success for the file now under ``name`` is being sent (with
+        ``data``: for an object whose file is made after the ack, from the ack journal)."""
+        self.ops.append(Op("ack", path=name, data=data))
+
+    def index_synced(self, snapshot: bytes) -> None:
+        """The instance index is durable as ``snapshot`` (SQLite's own durability is trusted)."""
+        self.ops.append(Op("indexsync", data=snapshot))
 
     def open(self, path: Path, flags: int, mode: int = 0o600) -> int:
         fd = super().open(path, flags, mode)
@@ -91,6 +97,10 @@ class Recorder(FileOps):
             self.ops.append(Op("create", path=rel, inode=inode))
         self._fds[fd] = self._by_path[rel]
         self._pos[fd] = 0
+        if flags & os.O_DSYNC:
+            self._dsync.add(fd)
+        else:
+            self._dsync.discard(fd)
         return fd
 
     def _wrote(self, fd: int, data: Buffer, offset: int) -> None:
@@ -111,6 +121,13 @@ class Recorder(FileOps):
     def pwrite(self, fd: int, data: Buffer, offset: int) -> int:
         n = super().pwrite(fd, data, offset)
         self._wrote(fd, bytes(data)[:n], offset)
+        return n
+
+    def journal_write(self, fd: int, data: Buffer, offset: int) -> int:
+        n = super().journal_write(fd, data, offset)
+        self._wrote(fd, bytes(data)[:n], offset)
+        if fd in self._dsync:  # O_DSYNC into a file whose blocks exist: this data only, durable
+            self.ops.append(Op("dsync", inode=self._fds[fd]))
         return n
 
     def fdatasync(self, fd: int) -> None:
@@ -183,6 +200,8 @@ class CrashState:
     #: final name -> what it may hold: the bytes acknowledged before the crash, or those
     #: of a later object committed under the same name (a replaced duplicate).
     acked: dict[str, set[bytes]]
+    #: The instance index as last made durable (b"": never).
+    index: bytes = b""
 
 
 class Replay:
@@ -198,6 +217,7 @@ class Replay:
         self.acked: dict[str, set[bytes]] = {}
         #: name -> every complete content committed under it so far (allowed in a crash state).
         self.committed: dict[str, set[bytes]] = {}
+        self.index = b""
 
     def step(self, op: Op) -> None:
         kind = op.kind
@@ -214,6 +234,11 @@ class Replay:
             node.durable, node.pending_writes = bytes(node.content), []
             if self.model == ORDERED:  # an fsync commits the journal
                 self._commit()
+        elif kind == "dsync":  # no metadata to commit: the data alone, durable
+            node = self.inodes[op.inode]
+            node.durable, node.pending_writes = bytes(node.content), []
+        elif kind == "indexsync":
+            self.index = op.data
         elif kind == "wait":
             self.inodes[op.inode].waited.append((op.seq, bytes(self.inodes[op.inode].content)))
         elif kind in ("rename", "link"):
@@ -235,7 +260,7 @@ class Replay:
             else:
                 self._dir_durable(op.path)
         elif kind == "ack":
-            self.acked[op.path] = {bytes(self.inodes[self.names[op.path]].content)}
+            self.acked[op.path] = {op.data or bytes(self.inodes[self.names[op.path]].content)}
 
     def _commit(self) -> None:
         """ORDERED: a journal commit (after a cache flush) makes every metadata op so far
@@ -292,7 +317,8 @@ class Replay:
             # An entry in a directory whose own entry did not survive is gone with it.
             names = {p: i for p, i in names.items() if _reachable(p, dirs)}
             for data in self._data_variants(set(names.values()), committed_at):
-                yield CrashState({path: data[inode] for path, inode in names.items()}, self.acked)
+                files = {path: data[inode] for path, inode in names.items()}
+                yield CrashState(files, self.acked, self.index)
 
     def _data_variants(self, inodes: set[int], committed_at: int) -> Iterator[dict[int, bytes]]:
         """Un-synced data: lost, torn (half of what is pending), or all there."""

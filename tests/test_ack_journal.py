@@ -242,3 +242,14 @@ def test_a_second_process_cannot_use_a_journal_in_use(tmp_path: Path) -> None:
         Journal(tmp_path, segment_size=SEGMENT).open()
     first.close()
     journal(tmp_path).close()  # free again once the first let go
+
+
+def test_a_window_larger_than_a_segment_is_committed_in_several_batches(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+    batches = []
+    j.on_written = lambda records, ok: batches.append(len(records))
+    j.commit([Record({"n": i}, bytes([i]) * 10_000) for i in range(12)])  # 120 KB, 64 KiB segments
+    assert sum(batches) == 12 and len(batches) >= 2
+    j.checkpoint(0)
+    j.close()
+    assert [r.header["n"] for r in reopen(tmp_path)[1]] == list(range(12))

@@ -142,4 +142,6 @@ def open_ack_journal(
     index = InstanceIndex(base / "instances.sqlite")
     materialiser = Materialiser(journal, index)
     journal.on_written = materialiser.written
-    return AckJournal(journal, materialiser, index, settings.inline_max_kib << 10), records, ""
+    # An object in its record must fit a segment with room to spare (a quarter at most).
+    inline_max = min(settings.inline_max_kib << 10, journal.segment_size // 4)
+    return AckJournal(journal, materialiser, index, inline_max), records, ""

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from structlog.typing import FilteringBoundLogger
+
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.receiving import Outcome
@@ -69,6 +71,13 @@ class AnswerWindow(Generic[R]):
             if outcome.commit_started:
                 METRICS.commit_seconds.observe(now - outcome.commit_started)
             self.answer(request, outcome)
+
+    def wait_visible(self, log: FilteringBoundLogger) -> None:
+        """Every object answered here under its final name (before A-RELEASE-RP: a script run
+        when storescu returns finds them all, as with dcmrecv)."""
+        seq = self.last_seq
+        if self.journal is not None and seq and not self.journal.wait_visible(seq):
+            log.warning("journal.behind", seq=seq)
 
     def _commit(self, journal: AckJournal, waiting: list[tuple[R, Outcome]]) -> list[tuple[R, Outcome]]:
         """The records of the objects stored, durable in one commit (with other associations')."""

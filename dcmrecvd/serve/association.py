@@ -227,7 +227,7 @@ class Association:
                     self.log.warning("assoc.release_mid_message")
                     self._drop_request()
                 self.answers.flush()
-                self._wait_visible()
+                self.answers.wait_visible(self.log)
                 if self.writer is not None:
                     self.writer.close()  # before the peer hears we are done
                 self._free_slot()
@@ -237,13 +237,6 @@ class Association:
                 self.log.warning("assoc.aborted", reason="aborted by peer")
                 return "aborted"
         return ""
-
-    def _wait_visible(self) -> None:
-        """Every object of this association under its final name before A-RELEASE-RP: a
-        script run when storescu returns finds them all (as with dcmrecv)."""
-        seq = self.answers.last_seq
-        if self.journal is not None and seq and not self.journal.wait_visible(seq):
-            self.log.warning("journal.behind", seq=seq)
 
     def _take_slot(self) -> bool:
         self.holds_slot = self.admit(self.host)

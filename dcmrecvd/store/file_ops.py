@@ -19,6 +19,7 @@ import errno
 import fcntl
 import os
 import signal
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -109,14 +110,17 @@ class StopAfter(FileOps):
     ``op`` is one of: open, write (write, writev, pwrite), journal (a write into the
     ack journal, durable on return), flush (fdatasync, or the waiting sync_file_range),
     rename (replace or link), unlink, dirsync.  Set from
-    ``DCMRECVD_TEST_STOP_AFTER=op:count``; never set in production.
+    ``DCMRECVD_TEST_STOP_AFTER=op:count``; never set in production.  Calls made by the
+    main thread (start-up: the journal's files, recovery) are not counted.
     """
 
     def __init__(self, op: str, count: int) -> None:
         self.op, self.left = op, count
 
     def _after(self, op: str) -> None:
-        if op == self.op:
+        # Start-up (the journal's files, recovery) runs on the main thread: only the calls
+        # of serving (associations, the materialiser) count.
+        if op == self.op and threading.current_thread() is not threading.main_thread():
             self.left -= 1
             if self.left == 0:
                 os.kill(os.getpid(), signal.SIGSTOP)

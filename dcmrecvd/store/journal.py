@@ -32,31 +32,42 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import json
 import mmap
 import os
 import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .file_ops import REAL, FileOps
 from .fs_probe import MEMORY_FILESYSTEMS, filesystem_type
+from .journal_files import (
+    BATCH_HEAD,
+    BATCH_MAGIC,
+    BLOCK,
+    CHECKPOINT,
+    CHECKPOINT_MAGIC,
+    SEGMENT_HEAD,
+    SEGMENT_MAGIC,
+    SUFFIX,
+    JournalUnusable,
+    Record,
+    align,
+    batch_crc,
+    encode_head,
+    lock_directory,
+    make_directory,
+    open_direct,
+    read_checkpoint,
+    scan_segment,
+    zero_file,
+)
 
-BLOCK = 4096
-SEGMENT_MAGIC = b"DRJS"
-BATCH_MAGIC = b"DRJB"
-CHECKPOINT_MAGIC = b"DRJC"
-_SEGMENT_HEAD = struct.Struct("<4sQ")  # magic, generation
-_BATCH_HEAD = struct.Struct("<4sIQQQ")  # magic, crc32, generation, length, first sequence number
-_RECORD_HEAD = struct.Struct("<II")  # header length, data length
-_CHECKPOINT = struct.Struct("<4sIQQ")  # magic, crc32, counter, done-through sequence number
-SUFFIX = ".seg"
+__all__ = ["BLOCK", "FULL_WAIT_SECONDS", "Journal", "JournalFull", "JournalUnusable", "Record"]
+
 #: How long ``commit`` waits for room in a full journal before the object fails.
 FULL_WAIT_SECONDS = 10.0
 
@@ -66,21 +77,6 @@ class JournalFull(OSError):
 
     def __init__(self) -> None:
         super().__init__(errno.ENOSPC, "ack journal full (materialisation is behind)")
-
-
-class JournalUnusable(Exception):
-    """The journal directory cannot host a journal (no O_DIRECT, not writable...)."""
-
-
-@dataclass
-class Record:
-    """One object's record: ``header`` for whoever materialises it, ``data`` its bytes (or b"")."""
-
-    header: dict[str, Any]
-    data: bytes | bytearray | memoryview = b""
-    seq: int = 0
-    #: The encoded head (lengths and JSON header), made once by ``commit``.
-    head: bytes = field(default=b"", repr=False)
 
 
 @dataclass
@@ -100,17 +96,6 @@ class _Pending:
     done: bool = False
     error: OSError | None = None
     size: int = field(default=0)
-
-
-def _align(n: int) -> int:
-    return (n + BLOCK - 1) // BLOCK * BLOCK
-
-
-def _encode_head(record: Record) -> int:
-    """Encode the record's head onto it; its size on disk."""
-    header = json.dumps(record.header, separators=(",", ":")).encode()
-    record.head = _RECORD_HEAD.pack(len(header), len(record.data)) + header
-    return len(record.head) + len(record.data)
 
 
 class Journal:
@@ -162,15 +147,18 @@ class Journal:
         Raises JournalUnusable when the directory cannot host one (say why).
         """
         try:
-            self._make_directory()
+            make_directory(self.ops, self.directory)
             memory = MEMORY_FILESYSTEMS.get(filesystem_type(self.directory))
             if memory:
                 raise JournalUnusable(f"{self.directory} is on {memory}: nothing there survives a power cut")
-            self._lock_directory()
+            self._lock_fd = lock_directory(self.directory)
             self._open_checkpoint()
             records: list[Record] = []
             for path in sorted(self.directory.glob(f"*{SUFFIX}")):
-                segment, found = self._scan(path)
+                generation, found = scan_segment(path, self.segment_size)
+                segment = _Segment(path, open_direct(self.ops, path), generation)
+                if found:
+                    segment.last_seq = found[-1].seq
                 self._segments.append(segment)
                 records.extend(r for r in found if r.seq > self.done_through)
                 self._next_generation = max(self._next_generation, segment.generation + 1)
@@ -186,76 +174,13 @@ class Journal:
         self._next_seq = max(self._next_seq, self.done_through + 1)
         return records
 
-    def _lock_directory(self) -> None:
-        """One process per journal: a second dcmrecvd on the same state directory must not
-        write into (or recycle) segments that the first one is using."""
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-            raise JournalUnusable(f"{self.directory} is in use by another dcmrecvd") from None
-
-    def _open_direct(self, path: Path, create: bool) -> int:
-        flags = os.O_RDWR | os.O_CLOEXEC | os.O_DSYNC | (os.O_CREAT | os.O_EXCL if create else 0)
-        try:
-            return self.ops.open(path, flags | os.O_DIRECT, 0o640)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            with contextlib.suppress(OSError):
-                if create:
-                    os.unlink(path)
-            raise JournalUnusable(f"{self.directory}: the filesystem does not support O_DIRECT") from None
-
-    def _zero_file(self, path: Path, size: int) -> int:
-        """A new file of ``size`` zero bytes, written (not merely allocated) and synced."""
-        ops = self.ops
-        temp = path.with_name(f".{path.name}.new")
-        with contextlib.suppress(FileNotFoundError):
-            ops.unlink(temp)
-        fd = ops.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        try:
-            zeros = bytes(min(size, 1 << 20))
-            left = size
-            while left:
-                left -= ops.write(fd, zeros[: min(left, len(zeros))])
-            ops.fdatasync(fd)
-        finally:
-            ops.close(fd)
-        ops.replace(temp, path)
-        ops.fsync_directory(self.directory)
-        return self._open_direct(path, create=False)
-
-    def _make_directory(self) -> None:
-        """The journal directory and any missing parent, each made durable in its parent."""
-        missing = []
-        probe = self.directory
-        while not probe.is_dir():
-            missing.append(probe)
-            probe = probe.parent
-        for path in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                self.ops.mkdir(path, 0o750)
-            self.ops.fsync_directory(path.parent)
-
     def _open_checkpoint(self) -> None:
         path = self.directory / "checkpoint"
         if not path.exists():
-            self._checkpoint_fd = self._zero_file(path, 2 * BLOCK)
+            self._checkpoint_fd = zero_file(self.ops, path, 2 * BLOCK)
             return
-        self._checkpoint_fd = self._open_direct(path, create=False)
-        best = (0, 0)
-        content = path.read_bytes()  # buffered: O_DIRECT reads want aligned buffers
-        for slot in (0, 1):
-            raw = content[slot * BLOCK : slot * BLOCK + _CHECKPOINT.size]
-            if len(raw) < _CHECKPOINT.size:
-                continue
-            magic, crc, counter, done = _CHECKPOINT.unpack(raw)
-            if magic == CHECKPOINT_MAGIC and crc == zlib.crc32(raw[8:]) and counter > best[0]:
-                best = (counter, done)
-        self._checkpoint_counter, self.done_through = best
+        self._checkpoint_fd = open_direct(self.ops, path)
+        self._checkpoint_counter, self.done_through = read_checkpoint(path)
 
     def _create_segment(self) -> _Segment:
         existing = {s.path.name for s in self._segments}
@@ -263,35 +188,7 @@ class Journal:
         while f"{number:04d}{SUFFIX}" in existing:
             number += 1
         path = self.directory / f"{number:04d}{SUFFIX}"
-        return _Segment(path, self._zero_file(path, self.segment_size))
-
-    def _scan(self, path: Path) -> tuple[_Segment, list[Record]]:
-        """A segment's valid records (batches until the first that does not check out)."""
-        fd = self._open_direct(path, create=False)
-        segment = _Segment(path, fd)
-        with open(path, "rb") as f:  # buffered reads: replay is not on the ack path
-            head = f.read(BLOCK)
-            magic, generation = _SEGMENT_HEAD.unpack_from(head)
-            if magic != SEGMENT_MAGIC:
-                return segment, []
-            segment.generation = generation
-            records: list[Record] = []
-            offset = BLOCK
-            while offset + _BATCH_HEAD.size <= self.segment_size:
-                f.seek(offset)
-                raw = f.read(_BATCH_HEAD.size)
-                magic, crc, gen, length, first = _BATCH_HEAD.unpack(raw)
-                end = offset + _BATCH_HEAD.size + length
-                if magic != BATCH_MAGIC or gen != generation or end > self.segment_size:
-                    break
-                body = f.read(length)
-                if len(body) != length or zlib.crc32(body, zlib.crc32(raw[8:])) != crc:
-                    break  # torn: the crash cut this batch; nothing in it was acknowledged
-                records.extend(_decode_batch(body, first))
-                offset = _align(offset + _BATCH_HEAD.size + length)
-            if records:
-                segment.last_seq = records[-1].seq
-            return segment, records
+        return _Segment(path, zero_file(self.ops, path, self.segment_size))
 
     # ------------------------------------------------------------------ the ack path
 
@@ -302,25 +199,33 @@ class Journal:
         journal stays full."""
         if not records:
             return
-        pending = _Pending(records, size=sum(_encode_head(r) for r in records))
-        if _BATCH_HEAD.size + pending.size > self.segment_size - BLOCK:
-            raise OSError(errno.EFBIG, "objects too large for one journal segment")
+        room = self.segment_size - BLOCK - BATCH_HEAD.size
+        parts: list[_Pending] = []
+        for record in records:  # as many batches as it takes: a window may outgrow a segment
+            size = encode_head(record)
+            if size > room:
+                raise OSError(errno.EFBIG, "object too large for one journal segment")
+            if not parts or parts[-1].size + size > room:
+                parts.append(_Pending([]))
+            parts[-1].records.append(record)
+            parts[-1].size += size
         with self._cond:
-            self._queue.append(pending)
-            while not pending.done:
+            self._queue.extend(parts)
+            while not all(part.done for part in parts):
                 if not self._writing:
                     self._lead()
                 else:
                     self._cond.wait()
-        if isinstance(pending.error, JournalFull):
+        error = next((part.error for part in parts if part.error is not None), None)
+        if isinstance(error, JournalFull):
             raise JournalFull()
-        if pending.error is not None:  # a new exception per thread: the error is shared
-            raise OSError(pending.error.errno, pending.error.strerror)
+        if error is not None:  # a new exception per thread: the error is shared
+            raise OSError(error.errno, error.strerror)
 
     def _lead(self) -> None:
         """Write everything queued that fits one batch (called, and returns, under the lock)."""
         batch: list[_Pending] = []
-        size = _BATCH_HEAD.size
+        size = BATCH_HEAD.size
         room = self.segment_size - BLOCK
         while self._queue and size + self._queue[0].size <= room:
             item = self._queue.pop(0)
@@ -330,7 +235,7 @@ class Journal:
         error: OSError | None = None
         records: list[Record] = []
         try:
-            segment = self._room_for(_align(size))
+            segment = self._room_for(align(size))
             records = [r for item in batch for r in item.records]
             for record in records:
                 record.seq = self._next_seq
@@ -382,7 +287,7 @@ class Journal:
     def _start_segment(self, segment: _Segment) -> None:
         block = memoryview(self._head_block)
         block[:] = bytes(BLOCK)
-        _SEGMENT_HEAD.pack_into(block, 0, SEGMENT_MAGIC, self._next_generation)
+        SEGMENT_HEAD.pack_into(block, 0, SEGMENT_MAGIC, self._next_generation)
         self._pwrite_all(segment.fd, block, 0)
         segment.generation = self._next_generation
         self._next_generation += 1
@@ -392,7 +297,7 @@ class Journal:
 
     def _write_batch(self, segment: _Segment, records: list[Record]) -> None:
         buf = memoryview(self._buffer)
-        pos = _BATCH_HEAD.size
+        pos = BATCH_HEAD.size
         for record in records:
             head = record.head
             buf[pos : pos + len(head)] = head
@@ -400,12 +305,12 @@ class Journal:
             data = memoryview(record.data).cast("B")
             buf[pos : pos + len(data)] = data
             pos += len(data)
-        length = pos - _BATCH_HEAD.size
-        padded = _align(pos)
+        length = pos - BATCH_HEAD.size
+        padded = align(pos)
         buf[pos:padded] = bytes(padded - pos)
         prefix = struct.pack("<QQQ", segment.generation, length, records[0].seq)
-        crc = zlib.crc32(buf[_BATCH_HEAD.size : pos], zlib.crc32(prefix))
-        _BATCH_HEAD.pack_into(buf, 0, BATCH_MAGIC, crc, segment.generation, length, records[0].seq)
+        crc = batch_crc(prefix, buf[BATCH_HEAD.size : pos])
+        BATCH_HEAD.pack_into(buf, 0, BATCH_MAGIC, crc, segment.generation, length, records[0].seq)
         self._pwrite_all(segment.fd, buf[:padded], segment.offset)
         segment.offset += padded
         segment.last_seq = records[-1].seq
@@ -428,7 +333,7 @@ class Journal:
             payload = struct.pack("<QQ", counter, done_through)
             block = memoryview(self._checkpoint_block)
             block[:] = bytes(BLOCK)
-            _CHECKPOINT.pack_into(block, 0, CHECKPOINT_MAGIC, zlib.crc32(payload), counter, done_through)
+            CHECKPOINT.pack_into(block, 0, CHECKPOINT_MAGIC, zlib.crc32(payload), counter, done_through)
             self._pwrite_all(self._checkpoint_fd, block, (counter % 2) * BLOCK)
             self._checkpoint_counter = counter
             with self._cond:
@@ -460,18 +365,3 @@ class Journal:
                     with contextlib.suppress(OSError):
                         os.close(fd)
             self._checkpoint_fd = self._lock_fd = -1
-
-
-def _decode_batch(body: bytes, first: int) -> Iterator[Record]:
-    view = memoryview(body)
-    pos = 0
-    seq = first
-    while pos < len(view):
-        header_len, data_len = _RECORD_HEAD.unpack_from(view, pos)
-        pos += _RECORD_HEAD.size
-        header = json.loads(bytes(view[pos : pos + header_len]))
-        pos += header_len
-        data = bytes(view[pos : pos + data_len])
-        pos += data_len
-        yield Record(header, data, seq)
-        seq += 1
