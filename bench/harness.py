@@ -201,5 +201,3 @@ def ensure_data(kind: str, count: int) -> Path:
         print(f"generating {count} {kind} objects in {folder} ...", flush=True)
         generate(kind, count, folder)
     return folder
-
-

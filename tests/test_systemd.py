@@ -18,6 +18,7 @@ from conftest import (
     free_port,
     isolated_env,
     need,
+    per_file_config,
     port_open,
     run,
     wait_for,
@@ -335,10 +336,11 @@ def test_sigterm_drains_a_transfer_in_flight(daemons: DaemonFactory, tmp_path: P
     assert got.stat().st_size > 200 * 1024 * 1024
 
 
-def test_drain_timeout_aborts_and_removes_partial(daemons: DaemonFactory) -> None:
+def test_drain_timeout_aborts_and_removes_partial(daemons: DaemonFactory, tmp_path: Path) -> None:
     from peers import RawClient
 
-    d = daemons.start("--drain-timeout", "1")
+    # The per-file path: through the journal a small partial object never reaches the disk.
+    d = daemons.start("--drain-timeout", "1", "--config", str(per_file_config(tmp_path)))
     client = RawClient(d.port)
     assert client.associate(CT, ExplicitVRLittleEndian) == 0x02
     client.send_pdv(client.store_command(CT, "1.2.3.4"), command=True, last=True)

@@ -21,6 +21,7 @@ import errno
 import hashlib
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -264,6 +265,9 @@ class Stored(Checked):
         #: stays under ``inline_max``; None once it has its own file.
         self.inline: bytearray | None = None
         self.meta_len = 0
+        #: CRC-32 of ``inline`` so far, for its journal record: kept as the pieces arrive,
+        #: while the sender is still sending, rather than at the commit.
+        self.crc = 0
         #: The dataset's digest, kept on the way for an object that outgrew its record.
         self.digest: Any = None
 
@@ -301,6 +305,7 @@ class Stored(Checked):
         if self.to.journal is not None:
             self.inline = bytearray(meta)
             self.inline += self.prefix
+            self.crc = zlib.crc32(self.inline)
             self.prefix = bytearray()
             self._maybe_spill()
             return
@@ -328,8 +333,11 @@ class Stored(Checked):
             return
         try:
             if self.inline is not None:
+                crc = self.crc
                 for chunk in chunks:
                     self.inline += chunk
+                    crc = zlib.crc32(chunk, crc)
+                self.crc = crc
                 self._maybe_spill()
             elif self.file is not None:
                 if self.digest is not None:
@@ -405,7 +413,7 @@ class Stored(Checked):
             tags=self._tags(),
         )
         outcome.event = self._event(outcome)
-        outcome.record = Record(self._header(directory, name, len(data), outcome.event), data)
+        outcome.record = Record(self._header(directory, name, len(data), outcome.event), data, crc=self.crc)
         return outcome
 
     def _header(self, directory: Path, name: str, size: int, event: dict[str, Any]) -> dict[str, Any]:

@@ -135,6 +135,7 @@ class Journal:
         self._head_block = mmap.mmap(-1, BLOCK)
         self._checkpoint_block = mmap.mmap(-1, BLOCK)
         self._checkpoint_lock = threading.Lock()
+        self._create_lock = threading.Lock()
         self.closed = False
         #: Told of every batch after its write, in sequence order: (records, written durably).
         self.on_written: Callable[[list[Record], bool], None] | None = None
@@ -147,10 +148,11 @@ class Journal:
         Raises JournalUnusable when the directory cannot host one (say why).
         """
         try:
-            make_directory(self.ops, self.directory)
-            memory = MEMORY_FILESYSTEMS.get(filesystem_type(self.directory))
-            if memory:
+            existing = next(p for p in (self.directory, *self.directory.parents) if p.is_dir())
+            memory = MEMORY_FILESYSTEMS.get(filesystem_type(existing))
+            if memory:  # said before anything is made there
                 raise JournalUnusable(f"{self.directory} is on {memory}: nothing there survives a power cut")
+            make_directory(self.ops, self.directory)
             self._lock_fd = lock_directory(self.directory)
             self._open_checkpoint()
             records: list[Record] = []
@@ -181,6 +183,25 @@ class Journal:
             return
         self._checkpoint_fd = open_direct(self.ops, path)
         self._checkpoint_counter, self.done_through = read_checkpoint(path)
+
+    def prepare_spare(self) -> None:
+        """Make a new segment ahead of need (off the ack path: the materialiser calls this),
+        unless a spare exists or the journal has all its segments."""
+        with self._cond:
+            if self.closed or len(self._segments) >= self.max_segments:
+                return
+            if any(s is not self._active and s.last_seq <= self.done_through for s in self._segments):
+                return
+        self._add_segment()
+
+    def _add_segment(self) -> _Segment:
+        """A new zero-filled segment, counted in (one creator at a time: names are unique)."""
+        with self._create_lock:
+            segment = self._create_segment()
+            with self._cond:
+                self._segments.append(segment)
+                self._cond.notify_all()
+        return segment
 
     def _create_segment(self) -> _Segment:
         existing = {s.path.name for s in self._segments}
@@ -272,10 +293,9 @@ class Journal:
             if spare is None and len(self._segments) < self.max_segments:
                 self._cond.release()
                 try:
-                    spare = self._create_segment()
+                    spare = self._add_segment()
                 finally:
                     self._cond.acquire()
-                self._segments.append(spare)
             if spare is not None:
                 self._start_segment(spare)
                 return spare
@@ -309,7 +329,7 @@ class Journal:
         padded = align(pos)
         buf[pos:padded] = bytes(padded - pos)
         prefix = struct.pack("<QQQ", segment.generation, length, records[0].seq)
-        crc = batch_crc(prefix, buf[BATCH_HEAD.size : pos])
+        crc = batch_crc(prefix, (record.head for record in records))
         BATCH_HEAD.pack_into(buf, 0, BATCH_MAGIC, crc, segment.generation, length, records[0].seq)
         self._pwrite_all(segment.fd, buf[:padded], segment.offset)
         segment.offset += padded

@@ -15,7 +15,7 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ BATCH_MAGIC = b"DRJB"
 CHECKPOINT_MAGIC = b"DRJC"
 SEGMENT_HEAD = struct.Struct("<4sQ")  # magic, generation
 BATCH_HEAD = struct.Struct("<4sIQQQ")  # magic, crc32, generation, length, first sequence number
-RECORD_HEAD = struct.Struct("<II")  # header length, data length
+RECORD_HEAD = struct.Struct("<III")  # header length, data length, crc32 of the data
 CHECKPOINT = struct.Struct("<4sIQQ")  # magic, crc32, counter, done-through sequence number
 SUFFIX = ".seg"
 
@@ -44,7 +44,10 @@ class Record:
     header: dict[str, Any]
     data: bytes | bytearray | memoryview = b""
     seq: int = 0
-    #: The encoded head (lengths and JSON header), made once by ``commit``.
+    #: CRC-32 of ``data``, when the caller kept it on the way (the data arrived piece by
+    #: piece while the network was the bottleneck); else computed at commit.
+    crc: int | None = field(default=None, repr=False)
+    #: The encoded head (lengths, the data's checksum, the JSON header), made once by ``commit``.
     head: bytes = field(default=b"", repr=False)
 
 
@@ -55,18 +58,37 @@ def align(n: int) -> int:
 def encode_head(record: Record) -> int:
     """Encode the record's head onto it; its size on disk."""
     header = json.dumps(record.header, separators=(",", ":")).encode()
-    record.head = RECORD_HEAD.pack(len(header), len(record.data)) + header
+    if record.crc is None:
+        record.crc = zlib.crc32(record.data)
+    record.head = RECORD_HEAD.pack(len(header), len(record.data), record.crc) + header
     return len(record.head) + len(record.data)
 
 
-def batch_crc(prefix: bytes | memoryview, body: bytes | memoryview) -> int:
-    """The checksum of a batch: its generation, length and first number, then its records."""
-    return zlib.crc32(body, zlib.crc32(prefix))
+def batch_crc(prefix: bytes | memoryview, heads: Iterable[bytes | memoryview]) -> int:
+    """The checksum of a batch: its generation, length and first number, then every record's
+    head (which holds the CRC of the record's data)."""
+    crc = zlib.crc32(prefix)
+    for head in heads:
+        crc = zlib.crc32(head, crc)
+    return crc
 
 
 def checks_out(raw_head: bytes, body: bytes, crc: int) -> bool:
-    """Does a batch read back match its checksum?  (A torn batch does not.)"""
-    return batch_crc(raw_head[8:], body) == crc
+    """Does a batch read back match its checksums (the batch's, and each record's data)?
+    A torn batch does not."""
+    view = memoryview(body)
+    heads = []
+    pos = 0
+    while pos < len(view):
+        if pos + RECORD_HEAD.size > len(view):
+            return False
+        header_len, data_len, data_crc = RECORD_HEAD.unpack_from(view, pos)
+        data_at = pos + RECORD_HEAD.size + header_len
+        if data_at + data_len > len(view) or zlib.crc32(view[data_at : data_at + data_len]) != data_crc:
+            return False
+        heads.append(view[pos:data_at])
+        pos = data_at + data_len
+    return batch_crc(raw_head[8:], heads) == crc
 
 
 def decode_batch(body: bytes, first: int) -> Iterator[Record]:
@@ -74,13 +96,13 @@ def decode_batch(body: bytes, first: int) -> Iterator[Record]:
     pos = 0
     seq = first
     while pos < len(view):
-        header_len, data_len = RECORD_HEAD.unpack_from(view, pos)
+        header_len, data_len, data_crc = RECORD_HEAD.unpack_from(view, pos)
         pos += RECORD_HEAD.size
         header = json.loads(bytes(view[pos : pos + header_len]))
         pos += header_len
         data = bytes(view[pos : pos + data_len])
         pos += data_len
-        yield Record(header, data, seq)
+        yield Record(header, data, seq, data_crc)
         seq += 1
 
 

@@ -38,8 +38,9 @@ from .storage import FileExists, PendingFile, Store, take_back
 log = structlog.get_logger("dcmrecvd")
 
 #: How often, at most, the index and events are made durable and the checkpoint moved on
-#: while objects keep coming (when idle it happens at once).
-CHECKPOINT_SECONDS = 0.5
+#: while objects keep coming (when idle it happens at once).  Short, because segments are
+#: recycled only behind the checkpoint, and what is past it is replayed after a crash.
+CHECKPOINT_SECONDS = 0.1
 
 #: Takes ``object.stored`` bodies; the flag says they come from a replay (maybe handed on before).
 Events = Callable[[list[dict[str, Any]], bool], None]
@@ -164,6 +165,7 @@ class Materialiser:
         self.index.sync()
         self.persist_events()
         self.journal.checkpoint(through)
+        self.journal.prepare_spare()
 
     # ------------------------------------------------------------------ making files
 
