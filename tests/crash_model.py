@@ -55,7 +55,7 @@ MAX_VARIANTS = 256
 
 @dataclass
 class Op:
-    kind: str  # create write datasync dsync wait rename link unlink mkdir dirsync indexsync ack
+    kind: str  # create write datasync dsync syncfs wait rename link unlink mkdir dirsync indexsync ack
     path: str = ""  # relative to the root
     target: str = ""  # rename/link target
     inode: int = 0
@@ -133,6 +133,10 @@ class Recorder(FileOps):
     def fdatasync(self, fd: int) -> None:
         super().fdatasync(fd)
         self.ops.append(Op("datasync", inode=self._fds[fd]))
+
+    def syncfs(self, path: Path) -> None:
+        super().syncfs(path)
+        self.ops.append(Op("syncfs"))
 
     def sync_file_range(self, fd: int, offset: int, length: int, flags: int) -> bool:
         done = super().sync_file_range(fd, offset, length, flags)
@@ -237,6 +241,12 @@ class Replay:
         elif kind == "dsync":  # no metadata to commit: the data alone, durable
             node = self.inodes[op.inode]
             node.durable, node.pending_writes = bytes(node.content), []
+        elif kind == "syncfs":  # the whole filesystem: every entry and every byte so far
+            for pending in self.pending:
+                self._land(self.durable_names, self.durable_dirs, pending)
+            self.pending = []
+            for node in self.inodes.values():
+                node.durable, node.pending_writes, node.waited = bytes(node.content), [], []
         elif kind == "indexsync":
             self.index = op.data
         elif kind == "wait":

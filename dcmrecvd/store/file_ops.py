@@ -36,6 +36,9 @@ SYNC_FILE_RANGE_WAIT_AFTER = 4
 #: Write the range and wait for it: data on the device (not past its cache).
 WRITE_AND_WAIT = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
 HAS_SYNC_FILE_RANGE = _sync_file_range is not None
+_syncfs = getattr(_libc, "syncfs", None)
+if _syncfs is not None:
+    _syncfs.argtypes = [ctypes.c_int]
 #: sync_file_range failures that mean "not here", not "your data is lost".
 _UNSUPPORTED = frozenset((errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE))
 
@@ -75,6 +78,19 @@ class FileOps:
             return False
         raise OSError(err, os.strerror(err))
 
+    def syncfs(self, path: Path) -> None:
+        """Everything written to the filesystem holding ``path`` (data and metadata) made
+        durable, with one cache flush: how the materialiser flushes a batch of files at once."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _syncfs is None:
+                os.sync()  # no syncfs(2): the whole machine, which covers this filesystem too
+            elif _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
+
     def clear_direct(self, fd: int) -> None:
         """Turn O_DIRECT off for the rest of a file (its unaligned tail)."""
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
@@ -108,7 +124,7 @@ class StopAfter(FileOps):
     of ``op``, so that a test can kill -9 it in exactly that phase of the write path.
 
     ``op`` is one of: open, write (write, writev, pwrite), journal (a write into the
-    ack journal, durable on return), flush (fdatasync, or the waiting sync_file_range),
+    ack journal, durable on return), flush (fdatasync, syncfs, or the waiting sync_file_range),
     rename (replace or link), unlink, dirsync.  Set from
     ``DCMRECVD_TEST_STOP_AFTER=op:count``; never set in production.  Calls made by the
     main thread (start-up: the journal's files, recovery) are not counted.
@@ -170,6 +186,10 @@ class StopAfter(FileOps):
     def fsync_directory(self, path: Path) -> None:
         super().fsync_directory(path)
         self._after("dirsync")
+
+    def syncfs(self, path: Path) -> None:
+        super().syncfs(path)
+        self._after("flush")
 
 
 def from_environment(environ: Mapping[str, str]) -> FileOps:

@@ -1,9 +1,11 @@
 """Journal records become files, off the ack path: one thread, in record order.
 
 Per batch of records (whatever the journal wrote since the last turn): each
-inline object is written to a temp file in its directory and flushed, then
-renamed (or linked without replacing), and each directory touched is fsynced
-once (``storage``: a final name only ever holds a complete, durable file).
+inline object is written to a temp file in its directory; all of them are
+flushed at once (``syncfs``: one cache flush for the batch, where the per-file
+path pays one per object); then each is renamed (or linked without
+replacing), and each directory touched is fsynced once (a final name only
+ever holds a complete, durable file).
 Only then are the batch's index rows written and its events handed on, and
 only after those are durable (``sync``) does the journal's checkpoint pass
 the records, which lets their segment be recycled.  A crash anywhere in this
@@ -20,11 +22,13 @@ for the digest), ``index`` (the row's identifiers) and ``event`` (the body of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -33,7 +37,7 @@ import structlog
 from .file_ops import REAL, FileOps
 from .instance_index import Instance, InstanceIndex
 from .journal import Journal, Record
-from .storage import FileExists, PendingFile, Store, take_back
+from .storage import FILE_MODE, TEMP_PREFIX, TEMP_SUFFIX, Store, take_back
 
 log = structlog.get_logger("dcmrecvd")
 
@@ -204,40 +208,79 @@ class Materialiser:
         self._finish(batch)
 
     def _make(self, records: list[Record]) -> None:
-        staged: list[tuple[Store, Path, Path]] = []
+        """Write every file of the batch, flush them all at once (one ``syncfs`` per
+        filesystem: one cache flush, not one per file), then name them and fsync each
+        directory once.  On an error nothing of the batch is taken as made."""
+        written: list[tuple[Record, Store, Path, Path]] = []  # record, store, directory, temp
+        named: list[tuple[Store, Path]] = []
         try:
             for record in records:
                 header = record.header
                 store = self._store(header["root"])
-                relative = PurePosixPath(header["dir"])
-                pending = store.open(relative)
-                try:
-                    pending.write(record.data)
-                    final = self._publish(pending, header, record.seq)
-                except BaseException:
-                    pending.discard()
-                    raise
-                staged.append((store, pending.directory, final))
-                header["path"] = str(final)
-            for store, directory in dict.fromkeys((s, d) for s, d, _ in staged):
+                directory = store.directory(PurePosixPath(header["dir"]))
+                written.append((record, store, directory, self._write_temp(directory, record.data)))
+            self._flush(dict.fromkeys(store.root for _, store, _, _ in written))
+            for record, store, directory, temp in written:
+                final = self._name(directory, temp, record)
+                named.append((store, final))
+                record.header["path"] = str(final)
+            for store, directory in dict.fromkeys((s, d) for _, s, d, _ in written):
                 store.sync_published(directory)
         except OSError:
-            for store, _, final in staged:
+            for store, final in named:
                 take_back(store.ops, final)  # not known durable: made again on the next try
+            for _, _, _, temp in written:
+                with contextlib.suppress(OSError):
+                    self.ops.unlink(temp)
             raise
 
-    @staticmethod
-    def _publish(pending: PendingFile, header: dict[str, Any], seq: int) -> Path:
-        name = header["name"]
-        replace = bool(header.get("replace"))
+    def _flush(self, roots: Iterable[Path]) -> None:
+        """The batch's data and temp files durable: one ``syncfs`` per filesystem."""
+        for root in roots:
+            self.ops.syncfs(root)
+
+    def _write_temp(self, directory: Path, data: bytes | bytearray | memoryview) -> Path:
+        """A hidden temp file holding ``data`` (through the page cache: the batch's
+        ``syncfs`` writes it back and flushes it with the others)."""
+        ops = self.ops
+        while True:
+            temp = directory / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{TEMP_SUFFIX}"
+            try:
+                fd = ops.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+            except FileExistsError:
+                continue
+            break
         try:
-            final, replaced = pending.publish(name, replace=replace)
-        except FileExists:
-            # Someone else's file took the name after the ack: keep both, never clobber.
-            final, replaced = pending.publish(f"{name}.{seq}", replace=False)
-        if replaced:
-            uid = (header.get("index") or {}).get("sop_instance_uid", "")
-            log.warning("store.replaced", path=str(final), sop_instance_uid=uid)
+            view = memoryview(data)
+            while view:
+                view = view[ops.write(fd, view) :]
+        except BaseException:
+            ops.close(fd)
+            with contextlib.suppress(OSError):
+                ops.unlink(temp)
+            raise
+        ops.close(fd)
+        return temp
+
+    def _name(self, directory: Path, temp: Path, record: Record) -> Path:
+        """The final name: replacing (a default name) or never clobbering (someone else's
+        file under it after the ack keeps it; ours goes under ``<name>.<seq>``)."""
+        ops, header = self.ops, record.header
+        name: str = header["name"]
+        final = directory / name
+        if header.get("replace"):
+            replaced = os.path.lexists(final)
+            ops.replace(temp, final)
+            if replaced:
+                uid = (header.get("index") or {}).get("sop_instance_uid", "")
+                log.warning("store.replaced", path=str(final), sop_instance_uid=uid)
+            return final
+        try:
+            ops.link(temp, final)
+        except FileExistsError:
+            final = directory / f"{name}.{record.seq}"
+            ops.link(temp, final)
+        ops.unlink(temp)
         return final
 
     def _finish(self, records: list[Record], replayed: bool = False) -> None:
