@@ -50,3 +50,5 @@ _.close_idle
 _.in_use
 _.echo
 proposals  # wire.requestor.proposals: how callers of dcmrecvd.remote number their contexts
+_.path_exists  # API for Storage Commitment and the duplicate policy (dcmrecvd/store/instance_index.py)
+_.usage  # journal use, for tests and inspection (dcmrecvd/store/journal.py)

@@ -90,17 +90,6 @@ class Completion:
             (self.store.clock() - KEEP_GROUPS_SECONDS,),
         )
 
-    def called_for(self, body: Body) -> str | None:
-        """The called AE title of the study ``body`` belongs to, if one is tracked."""
-        suffix = "\x1f" + "\x1f".join((str(body.get("calling_aet", "")), str(body.get("study_uid", ""))))
-        with self.store.lock:
-            row = self.store.db.execute(
-                "SELECT key FROM groups WHERE level = 'study' AND substr(key, -length(?)) = ?"
-                " ORDER BY last DESC LIMIT 1",
-                (suffix, suffix),
-            ).fetchone()
-        return None if row is None else str(row[0])[: -len(suffix)]
-
 
 def iso(t: float) -> str:
     """Local time with microseconds, as event bodies carry it."""

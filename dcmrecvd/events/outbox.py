@@ -60,7 +60,6 @@ class Outbox(EventStore):
         self._queue: queue.SimpleQueue[Body] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.was_clean = self.meta("clean") in (None, "1")
         self.set_meta("clean", "0")
 
     # ------------------------------------------------------------------ the ack side

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from dcmrecvd.conf.config import Config
+from dcmrecvd.conf.config import Config, receiver_tables
 from dcmrecvd.store.instance_index import InstanceIndex
 from dcmrecvd.store.journal import Journal, JournalUnusable, Record
 from dcmrecvd.store.materialiser import Materialiser
@@ -116,19 +116,24 @@ def state_directory(config: Config, environ: Mapping[str, str]) -> Path:
     return Path(environ.get("STATE_DIRECTORY", "").split(":")[0] or config.output.directory)
 
 
-def wanted(config: Config) -> bool:
-    """Does any AE acknowledge through the journal (fsync on, objects stored)?"""
-    return config.journal.enabled and config.output.fsync
+def why_not(config: Config) -> str:
+    """Why no AE acknowledges through the journal ("" when one does): journal.enabled off,
+    or no AE that stores with fsync on (output.fsync = false, --ignore)."""
+    if not config.journal.enabled:
+        return "journal.enabled is off"
+    outputs = [config.output, *(receiver_tables(config, title)[1] for title in config.ae)]
+    if not any(out.fsync and out.mode != "ignore" for out in outputs):
+        return "nothing is stored with output.fsync on"
+    return ""
 
 
 def open_ack_journal(
     config: Config, environ: Mapping[str, str]
 ) -> tuple[AckJournal | None, list[Record], str]:
     """The journal, the records to replay, and why not when there is none (for daemon.ready)."""
-    if not config.journal.enabled:
-        return None, [], "journal.enabled is off"
-    if not config.output.fsync:
-        return None, [], "output.fsync is off"
+    reason = why_not(config)
+    if reason:
+        return None, [], reason
     settings = config.journal
     base = state_directory(config, environ) / ".dcmrecvd"
     directory = Path(settings.directory) if settings.directory else base / "journal"

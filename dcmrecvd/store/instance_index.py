@@ -46,7 +46,9 @@ class Instance:
     sop_class_uid: str
     path: str
     size: int
-    #: sha256 of the dataset (the file without its Part 10 meta), hex.
+    #: "crc32:<8 hex digits>": the stored file's CRC-32, which the ack path computes anyway
+    #: (the journal record's checksum); a cryptographic digest, where a policy needs one
+    #: (the duplicate policy), is computed then, from the file.
     digest: str
     #: When it was acknowledged (ISO 8601, local time with offset).
     stored: str

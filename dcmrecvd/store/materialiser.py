@@ -15,15 +15,13 @@ it makes what is missing and verifies what exists.
 A record's header (made by the serving side; nothing here knows DICOM):
 ``root``, ``dir``, ``name``, ``replace`` (a default name replaces an older
 file), ``file`` (a large object already durable under its name: only its row
-and events are left), ``meta_len`` (bytes of file meta before the dataset,
-for the digest), ``index`` (the row's identifiers) and ``event`` (the body of
-``object.stored``, if events are wanted).
+and events are left; with its ``digest``), ``size``, ``index`` (the row's
+identifiers) and ``event`` (the body of ``object.stored``, if wanted).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import threading
@@ -43,8 +41,14 @@ log = structlog.get_logger("dcmrecvd")
 
 #: How often, at most, the index and events are made durable and the checkpoint moved on
 #: while objects keep coming (when idle it happens at once).  Short, because segments are
-#: recycled only behind the checkpoint, and what is past it is replayed after a crash.
-CHECKPOINT_SECONDS = 0.1
+#: recycled only behind the checkpoint, and what is past it is replayed after a crash; not
+#: shorter, because each costs the index's and the outbox's fsyncs on the same disk.
+CHECKPOINT_SECONDS = 0.25
+
+#: How long the thread waits for more records before making a batch, unless an association
+#: waits for its files (A-RELEASE-RQ) or the batch is big already.
+LINGER_SECONDS = 0.02
+LINGER_RECORDS = 64
 
 #: Takes ``object.stored`` bodies; the flag says they come from a replay (maybe handed on before).
 Events = Callable[[list[dict[str, Any]], bool], None]
@@ -79,8 +83,9 @@ class Materialiser:
         #: Sequence numbers done beyond ``visible_through`` (a gap before them is not).
         self._done: set[int] = set()
         self._stop = False
+        #: Threads in ``wait_visible``: while there are any, batches go at once.
+        self._waiting = 0
         self._thread: threading.Thread | None = None
-        self.failures = 0
 
     # ------------------------------------------------------------------ intake
 
@@ -98,12 +103,17 @@ class Materialiser:
         """Wait until the record ``seq`` (and all before it) is under its final name."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self.visible_through < seq:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop:
-                    return False
-                self._cond.wait(left)
-            return True
+            self._waiting += 1
+            self._cond.notify_all()  # no lingering while someone waits
+            try:
+                while self.visible_through < seq:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._stop:
+                        return False
+                    self._cond.wait(left)
+                return True
+            finally:
+                self._waiting -= 1
 
     # ------------------------------------------------------------------ the thread
 
@@ -124,9 +134,22 @@ class Materialiser:
         while True:
             with self._cond:
                 while not self._queue and not self._stop:
-                    if self.visible_through > self.journal.done_through:
-                        break  # idle with work not yet checkpointed: do it now
-                    self._cond.wait(1.0)
+                    unsaid = self.visible_through > self.journal.done_through
+                    due = last_checkpoint + CHECKPOINT_SECONDS - time.monotonic()
+                    if unsaid and due <= 0:
+                        break  # quiet, with made records not yet checkpointed: now
+                    self._cond.wait(due if unsaid else 1.0)
+                # Linger a little for more: each batch costs two cache flushes however
+                # many files it holds, and they compete with the journal's for the disk.
+                linger_until = time.monotonic() + LINGER_SECONDS
+                while (
+                    self._queue
+                    and len(self._queue) < LINGER_RECORDS
+                    and not self._waiting
+                    and not self._stop
+                    and (left := linger_until - time.monotonic()) > 0
+                ):
+                    self._cond.wait(left)
                 batch, self._queue = self._queue, []
                 stopping = self._stop
             try:
@@ -134,14 +157,14 @@ class Materialiser:
                     self.apply(batch)
                 self._advance(batch)
                 now = time.monotonic()
-                idle = not self._queue
+                # At most every CHECKPOINT_SECONDS, never per object: a lone sender leaves
+                # the thread idle between objects, and each checkpoint costs fsyncs.
                 if self.visible_through > self.journal.done_through and (
-                    idle or now - last_checkpoint >= CHECKPOINT_SECONDS
+                    now - last_checkpoint >= CHECKPOINT_SECONDS or stopping
                 ):
                     self.checkpoint()
                     last_checkpoint = now
             except Exception as exc:  # a disk that fails: the records stay in the journal
-                self.failures += 1
                 log.error("journal.materialise_failed", reason=str(exc) or type(exc).__name__)
                 with self._cond:
                     self._queue[:0] = batch  # tried again; never acknowledged twice, never lost
@@ -291,10 +314,7 @@ class Materialiser:
             ident = header.get("index") or {}
             path = header.get("path") or str(_final_path(header))
             if ident:
-                digest = (
-                    header.get("digest")
-                    or hashlib.sha256(memoryview(record.data)[header.get("meta_len", 0) :]).hexdigest()
-                )
+                digest = header.get("digest") or f"crc32:{record.crc or 0:08x}"
                 rows.append(
                     Instance(
                         ident["called_aet"],
