@@ -84,10 +84,18 @@ PHASES = [
     ("after-dirsync", "dirsync:3"),
     ("at-the-next-temp-file", "open:5"),
 ]
-#: Through the ack journal the phases above are the materialiser's (off the ack path), and
-#: one more: right after a write into the journal (the segment heads, the records and the
+#: Through the ack journal the phases are the materialiser's (off the ack path), which flushes
+#: a batch of files at once (one syncfs, then the renames, then one directory fsync), and one
+#: more: right after a write into the journal (the segment heads, the records and the
 #: checkpoints: the 8th comes a few objects in; which one it is, the threads decide).
-JOURNAL_PHASES = [*PHASES, ("record-durable-before-its-ack", "journal:8")]
+JOURNAL_PHASES = [
+    ("mid-object", "write:4"),
+    ("after-flush-before-rename", "flush:1"),
+    ("after-rename-before-dirsync", "rename:3"),
+    ("after-dirsync", "dirsync:1"),
+    ("at-the-next-temp-file", "open:5"),
+    ("record-durable-before-its-ack", "journal:8"),
+]
 CASES = [("per-file", phase, hook) for phase, hook in PHASES] + [
     ("journal", phase, hook) for phase, hook in JOURNAL_PHASES
 ]
@@ -102,7 +110,7 @@ def test_kill_9_in_a_phase_of_the_write_path(
     args = ["--config", str(per_file_config(tmp_path))] if path == "per-file" else []
     env = isolated_env(daemons.config_dir, NO_COLOR="1", DCMRECVD_TEST_STOP_AFTER=hook)
     d = daemons.start(*args, output=output, env=env)
-    sent = objects(20, 300_000)
+    sent = objects(20 if path == "per-file" else 40, 300_000)
     sender = Sender(d.port, sent)
     sender.start()
     wait_for(lambda: stopped(d.pid) or not sender.is_alive(), timeout=30)

@@ -151,6 +151,11 @@ class StopAfter(FileOps):
         self._after("write")
         return n
 
+    def write(self, fd: int, data: Buffer) -> int:
+        n = super().write(fd, data)
+        self._after("write")
+        return n
+
     def pwrite(self, fd: int, data: Buffer, offset: int) -> int:
         n = super().pwrite(fd, data, offset)
         self._after("write")
