@@ -52,10 +52,17 @@ and runs as a systemd service (Type=notify, socket activation, reload on
 SIGHUP, drain on SIGTERM, native journal entries).
 .PP
 An object is acknowledged (C\\-STORE status 0x0000) only after it is durably
-on disk: it is streamed into a hidden temporary file in its target directory,
-flushed, renamed to its final name and the directory is flushed. A file under
-a final name is always complete. Disk or permission errors answer 0xA700,
-data that cannot be used (an invalid UID) 0xC000.
+on disk. By default (output.fsync on, [journal] enabled) that means its record
+is durable in the ack journal (preallocated segments written with O_DSYNC and
+O_DIRECT, several objects per write); its file is made right after, off the
+ack path, and every file of an association is under its final name before its
+A\\-RELEASE\\-RP. At start, before READY, records not yet made into files are
+replayed. Objects above journal.inline_max_kib, and every object where the
+journal cannot be used (tmpfs, no O_DIRECT; said at start), are streamed into a
+hidden temporary file in their target directory, flushed, renamed to their
+final name, and the directory is flushed, before the ack. A file under a final
+name is always complete. Disk or permission errors answer 0xA700, data that
+cannot be used (an invalid UID) 0xC000.
 """
 
 SECTIONS_8 = """\
@@ -211,8 +218,10 @@ def dcmrecvd_toml_5() -> str:
             "a series or study is complete after events.stable_seconds without a new object "
             "(events.max_seconds at the latest), and an object after that makes an update event "
             f"instead of a second completion. Event kinds: {', '.join(config.EVENT_KINDS)}. "
-            "At least once: after a crash, events are rebuilt from the files newer than the "
-            "outbox's last durable mark, so duplicates are possible and none is missing. "
+            "At least once: an object's event is part of its ack-journal record, and after a "
+            "crash the records past the journal's checkpoint hand theirs on again, so "
+            "duplicates are possible and none is missing (on the per-file path an event not "
+            "yet written when the process dies is lost). "
             "exec is run without a shell; its items may hold placeholders "
             f"({', '.join('{' + n + '}' for n in config.EVENT_FIELDS)}), each replaced within "
             "its item; the event is also on stdin as JSON and in DCMRECVD_<FIELD> variables. "
