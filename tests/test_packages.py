@@ -27,6 +27,12 @@ ROOTFS = CACHE / "rootfs-bookworm"
 DIST = ROOT / "dist"
 
 
+def objects_under(top: str) -> tuple[str, ...]:
+    """find(1) for the received files under ``top``: not the ack journal and instance index
+    that live in its hidden .dcmrecvd/ (the state directory is the output directory here)."""
+    return ("find", top, "-type", "f", "-not", "-path", "*/.dcmrecvd/*")
+
+
 def sh(*cmd: str, check: bool = True, timeout: float = 900, **kw: object) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
     if check and result.returncode != 0:
@@ -219,9 +225,7 @@ def test_install_starts_the_service(container: Container) -> None:
 def test_storescu_from_the_host_lands_in_var_lib(container: Container, sample: list[Path]) -> None:
     result = run([need("storescu"), "127.0.0.1", "104", *map(str, sample)])
     assert result.returncode == 0, result.stderr
-    listing = container.run("find", "/var/lib/dcmrecvd", "-type", "f", "-printf", "%u %f\n").stdout.split(
-        "\n"
-    )
+    listing = container.run(*objects_under("/var/lib/dcmrecvd"), "-printf", "%u %f\n").stdout.split("\n")
     files = [line for line in listing if line.strip()]
     assert len(files) == 3
     assert all(line.startswith("dcmrecvd CT.") for line in files)
@@ -289,7 +293,7 @@ def test_second_receiver_from_the_template_units(container: Container, sample: l
     container.run("systemctl", "enable", "--now", f"dcmrecvd@{port}.socket")
     assert run([need("storescu"), "127.0.0.1", str(port), str(sample[0])]).returncode == 0
     wait_for(lambda: container.active(f"dcmrecvd@{port}.service") == "active", timeout=30)
-    files = container.run("find", f"/var/lib/dcmrecvd/{port}", "-type", "f").stdout.split()
+    files = container.run(*objects_under(f"/var/lib/dcmrecvd/{port}")).stdout.split()
     assert len(files) == 1
     container.run("systemctl", "disable", "--now", f"dcmrecvd@{port}.socket", f"dcmrecvd@{port}.service")
     container.run("rm", "-rf", f"/var/lib/dcmrecvd/{port}")
@@ -300,7 +304,7 @@ def test_purge_keeps_received_images(container: Container) -> None:
     assert container.run("test", "-e", "/etc/dcmrecvd/dcmrecvd.toml", check=False).returncode != 0
     assert container.run("test", "-e", "/opt/venvs/dcmrecvd", check=False).returncode != 0
     assert container.run("test", "-e", "/usr/bin/dcmrecvd", check=False).returncode != 0
-    left = container.run("find", "/var/lib/dcmrecvd", "-type", "f").stdout.split()
+    left = container.run(*objects_under("/var/lib/dcmrecvd")).stdout.split()
     assert len(left) == 3
     wait_for(lambda: not port_open(104), timeout=30)
 
