@@ -241,10 +241,11 @@ class JournalConfig:
         maximum=4096,
     )
     inline_max_kib: int = _opt(
-        1024,
-        "Objects up to this size (KiB) travel inside their journal record; larger ones stream "
-        "into their own file with O_DIRECT, as on the per-file path, and their record only "
-        "names it (writing them twice would halve the bandwidth).",
+        64,
+        "Objects up to this size (KiB) travel inside their journal record (written twice: "
+        "record, then file); larger ones stream into their own file with O_DIRECT, as on the "
+        "per-file path, and their record only names it. Measured on a virtio disk: 3 KB "
+        "objects +37 % through the journal, 0.5 MB objects faster through their own file.",
         minimum=4,
         maximum=65536,
     )

@@ -47,8 +47,9 @@ class Instance:
     path: str
     size: int
     #: "crc32:<8 hex digits>": the stored file's CRC-32, which the ack path computes anyway
-    #: (the journal record's checksum); a cryptographic digest, where a policy needs one
-    #: (the duplicate policy), is computed then, from the file.
+    #: for an object in its journal record; "" for a larger object (streamed to its own
+    #: file: hashing it on the way would cost the bandwidth path CPU).  A cryptographic
+    #: digest, where a policy needs one (the duplicate policy), is computed then, from the file.
     digest: str
     #: When it was acknowledged (ISO 8601, local time with offset).
     stored: str
