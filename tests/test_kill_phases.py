@@ -110,8 +110,9 @@ def test_kill_9_in_a_phase_of_the_write_path(
     args = ["--config", str(per_file_config(tmp_path))] if path == "per-file" else []
     env = isolated_env(daemons.config_dir, NO_COLOR="1", DCMRECVD_TEST_STOP_AFTER=hook)
     d = daemons.start(*args, output=output, env=env)
-    # Through the journal: objects that travel in their records (under journal.inline_max_kib).
-    sent = objects(20, 300_000) if path == "per-file" else objects(40, 30_000)
+    # Through the journal: objects that travel in their records (under journal.inline_max_kib),
+    # enough of them that the stream outlasts the first batch (64 records or 20 ms).
+    sent = objects(20, 300_000) if path == "per-file" else objects(200, 30_000)
     sender = Sender(d.port, sent)
     sender.start()
     wait_for(lambda: stopped(d.pid) or not sender.is_alive(), timeout=30)
