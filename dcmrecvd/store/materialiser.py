@@ -264,10 +264,10 @@ class Materialiser:
                 header = record.header
                 store = self._store(header["root"])
                 directory = store.directory(PurePosixPath(header["dir"]))
-                written.append((record, store, directory, self._write_temp(directory, record.data)))
+                written.append((record, store, directory, write_temp(self.ops, directory, record.data)))
             self._flush(dict.fromkeys(store.root for _, store, _, _ in written))
             for record, store, directory, temp in written:
-                final = self._name(directory, temp, record)
+                final = give_name(self.ops, directory, temp, record)
                 named.append((store, final))
                 record.header["path"] = str(final)
             for store, directory in dict.fromkeys((s, d) for _, s, d, _ in written):
@@ -284,50 +284,6 @@ class Materialiser:
         """The batch's data and temp files durable: one ``syncfs`` per filesystem."""
         for root in roots:
             self.ops.syncfs(root)
-
-    def _write_temp(self, directory: Path, data: bytes | bytearray | memoryview) -> Path:
-        """A hidden temp file holding ``data`` (through the page cache: the batch's
-        ``syncfs`` writes it back and flushes it with the others)."""
-        ops = self.ops
-        while True:
-            temp = directory / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{TEMP_SUFFIX}"
-            try:
-                fd = ops.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-            except FileExistsError:
-                continue
-            break
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[ops.write(fd, view) :]
-        except BaseException:
-            ops.close(fd)
-            with contextlib.suppress(OSError):
-                ops.unlink(temp)
-            raise
-        ops.close(fd)
-        return temp
-
-    def _name(self, directory: Path, temp: Path, record: Record) -> Path:
-        """The final name: replacing (a default name) or never clobbering (someone else's
-        file under it after the ack keeps it; ours goes under ``<name>.<seq>``)."""
-        ops, header = self.ops, record.header
-        name: str = header["name"]
-        final = directory / name
-        if header.get("replace"):
-            replaced = os.path.lexists(final)
-            ops.replace(temp, final)
-            if replaced:
-                uid = (header.get("index") or {}).get("sop_instance_uid", "")
-                log.warning("store.replaced", path=str(final), sop_instance_uid=uid)
-            return final
-        try:
-            ops.link(temp, final)
-        except FileExistsError:
-            final = directory / f"{name}.{record.seq}"
-            ops.link(temp, final)
-        ops.unlink(temp)
-        return final
 
     def _finish(self, records: list[Record], replayed: bool = False) -> None:
         rows = []
@@ -364,6 +320,51 @@ class Materialiser:
             store = Store(Path(root), durable=True, ops=self.ops, ordered_journal=self.ordered_journal)
             self._stores[root] = store
         return store
+
+
+def write_temp(ops: FileOps, directory: Path, data: bytes | bytearray | memoryview) -> Path:
+    """A hidden temp file holding ``data`` (through the page cache: the batch's
+    ``syncfs`` writes it back and flushes it with the others)."""
+    while True:
+        temp = directory / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        try:
+            fd = ops.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        except FileExistsError:
+            continue
+        break
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[ops.write(fd, view) :]
+    except BaseException:
+        ops.close(fd)
+        with contextlib.suppress(OSError):
+            ops.unlink(temp)
+        raise
+    ops.close(fd)
+    return temp
+
+
+def give_name(ops: FileOps, directory: Path, temp: Path, record: Record) -> Path:
+    """The final name: replacing (a default name) or never clobbering (someone else's
+    file under it after the ack keeps it; ours goes under ``<name>.<seq>``)."""
+    header = record.header
+    name: str = header["name"]
+    final = directory / name
+    if header.get("replace"):
+        replaced = os.path.lexists(final)
+        ops.replace(temp, final)
+        if replaced:
+            uid = (header.get("index") or {}).get("sop_instance_uid", "")
+            log.warning("store.replaced", path=str(final), sop_instance_uid=uid)
+        return final
+    try:
+        ops.link(temp, final)
+    except FileExistsError:
+        final = directory / f"{name}.{record.seq}"
+        ops.link(temp, final)
+    ops.unlink(temp)
+    return final
 
 
 def _final_path(header: dict[str, Any]) -> Path:
