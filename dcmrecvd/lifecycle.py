@@ -31,6 +31,7 @@ from dcmrecvd.ops.health import Health, OpsListeners
 from dcmrecvd.ops.metrics import METRICS, LiveFigures
 from dcmrecvd.ops.systemd import Notifier
 from dcmrecvd.serve.ack_journal import AckJournal, open_ack_journal, state_directory
+from dcmrecvd.serve.commitment_reports import Reporter, open_commitment
 from dcmrecvd.serve.runtime import Runtime, Stats, prepare
 from dcmrecvd.serve.server import Server
 from dcmrecvd.signal_inbox import SignalInbox
@@ -78,6 +79,8 @@ class Daemon:
     publisher: Publisher | None = None
     #: The ack journal (None: the per-file path, said at start with the reason).
     ack: AckJournal | None = None
+    #: Storage Commitment's reporter, from the first configuration that enables it.
+    reporter: Reporter | None = None
 
     def current(self) -> Runtime:
         """The Runtime new associations get (read once per association)."""
@@ -101,6 +104,7 @@ class Daemon:
         self._apply_hooks(self.runtime)
         if self.ack is not None:  # recovery: before the socket is served and before READY
             self.ack.recover(replay)
+        self._apply_commitment(self.runtime)
         self._remove_stale_temp_files(self.runtime)
         metrics = self.runtime.config.metrics
         if metrics.listen or metrics.agent_listen:  # bound before READY: a busy port is exit 64
@@ -172,6 +176,17 @@ class Daemon:
             disk_low=any(rx.disk.low for rx in runtime.all_receivers()),
             draining=self.draining,
             **(
+                dict(
+                    zip(
+                        ("commitment_pending", "commitment_oldest_seconds"),
+                        self.reporter.figures(),
+                        strict=True,
+                    )
+                )
+                if self.reporter
+                else {}
+            ),
+            **(
                 {"events_pending": counts["pending"], "events_dead": counts["dead"]}
                 if self.outbox is not None and (counts := self.outbox.counts())
                 else {}
@@ -196,6 +211,8 @@ class Daemon:
                 self.stats.disk_low = any(rx.disk.low for rx in receivers)
                 if self.outbox is not None:
                     self.stats.events = self.outbox.counts()
+                if self.reporter is not None:
+                    self.stats.commitment_pending = self.reporter.figures()[0]
                 line = self.stats.status_line()
                 if line != last_status:
                     self.notifier.status(line)
@@ -247,6 +264,18 @@ class Daemon:
                 self.publisher.stop()
             self.publisher = start_publisher(self.outbox, config.amqp, password)
 
+    def _apply_commitment(self, runtime: Runtime) -> None:
+        """Open Storage Commitment when a configuration first enables it (disabling it
+        refuses new requests; reports already promised are still delivered)."""
+        if self.reporter is None:
+            self.reporter = open_commitment(runtime.config, self.environ, self.ack, self.current, self._emit)
+            if self.reporter is not None and self.server is not None:
+                self.server.commitment = self.reporter.commitment
+
+    def _emit(self, body: dict[str, object]) -> None:
+        if self.outbox is not None:
+            self.outbox.record(body)
+
     def _set_consumers(self, config: Config) -> None:
         """Who takes which events: each hook its kinds, the AMQP publisher all of them;
         a consumer that went has its pending deliveries dropped."""
@@ -288,6 +317,7 @@ class Daemon:
                 log.warning("reload.needs_restart", key=f"{section}.{key}", running=before, configured=after)
                 new = _keep_setting(new, old, section, key)
         self.runtime = new
+        self._apply_commitment(new)
         try:
             self._apply_hooks(new)
         except (DcmrecvdError, OSError) as exc:  # e.g. an unreadable AMQP password: the rest applies
@@ -331,6 +361,8 @@ class Daemon:
                 listener.close()
         aborted = self.server.drain(self.runtime.config.daemon.drain_timeout)
         self.server.close()
+        if self.reporter is not None:  # attempts under way end; pending reports wait on disk
+            self.reporter.close()
         if self.ack is not None:  # every acknowledged object under its name, its events handed on
             self.ack.close()
         if self.outbox is not None:  # every acknowledged object's event is in, durably

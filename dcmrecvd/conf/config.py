@@ -14,7 +14,7 @@ import difflib
 import json
 import os
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,8 @@ from typing import Any
 import tomli_w
 
 from dcmrecvd.conf.access import check_network, check_rules
+from dcmrecvd.conf.commitment import CommitmentConfig, CommitmentPeerConfig, check_peer
+from dcmrecvd.conf.options import opt as _opt
 from dcmrecvd.errors import ConfigError
 from dcmrecvd.store.disk_space import parse_min_free
 
@@ -63,37 +65,6 @@ TLS_PROFILES = (
     "aes",
     "null",
 )
-
-
-def _opt(
-    default: Any,
-    doc: str,
-    *,
-    choices: tuple[str, ...] = (),
-    minimum: int | None = None,
-    maximum: int | None = None,
-    secret: bool = False,
-    parse: Callable[[str], object] | None = None,
-    one_or_many: bool = False,
-) -> Any:
-    """Declare one setting: its default and what the docs and validator need.
-
-    ``parse`` checks a string's form (a size, an address); its ValueError becomes the
-    config error, naming file and key.  ``one_or_many``: an array of strings that may be
-    written as one string (``on = "study.complete"``), which means an array of it.
-    """
-    meta = {
-        "doc": doc,
-        "choices": choices,
-        "min": minimum,
-        "max": maximum,
-        "secret": secret,
-        "parse": parse,
-        "one_or_many": one_or_many,
-    }
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -430,7 +401,16 @@ class EventsConfig:
 
 
 #: Event kinds a hook can be for.
-EVENT_KINDS = ("object.stored", "series.complete", "series.updated", "study.complete", "study.updated")
+EVENT_KINDS = (
+    "object.stored",
+    "series.complete",
+    "series.updated",
+    "study.complete",
+    "study.updated",
+    "commitment.requested",
+    "commitment.reported",
+    "commitment.undeliverable",
+)
 #: Placeholders a hook's exec items may hold, e.g. {path}.
 EVENT_FIELDS = (
     "event",
@@ -449,6 +429,10 @@ EVENT_FIELDS = (
     "time",
     "objects",
     "recovered",
+    "transaction_uid",
+    "items",
+    "failed",
+    "reason",
 )
 
 
@@ -511,6 +495,9 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
+    #: ``[[commitment.peer]]`` (an array inside [commitment]; a later file's list replaces).
+    commitment_peers: tuple[CommitmentPeerConfig, ...] = field(default=(), metadata={"table": False})
     #: ``[[hooks]]``: programs run after the ack (see ``hooks``); an array, so a later file's
     #: list replaces an earlier one's.
     hooks: tuple[HookConfig, ...] = field(default=(), metadata={"table": False})
@@ -630,9 +617,14 @@ def build(layers: Iterable[Layer]) -> Config:
     merged: dict[str, dict[str, Any]] = {}
     aes: dict[str, dict[str, dict[str, Any]]] = {}
     hooks: list[dict[str, Any]] = []
+    peers: list[dict[str, Any]] = []
     origins: dict[str, str] = {}
     for layer in layers:
         for section, values in validate_layer(layer).items():
+            if section == "commitment.peer":
+                peers = list(values)  # type: ignore[arg-type]
+                origins["commitment.peer"] = layer.source
+                continue
             if section == "hooks":  # an array: the later file's list replaces the earlier one
                 hooks = list(values)  # type: ignore[arg-type]
                 origins["hooks"] = layer.source
@@ -654,6 +646,7 @@ def build(layers: Iterable[Layer]) -> Config:
         ae=aes,
         hooks=tuple(named),
         amqp=AmqpConfig(**merged.get("events.amqp", {})),
+        commitment_peers=tuple(CommitmentPeerConfig(**p) for p in peers),
         origins=origins,
     )
     check_combinations(config)
@@ -720,6 +713,22 @@ def _validate_hooks(source: str, value: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _validate_peers(source: str, value: Any) -> list[dict[str, Any]]:
+    """``[[commitment.peer]]``: an array of tables, one per requesting AE title."""
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+        raise ConfigError(source, "commitment.peer", "must be an array of tables ([[commitment.peer]])")
+    out: list[dict[str, Any]] = []
+    for i, table in enumerate(value, 1):
+        checked = _validate_table(source, f"commitment.peer[{i}]", CommitmentPeerConfig, table)
+        problem = check_peer(checked)
+        if problem:
+            raise ConfigError(source, f"commitment.peer[{i}].{problem.split(':')[0]}", problem)
+        if any(p["aet"] == checked["aet"] for p in out):
+            raise ConfigError(source, f"commitment.peer[{i}].aet", f"'{checked['aet']}' is listed twice")
+        out.append(checked)
+    return out
+
+
 def validate_layer(layer: Layer) -> dict[str, dict[str, Any]]:
     """Check one layer's tables and values; return a normalised copy."""
     schema = sections()
@@ -731,6 +740,9 @@ def validate_layer(layer: Layer) -> dict[str, dict[str, Any]]:
         if section == "hooks":
             result["hooks"] = _validate_hooks(layer.source, table)  # type: ignore[assignment]
             continue
+        if section == "commitment" and isinstance(table, Mapping) and "peer" in table:
+            result["commitment.peer"] = _validate_peers(layer.source, table["peer"])  # type: ignore[assignment]
+            table = {k: v for k, v in table.items() if k != "peer"}
         if section == "events" and isinstance(table, Mapping) and "amqp" in table:
             result["events.amqp"] = _validate_table(layer.source, "events.amqp", AmqpConfig, table["amqp"])
             table = {k: v for k, v in table.items() if k != "amqp"}
@@ -828,6 +840,13 @@ def check_combinations(config: Config) -> None:
         )
     if config.association.profile and not config.association.config_file:
         raise ConfigError("configuration", "association.config_file", "a profile needs a config_file")
+    if config.commitment.enabled and not (config.output.fsync and config.journal.enabled):
+        raise ConfigError(
+            "configuration",
+            "commitment.enabled",
+            "Storage Commitment answers from the ack journal's instance index: it needs "
+            "output.fsync = true and journal.enabled = true",
+        )
     for title in config.ae:
         association, output, _ = receiver_tables(config, title)
         if bit_preserving_conflict(output.mode, output.subdirectory):
@@ -855,6 +874,10 @@ def to_mapping(config: Config, *, redact: bool = True) -> dict[str, dict[str, An
             table[f.name] = getattr(obj, f.name)
         out[section] = table
     out["events"]["amqp"] = {f.name: getattr(config.amqp, f.name) for f in dataclasses.fields(AmqpConfig)}
+    if config.commitment_peers:
+        out["commitment"]["peer"] = [
+            {f.name: getattr(p, f.name) for f in dataclasses.fields(p)} for p in config.commitment_peers
+        ]
     if config.hooks:
         out["hooks"] = [{f.name: getattr(h, f.name) for f in dataclasses.fields(h)} for h in config.hooks]  # type: ignore[assignment]
     if config.ae:
@@ -916,6 +939,17 @@ def documented_toml(settings: Mapping[str, Mapping[str, Any]] = PACKAGE_SETTINGS
     for f in dataclasses.fields(AmqpConfig):
         lines.append(f"# {f.metadata['doc']}")
         dumped = tomli_w.dumps({f.name: getattr(AmqpConfig(), f.name)}).rstrip()
+        lines.extend("#" + line for line in dumped.splitlines())
+    lines.append("")
+    lines += [
+        "# [[commitment.peer]]: an AE that may ask for Storage Commitment, and where its",
+        "# report goes (one table per AE; none by default: every N-ACTION is refused 0x0110).",
+        "#[[commitment.peer]]",
+    ]
+    peer = CommitmentPeerConfig(aet="MODALITY1", host="192.0.2.10", port=104)
+    for f in dataclasses.fields(CommitmentPeerConfig):
+        lines.append(f"# {f.metadata['doc']}")
+        dumped = tomli_w.dumps({f.name: getattr(peer, f.name)}).rstrip()
         lines.extend("#" + line for line in dumped.splitlines())
     lines.append("")
     lines += [

@@ -37,6 +37,9 @@ class LiveFigures:
     #: Outbox deliveries waiting (events not yet handled by a hook) and dead-lettered ones.
     events_pending: int = 0
     events_dead: int = 0
+    #: Storage Commitment reports waiting, and how long the oldest has (None: not enabled).
+    commitment_pending: int | None = None
+    commitment_oldest_seconds: float = 0.0
 
 
 class _Live(Collector):
@@ -77,6 +80,17 @@ class _Live(Collector):
             "Event deliveries dead-lettered after their last retry",
             value=now.events_dead,
         )
+        if now.commitment_pending is not None:
+            yield GaugeMetricFamily(
+                "dcmrecvd_commitment_pending",
+                "Storage Commitment transactions whose report is not delivered yet",
+                value=now.commitment_pending,
+            )
+            yield GaugeMetricFamily(
+                "dcmrecvd_commitment_oldest_pending_seconds",
+                "Age of the oldest Storage Commitment transaction waiting for its report",
+                value=now.commitment_oldest_seconds,
+            )
 
 
 class Metrics:
@@ -122,6 +136,30 @@ class Metrics:
             "dcmrecvd_hook_runs",
             "Hook runs, by hook and result (ok, retry, dead)",
             ["hook", "result"],
+            registry=r,
+        )
+
+        self.commitment_requests = Counter(
+            "dcmrecvd_commitment_requests",
+            "Storage Commitment N-ACTIONs answered, by outcome (accepted, or the refusal status)",
+            ["outcome"],
+            registry=r,
+        )
+        self.commitment_items = Counter(
+            "dcmrecvd_commitment_items",
+            "Instances in delivered reports, by result (committed, or the failure reason)",
+            ["result"],
+            registry=r,
+        )
+        self.commitment_report_seconds = Histogram(
+            "dcmrecvd_commitment_report_seconds",
+            "From the N-ACTION to its delivered N-EVENT-REPORT",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800, 3600, 21600, 86400),
+            registry=r,
+        )
+        self.commitment_undeliverable = Counter(
+            "dcmrecvd_commitment_undeliverable",
+            "Storage Commitment reports given up after commitment.give_up_after",
             registry=r,
         )
 

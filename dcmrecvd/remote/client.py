@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from dcmrecvd.remote.peers import Remote
@@ -58,7 +58,13 @@ class OutboundAssociation:
         self.is_aborted = False
 
     @classmethod
-    def open(cls, remote: Remote, offered: list[Proposal], tls: ssl.SSLContext | None) -> OutboundAssociation:
+    def open(
+        cls,
+        remote: Remote,
+        offered: list[Proposal],
+        tls: ssl.SSLContext | None,
+        roles: Mapping[str, tuple[bool, bool]] | None = None,
+    ) -> OutboundAssociation:
         try:
             sock = socket.create_connection((remote.host, remote.port), timeout=remote.connect_timeout)
         except OSError as exc:
@@ -70,7 +76,9 @@ class OutboundAssociation:
                 server_name = remote.tls.server_name if remote.tls is not None else ""
                 sock = tls.wrap_socket(sock, server_hostname=server_name or remote.host)
             core = Requestor(offered)
-            sock.sendall(requestor.associate_rq(remote.calling_aet, remote.ae_title, offered, remote.max_pdu))
+            sock.sendall(
+                requestor.associate_rq(remote.calling_aet, remote.ae_title, offered, remote.max_pdu, roles)
+            )
             answer = cls._await(sock, core, (requestor.Accepted, requestor.Rejected, requestor.Aborted))
         except (OSError, ssl.SSLError, ProtocolError) as exc:
             sock.close()
@@ -151,6 +159,43 @@ class OutboundAssociation:
                 self._send_dataset(context.context_id, f.fileno(), meta.dataset_offset, size)
 
             return self._request(send)
+
+    def event_report(
+        self, sop_class: str, sop_instance: str, event_type: int, dataset: Callable[[str], bytes]
+    ) -> dimse.Response:
+        """N-EVENT-REPORT of ``event_type`` on the context accepted for ``sop_class``;
+        ``dataset(transfer_syntax)`` encodes its dataset in the syntax that context took."""
+        context = next((c for c in self.contexts.values() if c.abstract_syntax == sop_class), None)
+        if context is None:
+            raise NoContext(f"no accepted presentation context for {sop_class}")
+        body = dataset(context.transfer_syntax)
+        command = dimse.encode_request(
+            dimse.N_EVENT_REPORT_RQ,
+            self._next_id(),
+            sop_class,
+            sop_instance,
+            has_dataset=True,
+            event_type_id=event_type,
+        )
+
+        def send() -> None:
+            self._send_command(context.context_id, command)
+            self._send_bytes(context.context_id, body)
+
+        return self._request(send)
+
+    def _send_bytes(self, context_id: int, data: bytes) -> None:
+        """A dataset held in memory, in PDUs the remote accepts."""
+        view = memoryview(data)
+        offset = 0
+        while True:
+            piece = view[offset : offset + self.chunk]
+            offset += len(piece)
+            last = offset >= len(data)
+            self.sock.sendall(requestor.data_pdu_header(context_id, len(piece), command=False, last=last))
+            self.sock.sendall(piece)
+            if last:
+                return
 
     def _send_command(self, context_id: int, command: bytes) -> None:
         self.sock.sendall(

@@ -26,6 +26,7 @@ import structlog
 from dcmrecvd.serve import admission, prelude, services
 from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.answer_window import AnswerWindow
+from dcmrecvd.serve.commitment import Commitment
 from dcmrecvd.serve.receive_buffer import RECEIVE_BUFFERS, PeerClosed, ReceiveBuffer, more_waiting
 from dcmrecvd.serve.receiving import Outcome, Sink
 from dcmrecvd.serve.runtime import Runtime, Stats
@@ -84,6 +85,7 @@ class Association:
         clock: Clock = dt.datetime.now,
         events: Callable[[dict[str, Any]], None] | None = None,
         journal: AckJournal | None = None,
+        commitment: Commitment | None = None,
     ) -> None:
         self.sock = sock
         self.peer = peer
@@ -102,6 +104,8 @@ class Association:
         self.events = events
         #: The ack journal (None: the per-file path): see ``ack_journal``.
         self.journal = journal
+        #: Storage Commitment (None: not enabled; its context is then never accepted).
+        self.commitment = commitment
         self.id = next_association_id()
         self.core = UpperLayer()
         #: The receive buffer: small until the association is accepted, then a pooled one.
@@ -338,13 +342,9 @@ class Association:
         status: Status,
         comment: str = "",
     ) -> None:
+        sop_class, sop_instance, action_type = request.response_fields()
         response = dimse.encode_response(
-            command_field,
-            request.message_id,
-            int(status),
-            request.affected_sop_class_uid,
-            request.affected_sop_instance_uid,
-            comment,
+            command_field, request.message_id, int(status), sop_class, sop_instance, comment, action_type
         )
         self.sock.sendall(self.core.respond(context.context_id, response))
 

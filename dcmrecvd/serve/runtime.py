@@ -25,7 +25,8 @@ from dcmrecvd.serve import naming, tls
 from dcmrecvd.store.disk_space import DiskWatch, parse_min_free, watch_directory
 from dcmrecvd.store.storage import Store
 from dcmrecvd.wire import negotiation, uids
-from dcmrecvd.wire.profiles import VERIFICATION_ONLY, Profile, load_profile, with_verification
+from dcmrecvd.wire.commitment import SOP_CLASS as STORAGE_COMMITMENT
+from dcmrecvd.wire.profiles import VERIFICATION_ONLY, Profile, load_profile, with_context, with_verification
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class Stats:
     events: dict[str, int] | None = None
     #: Objects stored per named AE ([ae.<TITLE>]); shown on the STATUS line when there are any.
     stored_by_ae: dict[str, int] = field(default_factory=dict)
+    #: Storage Commitment reports not yet delivered (None: not enabled).
+    commitment_pending: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -120,6 +123,8 @@ class Stats:
         )
         if self.events is not None:
             line += f"; events: {self.events['pending']} pending, {self.events['dead']} dead"
+        if self.commitment_pending is not None:
+            line += f"; commitment: {self.commitment_pending} reports pending"
         return "disk below output.min_free, refusing new objects; " + line if self.disk_low else line
 
 
@@ -138,9 +143,14 @@ def check_output_directory(directory: str) -> Path:
 def load_association_profile(config: Config) -> Profile:
     """The configured profile (exit 66 on problems) or dcmrecv's Verification-only default."""
     assoc = config.association
-    if not assoc.config_file:
-        return VERIFICATION_ONLY
-    return with_verification(load_profile(assoc.config_file, assoc.profile))
+    profile = (
+        with_verification(load_profile(assoc.config_file, assoc.profile))
+        if assoc.config_file
+        else VERIFICATION_ONLY
+    )
+    if config.commitment.enabled:  # accepted with every profile, as Verification is
+        profile = with_context(profile, STORAGE_COMMITMENT)
+    return profile
 
 
 def prepare(

@@ -24,6 +24,7 @@ from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.ops.systemd import listen_fds
 from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.association import Association
+from dcmrecvd.serve.commitment import Commitment
 from dcmrecvd.serve.runtime import Runtime, Stats
 
 log = structlog.get_logger("dcmrecvd")
@@ -84,6 +85,8 @@ class Server:
         self.events = events
         #: The ack journal stored objects are acknowledged through (None: the per-file path).
         self.journal = journal
+        #: Storage Commitment (set at start when enabled; its reporter runs beside the server).
+        self.commitment: Commitment | None = None
         self.runtime = runtime
         self.stats = stats
         self.heartbeat = heartbeat
@@ -231,6 +234,7 @@ class Server:
             host=host,
             events=self.events,
             journal=self.journal,
+            commitment=self.commitment,
         )
         if runtime.config.network.host_lookup and isinstance(addr, tuple):
             bound = assoc.log

@@ -14,6 +14,10 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_CANCEL_RQ = 0x0FFF
+N_EVENT_REPORT_RQ = 0x0100
+N_EVENT_REPORT_RSP = 0x8100
+N_ACTION_RQ = 0x0130
+N_ACTION_RSP = 0x8130
 NO_DATASET = 0x0101
 
 _TAG_LEN = struct.Struct("<HHI")
@@ -33,6 +37,20 @@ class Command:
     affected_sop_class_uid: str
     affected_sop_instance_uid: str
     has_dataset: bool
+    #: N-ACTION (and other N-services): the SOP class and instance acted on.
+    requested_sop_class_uid: str = ""
+    requested_sop_instance_uid: str = ""
+    #: N-ACTION's Action Type ID; None when the command has none.
+    action_type_id: int | None = None
+
+    def response_fields(self) -> tuple[str, str, int | None]:
+        """What a response echoes: (affected SOP class, affected SOP instance, action type).
+
+        An N-ACTION-RSP carries the requested UIDs as its affected ones (PS3.7 10.1.4.1)
+        and its Action Type ID; a C-service response the request's affected UIDs."""
+        if self.command_field == N_ACTION_RQ:
+            return self.requested_sop_class_uid, self.requested_sop_instance_uid, self.action_type_id
+        return self.affected_sop_class_uid, self.affected_sop_instance_uid, None
 
 
 def _text(value: bytes) -> str:
@@ -80,6 +98,9 @@ def decode(data: bytes | bytearray | memoryview) -> Command:
         affected_sop_class_uid=_text(values.get(0x0002, b"")),
         affected_sop_instance_uid=_text(values.get(0x1000, b"")),
         has_dataset=us(0x0800, NO_DATASET) != NO_DATASET,
+        requested_sop_class_uid=_text(values.get(0x0003, b"")),
+        requested_sop_instance_uid=_text(values.get(0x1001, b"")),
+        action_type_id=us(0x1008) if len(values.get(0x1008, b"")) == 2 else None,
     )
 
 
@@ -99,6 +120,7 @@ def encode_response(
     sop_class_uid: str = "",
     sop_instance_uid: str = "",
     error_comment: str = "",
+    action_type_id: int | None = None,
 ) -> bytes:
     """A response command set (no dataset), with its group length."""
     body = b""
@@ -113,6 +135,8 @@ def encode_response(
         body += _element(0x0902, comment + (b" " if len(comment) % 2 else b""))
     if sop_instance_uid:
         body += _element(0x1000, _uid(sop_instance_uid))
+    if action_type_id is not None:
+        body += _element(0x1008, _US.pack(action_type_id))
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
@@ -147,8 +171,9 @@ def encode_request(
     sop_instance_uid: str = "",
     has_dataset: bool = False,
     priority: int = 0,
+    event_type_id: int | None = None,
 ) -> bytes:
-    """A request command set (C-STORE-RQ, C-ECHO-RQ...), with its group length."""
+    """A request command set (C-STORE-RQ, C-ECHO-RQ, N-EVENT-REPORT-RQ...), with its group length."""
     body = _element(0x0002, _uid(sop_class_uid))
     body += _element(0x0100, _US.pack(command_field))
     body += _element(0x0110, _US.pack(message_id))
@@ -157,4 +182,6 @@ def encode_request(
     body += _element(0x0800, _US.pack(0x0000 if has_dataset else NO_DATASET))
     if sop_instance_uid:
         body += _element(0x1000, _uid(sop_instance_uid))
+    if event_type_id is not None:
+        body += _element(0x1002, _US.pack(event_type_id))
     return _element(0x0000, struct.pack("<I", len(body))) + body

@@ -239,6 +239,15 @@ def load_profile(path: str | Path, name: str) -> Profile:
     return build_profile(parse_text(text, str(path)), name)
 
 
+def with_context(profile: Profile, sop_class: str) -> Profile:
+    """``profile`` accepting ``sop_class`` too (Implicit and Explicit VR Little Endian),
+    unless it already names it (then its own transfer syntaxes stand)."""
+    if any(c.abstract_syntax == sop_class for c in profile.contexts):
+        return profile
+    added = Context(sop_class, (uids.IMPLICIT_LE, uids.EXPLICIT_LE))
+    return Profile(profile.name, (*profile.contexts, added), profile.roles, profile.extended, profile.source)
+
+
 def with_verification(profile: Profile) -> Profile:
     """Verification is always answered, even when a profile forgets it."""
     if any(c.abstract_syntax == uids.VERIFICATION for c in profile.contexts):

@@ -16,6 +16,7 @@ socket and streams datasets from files without copying them into Python.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pydicom.uid import UID
@@ -26,6 +27,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationClassUIDNotification,
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext
 
@@ -96,8 +98,15 @@ class Aborted:
 Event = Accepted | Rejected | Response | Released | Aborted
 
 
-def associate_rq(calling: str, called: str, offered: list[Proposal], max_pdu: int) -> bytes:
-    """The A-ASSOCIATE-RQ PDU proposing ``offered``."""
+def associate_rq(
+    calling: str,
+    called: str,
+    offered: list[Proposal],
+    max_pdu: int,
+    roles: Mapping[str, tuple[bool, bool]] | None = None,
+) -> bytes:
+    """The A-ASSOCIATE-RQ PDU proposing ``offered``; ``roles``: SOP class -> the (SCU, SCP)
+    roles we propose to take for it (an SCP/SCU Role Selection item each)."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = UID(APPLICATION_CONTEXT)
     primitive.calling_ae_title = calling
@@ -116,7 +125,13 @@ def associate_rq(calling: str, called: str, offered: list[Proposal], max_pdu: in
     impl_uid.implementation_class_uid = UID(part10.IMPLEMENTATION_CLASS_UID)
     impl_name = ImplementationVersionNameNotification()
     impl_name.implementation_version_name = part10.IMPLEMENTATION_VERSION_NAME
-    primitive.user_information = [max_length, impl_uid, impl_name]
+    role_items = []
+    for sop_class, (scu, scp) in (roles or {}).items():
+        item = SCP_SCU_RoleSelectionNegotiation()
+        item.sop_class_uid = UID(sop_class)
+        item.scu_role, item.scp_role = scu, scp
+        role_items.append(item)
+    primitive.user_information = [max_length, impl_uid, *role_items, impl_name]
     return bytes(AssociateRqPdu(primitive).encode())
 
 

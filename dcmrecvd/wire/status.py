@@ -8,11 +8,19 @@ from dcmrecvd.wire.uids import UnsafeIdentifier
 
 
 class Status(IntEnum):
-    """C-STORE / C-ECHO response statuses (PS3.4 Annex B, PS3.7 Annex C)."""
+    """C-STORE, C-ECHO and N-ACTION response statuses (PS3.4 Annex B, PS3.7 Annex C)."""
 
     SUCCESS = 0x0000
+    PROCESSING_FAILURE = 0x0110
+    NO_SUCH_OBJECT_INSTANCE = 0x0112
+    INVALID_ARGUMENT_VALUE = 0x0115
+    INVALID_OBJECT_INSTANCE = 0x0117
+    NO_SUCH_SOP_CLASS = 0x0118
+    CLASS_INSTANCE_CONFLICT = 0x0119
     SOP_CLASS_NOT_SUPPORTED = 0x0122
+    NO_SUCH_ACTION = 0x0123
     UNRECOGNIZED_OPERATION = 0x0211
+    RESOURCE_LIMITATION = 0x0213
     OUT_OF_RESOURCES = 0xA700
     CANNOT_UNDERSTAND = 0xC000
 

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from structlog.typing import FilteringBoundLogger
 
 from dcmrecvd.serve.ack_journal import AckJournal
+from dcmrecvd.serve.commitment import Commitment
 from dcmrecvd.serve.receiving import Drained, Outcome, Sink
 from dcmrecvd.serve.runtime import Receiver, Stats
 from dcmrecvd.store.storage import Writer
@@ -49,6 +50,10 @@ class Peer(Protocol):
     clock: Callable[[], dt.datetime]
     #: The ack journal, when stored objects are acknowledged through it.
     journal: AckJournal | None
+    #: The address access rules saw (the PROXY header's client when there was one).
+    host: str
+    #: Storage Commitment, when enabled.
+    commitment: Commitment | None
 
 
 @dataclass(slots=True)
@@ -92,10 +97,10 @@ UNSUPPORTED: Service = _Unsupported()
 
 
 def _registry() -> dict[int, Service]:
-    from dcmrecvd.serve.services import storage, verification
+    from dcmrecvd.serve.services import commitment, storage, verification
 
     table: dict[int, Service] = {}
-    for service in (verification.SERVICE, storage.SERVICE):  # one line per service
+    for service in (verification.SERVICE, storage.SERVICE, commitment.SERVICE):  # one line per service
         for field in service.command_fields:
             table[field] = service
     return table
