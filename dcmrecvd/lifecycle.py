@@ -118,29 +118,7 @@ class Daemon:
             METRICS.watch(self.live_figures)
         # The listeners are bound (or adopted) already, so the kernel queues early
         # connections: announcing readiness first keeps the log in causal order.
-        log.info(
-            "daemon.ready",
-            listen=[_describe(s) for s in self.listeners],
-            profile=self.runtime.profile.name,
-            output=str(self.runtime.store.root),
-            durability=self.runtime.store.durability(),
-            ack="journal" if self.ack is not None else "per-file",
-            **(
-                {"journal": str(self.ack.journal.directory)}
-                if self.ack is not None
-                else {"journal_off": no_journal}
-            ),
-            **(
-                {
-                    "aes": {
-                        rx.title: f"{rx.store.root} ({rx.store.durability()})"
-                        for rx in self.runtime.receivers.values()
-                    }
-                }
-                if self.runtime.receivers
-                else {}
-            ),
-        )
+        _log_ready(self.runtime, self.listeners, self.ack, no_journal)
         self.notifier.ready(self.stats.status_line())
         self.server.start()
         if self.ops is not None:
@@ -169,23 +147,15 @@ class Daemon:
     def live_figures(self) -> LiveFigures:
         """The gauges a scrape reads now."""
         runtime = self.runtime
+        waiting, oldest = self.reporter.figures() if self.reporter is not None else (None, 0.0)
         return LiveFigures(
             active=self.stats.active,
             pending=self.server.pending if self.server else 0,
             free_bytes={str(rx.store.root): rx.disk.free_bytes() for rx in runtime.all_receivers()},
             disk_low=any(rx.disk.low for rx in runtime.all_receivers()),
             draining=self.draining,
-            **(
-                dict(
-                    zip(
-                        ("commitment_pending", "commitment_oldest_seconds"),
-                        self.reporter.figures(),
-                        strict=True,
-                    )
-                )
-                if self.reporter
-                else {}
-            ),
+            commitment_pending=waiting,
+            commitment_oldest_seconds=oldest,
             **(
                 {"events_pending": counts["pending"], "events_dead": counts["dead"]}
                 if self.outbox is not None and (counts := self.outbox.counts())
@@ -376,6 +346,31 @@ class Daemon:
             self.ops.close()
         log.info("daemon.stopped", aborted=aborted, stored=self.stats.stored)
         return 0
+
+
+def _log_ready(
+    runtime: Runtime, listeners: list[socket.socket], ack: AckJournal | None, no_journal: str
+) -> None:
+    """daemon.ready: where we listen and store, how durably, and through what."""
+    log.info(
+        "daemon.ready",
+        listen=[_describe(s) for s in listeners],
+        profile=runtime.profile.name,
+        output=str(runtime.store.root),
+        durability=runtime.store.durability(),
+        ack="journal" if ack is not None else "per-file",
+        **({"journal": str(ack.journal.directory)} if ack is not None else {"journal_off": no_journal}),
+        **(
+            {
+                "aes": {
+                    rx.title: f"{rx.store.root} ({rx.store.durability()})"
+                    for rx in runtime.receivers.values()
+                }
+            }
+            if runtime.receivers
+            else {}
+        ),
+    )
 
 
 def _keep_setting(new: Runtime, old: Runtime, section: str, key: str) -> Runtime:
