@@ -3,6 +3,7 @@ N-ACTION requests sent by hand, and objects to commit."""
 
 from __future__ import annotations
 
+import ssl
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ class Modality:
     reports: list[Report] = field(default_factory=list)
     server: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Listen with TLS (a server context, e.g. one that requires a client certificate).
+    ssl_context: ssl.SSLContext | None = None
 
     def start(self) -> None:
         ae = AE(ae_title=MODALITY)
@@ -58,7 +61,10 @@ class Modality:
             StorageCommitmentPushModel, [IMPLICIT, EXPLICIT], scu_role=False, scp_role=True
         )
         self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._report)]
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._report)],
+            ssl_context=self.ssl_context,
         )
 
     def stop(self) -> None:

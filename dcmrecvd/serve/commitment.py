@@ -58,10 +58,12 @@ class Commitment:
         runtime = self.runtime()
         verify = runtime.config.commitment.verify
         supported = {c.abstract_syntax for c in runtime.receiver_for(called_aet).profile.contexts}
+        items = list(items)
+        rows = self.ack.index.get_many(called_aet, (uid for _, uid in items))
         committed: list[tuple[str, str]] = []
         failed: list[Failed] = []
         for sop_class, sop_instance in items:
-            reason = _reason(self.ack.index.get(called_aet, sop_instance), sop_class, supported, verify)
+            reason = _reason(rows.get(sop_instance), sop_class, supported, verify)
             if reason:
                 failed.append((sop_class, sop_instance, reason))
             else:
