@@ -20,11 +20,9 @@ from pathlib import Path
 
 import structlog
 
-from dcmrecvd.conf.config import EVENT_KINDS, AmqpConfig, Config
+from dcmrecvd.conf.config import Config
 from dcmrecvd.errors import DcmrecvdError
-from dcmrecvd.events.amqp import CONSUMER as AMQP_CONSUMER
-from dcmrecvd.events.amqp import Publisher, read_password, start_publisher
-from dcmrecvd.events.hooks import Hooks
+from dcmrecvd.events.consumers import EventConsumers
 from dcmrecvd.events.outbox import Outbox
 from dcmrecvd.ops import logs
 from dcmrecvd.ops.health import Health, OpsListeners
@@ -73,14 +71,16 @@ class Daemon:
     ops: OpsListeners | None = None
     #: Set on SIGTERM: probes and the agent say so while associations drain.
     draining: bool = False
-    #: The event outbox and its hooks, from the first configuration with [[hooks]] on.
-    outbox: Outbox | None = None
-    hooks: Hooks | None = None
-    publisher: Publisher | None = None
+    #: The event outbox and its consumers (hooks, AMQP, forwarding), from the first
+    #: configuration with one on.
+    events: EventConsumers = field(init=False)
     #: The ack journal (None: the per-file path, said at start with the reason).
     ack: AckJournal | None = None
     #: Storage Commitment's reporter, from the first configuration that enables it.
     reporter: Reporter | None = None
+
+    def __post_init__(self) -> None:
+        self.events = EventConsumers(self.environ)
 
     def current(self) -> Runtime:
         """The Runtime new associations get (read once per association)."""
@@ -156,9 +156,10 @@ class Daemon:
             draining=self.draining,
             commitment_pending=waiting,
             commitment_oldest_seconds=oldest,
+            forward=self.events.forward_figures(),
             **(
                 {"events_pending": counts["pending"], "events_dead": counts["dead"]}
-                if self.outbox is not None and (counts := self.outbox.counts())
+                if (counts := self.events.counts())
                 else {}
             ),
         )
@@ -179,8 +180,9 @@ class Daemon:
                 for rx in receivers:  # re-reads free space now and then: disk.low / disk.ok
                     rx.disk.has_room()
                 self.stats.disk_low = any(rx.disk.low for rx in receivers)
-                if self.outbox is not None:
-                    self.stats.events = self.outbox.counts()
+                if self.events.outbox is not None:
+                    self.stats.events = self.events.counts()
+                    self.stats.forward_backlog = sum(f[0] for f in self.events.forward_figures().values())
                 if self.reporter is not None:
                     self.stats.commitment_pending = self.reporter.figures()[0]
                 line = self.stats.status_line()
@@ -204,35 +206,15 @@ class Daemon:
     # ------------------------------------------------------------------ events
 
     def _apply_hooks(self, runtime: Runtime) -> None:
-        """Open the outbox when the first consumer ([[hooks]], [events.amqp]) appears;
-        (re)start the hooks and the publisher."""
-        config = runtime.config
-        if self.outbox is None:
-            if not config.hooks and not config.amqp.url:
-                return
-            path = events_database(config, self.environ)
-            self.outbox = Outbox(
-                path, stable_seconds=config.events.stable_seconds, max_seconds=config.events.max_seconds
-            )
-            self.hooks = Hooks(self.outbox, self.environ)
-            self._set_consumers(config)  # known before replayed events are written
-            if self.ack is not None:  # events of acknowledged objects come from the journal
-                self.ack.connect_events(self.outbox.record, self.outbox.persist, self.outbox.knows_event)
-            self.outbox.start()
-            assert self.server is not None
-            self.server.events = self.outbox.record
-            self.stats.events = self.outbox.counts()
-        else:
-            completion = self.outbox.completion
-            completion.stable, completion.cap = config.events.stable_seconds, config.events.max_seconds
-            self._set_consumers(config)
-        assert self.hooks is not None
-        self.hooks.apply(config.hooks)
-        if (self.publisher.cfg if self.publisher else AmqpConfig()) != config.amqp:
-            password = read_password(config.amqp, self.environ)  # may fail: the old one stays
-            if self.publisher is not None:
-                self.publisher.stop()
-            self.publisher = start_publisher(self.outbox, config.amqp, password)
+        """Open the outbox when the first consumer appears; (re)start its consumers."""
+        self.events.apply(runtime.config, events_database(runtime.config, self.environ), self._outbox_opened)
+
+    def _outbox_opened(self, outbox: Outbox) -> None:
+        if self.ack is not None:  # events of acknowledged objects come from the journal
+            self.ack.connect_events(outbox.record, outbox.persist, outbox.knows_event)
+        assert self.server is not None
+        self.server.events = outbox.record
+        self.stats.events = outbox.counts()
 
     def _apply_commitment(self, runtime: Runtime) -> None:
         """Open Storage Commitment when a configuration first enables it (disabling it
@@ -243,20 +225,7 @@ class Daemon:
                 self.server.commitment = self.reporter.commitment
 
     def _emit(self, body: dict[str, object]) -> None:
-        if self.outbox is not None:
-            self.outbox.record(body)
-
-    def _set_consumers(self, config: Config) -> None:
-        """Who takes which events: each hook its kinds, the AMQP publisher all of them;
-        a consumer that went has its pending deliveries dropped."""
-        assert self.outbox is not None
-        wanted = {h.name: frozenset(h.on) for h in config.hooks}
-        if config.amqp.url:
-            wanted[AMQP_CONSUMER] = frozenset(EVENT_KINDS)
-        gone = set(self.outbox.consumers) - set(wanted)
-        self.outbox.consumers = wanted
-        if gone:
-            self.outbox.forget(gone)
+        self.events.record(body)
 
     # ------------------------------------------------------------------ reload
 
@@ -335,13 +304,8 @@ class Daemon:
             self.reporter.close()
         if self.ack is not None:  # every acknowledged object under its name, its events handed on
             self.ack.close()
-        if self.outbox is not None:  # every acknowledged object's event is in, durably
-            assert self.hooks is not None
-            self.hooks.stop()
-            if self.publisher is not None:
-                self.publisher.stop()
-            self.outbox.stop(complete=self.runtime.config.events.complete_on_stop)
-            self.outbox.close()
+        # Every acknowledged object's event is in, durably; consumers stop, work waits on disk.
+        self.events.stop(complete=self.runtime.config.events.complete_on_stop)
         if self.ops is not None:
             self.ops.close()
         log.info("daemon.stopped", aborted=aborted, stored=self.stats.stored)

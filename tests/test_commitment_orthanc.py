@@ -8,10 +8,8 @@ then takes our N-EVENT-REPORT on an association we open to it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from typing import Any
 import pytest
 from commitment_peers import CT, MR, ct_dataset
 from conftest import PROFILES, dcmrecvd_cmd, free_port, isolated_env, wait_for
+from orthanc_peer import Namespace, orthanc_up, own_namespace
 from pydicom.uid import generate_uid
 
 pytestmark = pytest.mark.skipif(
@@ -27,95 +26,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class Namespace:
-    """A network namespace of our own, with its loopback up."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.name, *argv], stdout=out, stderr=subprocess.STDOUT, env=env
-            )
-        self.procs.append(proc)
-        return proc
-
-    def http(self, port: int, method: str, path: str, body: Any = None, data: bytes | None = None) -> Any:
-        argv = ["ip", "netns", "exec", self.name, "curl", "-sS", "-f", "-X", method]
-        payload = data if data is not None else (json.dumps(body).encode() if body is not None else None)
-        if payload is not None:
-            argv += ["--data-binary", "@-"]
-        result = subprocess.run(
-            [*argv, f"http://127.0.0.1:{port}{path}"], input=payload, capture_output=True, timeout=60
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{method} {path}: {result.stderr.decode(errors='replace')}")
-        return json.loads(result.stdout) if result.stdout.strip() else None
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        subprocess.run(["ip", "netns", "delete", self.name], check=False)
-
-
 @pytest.fixture
 def netns() -> Iterator[Namespace]:
-    ns = Namespace(f"dcmrc{os.getpid()}")
-    try:
-        yield ns
-    finally:
-        ns.close()
-
-
-def orthanc_up(ns: Namespace, tmp_path: Path, receiver_port: int) -> tuple[int, int]:
-    dicom, http = free_port(), free_port()
-    storage = tmp_path / "orthanc"
-    storage.mkdir()
-    config = {
-        "Name": "modality",
-        "DicomAet": "ORTHANC",
-        "DicomPort": dicom,
-        "HttpPort": http,
-        "StorageDirectory": str(storage),
-        "IndexDirectory": str(storage),
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowStore": True,
-        "OrthancExplorerEnabled": False,
-        "SaveJobs": False,
-        "Plugins": [],
-        "DicomModalities": {"rcv": {"AET": "RCV", "Host": "127.0.0.1", "Port": receiver_port}},
-    }
-    path = tmp_path / "orthanc.json"
-    path.write_text(json.dumps(config))
-    proc = ns.spawn(["/usr/sbin/Orthanc", str(path)], tmp_path / "orthanc.log")
-
-    def answers() -> bool:
-        assert proc.poll() is None, (tmp_path / "orthanc.log").read_text(errors="replace")[-2000:]
-        try:
-            ns.http(http, "GET", "/system")
-        except RuntimeError:
-            return False
-        return True
-
-    wait_for(answers, timeout=60, interval=0.2)
-    return dicom, http
+    yield from own_namespace()
 
 
 def test_orthanc_hears_success_and_the_failure_reasons(netns: Namespace, tmp_path: Path) -> None:
     receiver_port = free_port()
-    orthanc_dicom, http = orthanc_up(netns, tmp_path, receiver_port)
+    orthanc_dicom, http = orthanc_up(
+        netns, tmp_path, {"rcv": {"AET": "RCV", "Host": "127.0.0.1", "Port": receiver_port}}
+    )
     etc = tmp_path / "etc"
     etc.mkdir()
     (etc / "dcmrecvd.toml").write_text(

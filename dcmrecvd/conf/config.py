@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from pydicom.datadict import tag_for_keyword
 
 from dcmrecvd.conf.access import check_network, check_rules
 from dcmrecvd.conf.commitment import CommitmentConfig, CommitmentPeerConfig, check_peer
+from dcmrecvd.conf.forward import ForwardConfig, check_destination, parse_match
 from dcmrecvd.conf.options import opt as _opt
 from dcmrecvd.errors import ConfigError
 from dcmrecvd.store.disk_space import parse_min_free
@@ -501,6 +503,8 @@ class Config:
     #: ``[[hooks]]``: programs run after the ack (see ``hooks``); an array, so a later file's
     #: list replaces an earlier one's.
     hooks: tuple[HookConfig, ...] = field(default=(), metadata={"table": False})
+    #: ``[[forward]]``: destinations acknowledged objects are delivered to (see ``events.forward``).
+    forward: tuple[ForwardConfig, ...] = field(default=(), metadata={"table": False})
     #: ``[events.amqp]`` (a table inside [events]).
     amqp: AmqpConfig = field(default_factory=AmqpConfig, metadata={"table": False})
     #: ``[ae.<TITLE>]``: per called AE title, the keys of association, output and access
@@ -618,12 +622,17 @@ def build(layers: Iterable[Layer]) -> Config:
     aes: dict[str, dict[str, dict[str, Any]]] = {}
     hooks: list[dict[str, Any]] = []
     peers: list[dict[str, Any]] = []
+    forward: list[dict[str, Any]] = []
     origins: dict[str, str] = {}
     for layer in layers:
         for section, values in validate_layer(layer).items():
             if section == "commitment.peer":
                 peers = list(values)  # type: ignore[arg-type]
                 origins["commitment.peer"] = layer.source
+                continue
+            if section == "forward":
+                forward = list(values)  # type: ignore[arg-type]
+                origins["forward"] = layer.source
                 continue
             if section == "hooks":  # an array: the later file's list replaces the earlier one
                 hooks = list(values)  # type: ignore[arg-type]
@@ -647,6 +656,7 @@ def build(layers: Iterable[Layer]) -> Config:
         hooks=tuple(named),
         amqp=AmqpConfig(**merged.get("events.amqp", {})),
         commitment_peers=tuple(CommitmentPeerConfig(**p) for p in peers),
+        forward=tuple(ForwardConfig(**f) for f in forward),
         origins=origins,
     )
     check_combinations(config)
@@ -729,6 +739,29 @@ def _validate_peers(source: str, value: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _validate_forward(source: str, value: Any) -> list[dict[str, Any]]:
+    """``[[forward]]``: an array of tables, one per destination, names unique."""
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+        raise ConfigError(source, "forward", "must be an array of tables ([[forward]])")
+    out: list[dict[str, Any]] = []
+    for i, table in enumerate(value, 1):
+        table = dict(table)
+        match = table.pop("match", None)
+        checked = _validate_table(source, f"forward[{i}]", ForwardConfig, table)
+        if match is not None:
+            try:
+                checked["match"] = parse_match(match, lambda k: tag_for_keyword(k) is not None)
+            except ValueError as exc:
+                raise ConfigError(source, f"forward[{i}].match", str(exc)) from None
+        problem = check_destination(checked)
+        if problem:
+            raise ConfigError(source, f"forward[{i}].{problem.split(':')[0]}", problem)
+        if any(f["name"] == checked["name"] for f in out):
+            raise ConfigError(source, f"forward[{i}].name", f"'{checked['name']}' is used twice")
+        out.append(checked)
+    return out
+
+
 def validate_layer(layer: Layer) -> dict[str, dict[str, Any]]:
     """Check one layer's tables and values; return a normalised copy."""
     schema = sections()
@@ -739,6 +772,9 @@ def validate_layer(layer: Layer) -> dict[str, dict[str, Any]]:
             continue
         if section == "hooks":
             result["hooks"] = _validate_hooks(layer.source, table)  # type: ignore[assignment]
+            continue
+        if section == "forward":
+            result["forward"] = _validate_forward(layer.source, table)  # type: ignore[assignment]
             continue
         if section == "commitment" and isinstance(table, Mapping) and "peer" in table:
             result["commitment.peer"] = _validate_peers(layer.source, table["peer"])  # type: ignore[assignment]
@@ -880,11 +916,19 @@ def to_mapping(config: Config, *, redact: bool = True) -> dict[str, dict[str, An
         ]
     if config.hooks:
         out["hooks"] = [{f.name: getattr(h, f.name) for f in dataclasses.fields(h)} for h in config.hooks]  # type: ignore[assignment]
+    if config.forward:
+        out["forward"] = [_forward_mapping(f) for f in config.forward]  # type: ignore[assignment]
     if config.ae:
         out["ae"] = {
             title: {name: dict(t) for name, t in tables.items()} for title, tables in config.ae.items()
         }
     return out
+
+
+def _forward_mapping(dest: ForwardConfig) -> dict[str, Any]:
+    table = {f.name: getattr(dest, f.name) for f in dataclasses.fields(dest)}
+    table["match"] = {key: list(globs) for key, globs in dest.match}
+    return table
 
 
 def to_toml(config: Config) -> str:
@@ -950,6 +994,21 @@ def documented_toml(settings: Mapping[str, Mapping[str, Any]] = PACKAGE_SETTINGS
     for f in dataclasses.fields(CommitmentPeerConfig):
         lines.append(f"# {f.metadata['doc']}")
         dumped = tomli_w.dumps({f.name: getattr(peer, f.name)}).rstrip()
+        lines.extend("#" + line for line in dumped.splitlines())
+    lines.append("")
+    lines += [
+        "# [[forward]]: a destination acknowledged objects are delivered to, after the ack,",
+        "# with retries, dead letters and pauses (none by default; see dcmrecvd.toml(5)).",
+        "#[[forward]]",
+    ]
+    dest = ForwardConfig(name="pacs", host="pacs.example", port=104, called_aet="PACS")
+    for f in dataclasses.fields(ForwardConfig):
+        lines.append(f"# {f.metadata['doc']}")
+        value: Any = getattr(dest, f.name)
+        if f.name == "match":
+            lines.append('#match = { Modality = ["CT", "MR"], calling_aet = "CT*" }')
+            continue
+        dumped = tomli_w.dumps({f.name: value}).rstrip()
         lines.extend("#" + line for line in dumped.splitlines())
     lines.append("")
     lines += [

@@ -49,6 +49,8 @@ class Due:
     event_id: int
     study_key: str
     body: Body
+    #: When the outbox took the event (its clock): how long a delivery has been trying.
+    created: float = 0.0
 
 
 class EventStore:
@@ -153,8 +155,10 @@ class EventStore:
         out: list[Due] = []
         with self.lock:  # the bodies of the chosen ones only
             for event_id, key in chosen:
-                body = self.db.execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()[0]
-                out.append(Due(event_id, key, events.from_json(body)))
+                body, created = self.db.execute(
+                    "SELECT body, created FROM events WHERE id = ?", (event_id,)
+                ).fetchone()
+                out.append(Due(event_id, key, events.from_json(body), float(created)))
         return out, retry
 
     def due_in_order(self, consumer: str, limit: int) -> list[Due]:
@@ -203,6 +207,39 @@ class EventStore:
                 "SELECT COALESCE(SUM(dead = 0), 0), COALESCE(SUM(dead = 1), 0) FROM deliveries"
             ).fetchone()
         return int(pending), int(dead)
+
+    def backlog(self, consumer: str) -> tuple[int, float | None]:
+        """A consumer's deliveries waiting, and when the oldest one's event came in."""
+        with self.lock:
+            count, oldest = self.db.execute(
+                "SELECT count(*), min(e.created) FROM deliveries d JOIN events e ON e.id = d.event_id"
+                " WHERE d.consumer = ? AND d.dead = 0",
+                (consumer,),
+            ).fetchone()
+        return int(count), None if oldest is None else float(oldest)
+
+    def dead_letters(self, consumers: Collection[str]) -> list[tuple[str, int, int, str, Body]]:
+        """(consumer, event id, attempts, error, body) of each dead delivery of ``consumers``."""
+        marks = ",".join("?" * len(consumers))
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT d.consumer, e.id, d.attempts, d.error, e.body FROM deliveries d"
+                f" JOIN events e ON e.id = d.event_id WHERE d.dead = 1 AND d.consumer IN ({marks})"
+                " ORDER BY d.consumer, e.id",
+                tuple(consumers),
+            ).fetchall()
+        return [(str(c), int(i), int(a), str(err), events.from_json(b)) for c, i, a, err, b in rows]
+
+    def requeue_dead(self, consumer: str) -> int:
+        """Dead deliveries of ``consumer`` become due again, with their attempts reset."""
+        with self.lock, self.transaction():
+            cursor = self.db.execute(
+                "UPDATE deliveries SET dead = 0, attempts = 0, next_try = 0, error = ''"
+                " WHERE consumer = ? AND dead = 1",
+                (consumer,),
+            )
+        self.notify()
+        return int(cursor.rowcount)
 
     def all_events(self) -> list[Body]:
         """Every event still in the outbox, oldest first (tests, inspection)."""

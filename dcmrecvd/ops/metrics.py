@@ -40,6 +40,8 @@ class LiveFigures:
     #: Storage Commitment reports waiting, and how long the oldest has (None: not enabled).
     commitment_pending: int | None = None
     commitment_oldest_seconds: float = 0.0
+    #: Per forward destination: deliveries waiting, the oldest one's age in seconds, paused.
+    forward: dict[str, tuple[int, float, bool]] = field(default_factory=dict)
 
 
 class _Live(Collector):
@@ -91,6 +93,30 @@ class _Live(Collector):
                 "Age of the oldest Storage Commitment transaction waiting for its report",
                 value=now.commitment_oldest_seconds,
             )
+
+        if now.forward:
+            yield from _forward_gauges(now.forward)
+
+
+def _forward_gauges(figures: dict[str, tuple[int, float, bool]]) -> Iterable[GaugeMetricFamily]:
+    queue = GaugeMetricFamily(
+        "dcmrecvd_forward_queue", "Objects waiting for delivery, by destination", labels=["destination"]
+    )
+    oldest = GaugeMetricFamily(
+        "dcmrecvd_forward_oldest_pending_seconds",
+        "Age of the oldest object waiting for delivery, by destination",
+        labels=["destination"],
+    )
+    paused = GaugeMetricFamily(
+        "dcmrecvd_forward_paused",
+        "1 while a destination is paused (it refused us for good; probed every backoff_max)",
+        labels=["destination"],
+    )
+    for name, (waiting, age, is_paused) in sorted(figures.items()):
+        queue.add_metric([name], waiting)
+        oldest.add_metric([name], age)
+        paused.add_metric([name], int(is_paused))
+    yield from (queue, oldest, paused)
 
 
 class Metrics:
@@ -160,6 +186,20 @@ class Metrics:
         self.commitment_undeliverable = Counter(
             "dcmrecvd_commitment_undeliverable",
             "Storage Commitment reports given up after commitment.give_up_after",
+            registry=r,
+        )
+        self.forward_objects = Counter(
+            "dcmrecvd_forward_objects",
+            "Forwarding attempts by destination and outcome (delivered, warning, duplicate, retry, "
+            "dead, paused, skipped)",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            "dcmrecvd_forward_send_seconds",
+            "One object's C-STORE to a destination, association included when one was opened",
+            ["destination"],
+            buckets=_BUCKETS,
             registry=r,
         )
 

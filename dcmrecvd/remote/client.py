@@ -30,7 +30,7 @@ UNLIMITED_PDU = 1 << 20
 
 class AssociationFailed(Exception):
     """No association: ``why`` is unreachable, rejected (``result``: 1 permanent, 2
-    transient) or aborted."""
+    transient), aborted, or no-context (accepted, but not one presentation context)."""
 
     def __init__(self, why: str, detail: str, result: int = 0) -> None:
         super().__init__(f"{why}: {detail}")
@@ -90,11 +90,13 @@ class OutboundAssociation:
                 f"result {answer.result}, source {answer.source}, reason {answer.reason}",
                 answer.result,
             )
-        if not isinstance(answer, requestor.Accepted) or not answer.contexts:
-            if isinstance(answer, requestor.Accepted):  # accepted, but nothing we can use
-                sock.sendall(core.abort())
+        if isinstance(answer, requestor.Accepted) and not answer.contexts:  # nothing we can use
+            sock.sendall(core.abort())
             sock.close()
-            raise AssociationFailed("aborted", "aborted, or no presentation context accepted")
+            raise AssociationFailed("no-context", "no presentation context accepted")
+        if not isinstance(answer, requestor.Accepted):
+            sock.close()
+            raise AssociationFailed("aborted", "aborted while negotiating")
         sock.settimeout(remote.dimse_timeout)
         return cls(sock, core, answer, remote)
 
@@ -159,6 +161,35 @@ class OutboundAssociation:
                 self._send_dataset(context.context_id, f.fileno(), meta.dataset_offset, size)
 
             return self._request(send)
+
+    def accepts(self, sop_class: str, transfer_syntax: str) -> bool:
+        return any(
+            c.abstract_syntax == sop_class and c.transfer_syntax == transfer_syntax
+            for c in self.contexts.values()
+        )
+
+    def proposed(self, sop_class: str, transfer_syntax: str) -> bool:
+        """Whether this association's A-ASSOCIATE-RQ offered the pair (if not, a newer
+        association may get it accepted)."""
+        return any(
+            p.abstract_syntax == sop_class and transfer_syntax in p.transfer_syntaxes
+            for p in self.core.offered.values()
+        )
+
+    def store_encoded(
+        self, sop_class: str, sop_instance: str, transfer_syntax: str, data: bytes
+    ) -> dimse.Response:
+        """C-STORE of a dataset already encoded in ``transfer_syntax`` (a converted object)."""
+        context = self._context_for(sop_class, transfer_syntax)
+        command = dimse.encode_request(
+            dimse.C_STORE_RQ, self._next_id(), sop_class, sop_instance, has_dataset=True
+        )
+
+        def send() -> None:
+            self._send_command(context.context_id, command)
+            self._send_bytes(context.context_id, data)
+
+        return self._request(send)
 
     def event_report(
         self, sop_class: str, sop_instance: str, event_type: int, dataset: Callable[[str], bytes]

@@ -100,6 +100,8 @@ class Stats:
     stored_by_ae: dict[str, int] = field(default_factory=dict)
     #: Storage Commitment reports not yet delivered (None: not enabled).
     commitment_pending: int | None = None
+    #: Objects waiting for a forward destination, all destinations together.
+    forward_backlog: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -125,6 +127,8 @@ class Stats:
             line += f"; events: {self.events['pending']} pending, {self.events['dead']} dead"
         if self.commitment_pending is not None:
             line += f"; commitment: {self.commitment_pending} reports pending"
+        if self.forward_backlog:
+            line += f"; forwarding: {self.forward_backlog} waiting"
         return "disk below output.min_free, refusing new objects; " + line if self.disk_low else line
 
 

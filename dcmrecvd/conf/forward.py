@@ -1,0 +1,146 @@
+"""``[[forward]]``: destinations every acknowledged object (of those matched) is delivered to.
+
+Forwarding is a consumer of the event outbox, never part of the ack path: an
+object is acknowledged when it is durable here, and delivered afterwards, at
+least once, with retries, dead letters and paused destinations (``events.forward``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dcmrecvd.conf.options import opt
+
+TYPES = ("dimse",)
+SYNTAX_POLICIES = ("as-received", "uncompressed-ok")
+DUPLICATE_CHOICES = ("delivered", "dead")
+#: What a destination may be triggered by (sending whole series or studies is for a later release).
+TRIGGERS = ("object.stored",)
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: Keys of ``match`` answered from the event itself; any other key is a DICOM keyword,
+#: read from the stored file's header.
+EVENT_KEYS = ("called_aet", "calling_aet")
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """One ``[[forward]]`` table: a destination and which objects go there."""
+
+    name: str = opt("", "The destination's name, in logs, metrics and `dcmrecvd forward` (required).")
+    on: str = opt(
+        "object.stored",
+        "What sends an object: object.stored (each acknowledged object, in receive order per study).",
+        choices=TRIGGERS,
+    )
+    type: str = opt("dimse", "How objects are delivered: dimse (C-STORE).", choices=TYPES)
+    match: tuple[tuple[str, tuple[str, ...]], ...] = opt(
+        (),
+        "Which objects go here: a table of key = glob or [globs] (all keys must match, any glob "
+        "of a key). Keys: called_aet, calling_aet, or any DICOM keyword of the header (Modality, "
+        "SOPClassUID, ...), read from the stored file without its pixel data. Empty: every object.",
+    )
+    host: str = opt("", "The destination's host name or address (required).")
+    port: int = opt(104, "Its DICOM port.", minimum=1, maximum=65535)
+    called_aet: str = opt("ANY-SCP", "The destination's AE title.")
+    calling_aet: str = opt("", "Our calling AE title. Empty: the AE title the object arrived on.")
+    tls: bool = opt(False, "Deliver over TLS.")
+    tls_certificate: str = opt("", "Our client certificate (PEM). Empty: none.")
+    tls_private_key: str = opt("", "Its private key (PEM).")
+    tls_ca_files: list[str] = opt([], "Certificates trusted for the destination. Empty: the system's store.")
+    tls_server_name: str = opt(
+        "", "The name the destination's certificate must carry. Empty: the chain is verified, not the name."
+    )
+    max_associations: int = opt(
+        2, "Associations at once (studies are delivered in parallel up to this).", minimum=1, maximum=64
+    )
+    idle_close: int = opt(10, "Seconds an unused association stays open for the next object.", minimum=0)
+    connect_timeout: int = opt(10, "Seconds to connect (TCP and TLS).", minimum=1, maximum=3600)
+    timeout: int = opt(
+        60,
+        "Seconds to wait for the A-ASSOCIATE-AC or a C-STORE-RSP; on expiry the association is "
+        "aborted, the object retried on a new one.",
+        minimum=1,
+        maximum=3600,
+    )
+    transfer_syntax: str = opt(
+        "as-received",
+        "as-received: each object is proposed in its stored transfer syntax only; uncompressed-ok: "
+        "an uncompressed little-endian object may also be sent in the other uncompressed "
+        "little-endian syntax when the destination accepts only that. Nothing is ever decompressed.",
+        choices=SYNTAX_POLICIES,
+    )
+    warnings_delivered: bool = opt(
+        True, "A warning status (0xB000, 0xB006, 0xB007, any 0xBxxx) counts as delivered; false: dead letter."
+    )
+    duplicate_status: str = opt(
+        "delivered",
+        "What a 'duplicate SOP instance' answer (0x0111) means: delivered, or dead (kept as a dead letter).",
+        choices=DUPLICATE_CHOICES,
+    )
+    backoff: int = opt(10, "Seconds before a failed delivery is tried again; doubles each time.", minimum=1)
+    backoff_max: int = opt(
+        600, "The retry interval at most; also how often a paused destination is probed.", minimum=1
+    )
+    give_up_after: int = opt(
+        86400, "Seconds after receipt when an object still not delivered becomes a dead letter.", minimum=1
+    )
+
+    @property
+    def consumer(self) -> str:
+        """Its name among the outbox's consumers (apart from the hooks')."""
+        return f"forward/{self.name}"
+
+    def match_event(self, body: Mapping[str, Any]) -> bool | None:
+        """Whether the event's own fields match (None: the header must also be read)."""
+        for key, globs in self.match:
+            if key in EVENT_KEYS and not any(fnmatch.fnmatchcase(str(body.get(key, "")), g) for g in globs):
+                return False
+        return None if self.header_keys else True
+
+    @property
+    def header_keys(self) -> tuple[str, ...]:
+        return tuple(key for key, _ in self.match if key not in EVENT_KEYS)
+
+    def match_header(self, values: Mapping[str, str]) -> bool:
+        return all(
+            any(fnmatch.fnmatchcase(values.get(key, ""), g) for g in globs)
+            for key, globs in self.match
+            if key not in EVENT_KEYS
+        )
+
+
+def parse_match(value: Any, keyword_known: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A ``match`` table as (key, globs) pairs; ValueError naming what is wrong."""
+    if not isinstance(value, Mapping):
+        raise ValueError('must be a table (match = { Modality = "CT" })')
+    out = []
+    for key, globs in value.items():
+        if key not in EVENT_KEYS and not keyword_known(key):
+            raise ValueError(f"'{key}' is neither called_aet, calling_aet nor a DICOM keyword")
+        if isinstance(globs, str):
+            globs = [globs]
+        if not isinstance(globs, list) or not globs or not all(isinstance(g, str) for g in globs):
+            raise ValueError(f"{key}: expected a glob or an array of globs")
+        out.append((str(key), tuple(globs)))
+    return tuple(out)
+
+
+def check_destination(table: Mapping[str, Any]) -> str:
+    """What is wrong with one validated destination table ("" when nothing)."""
+    if not _NAME.fullmatch(str(table.get("name", ""))):
+        return "name: required, 1-64 of letters, digits, '_', '.', '-'"
+    if not table.get("host"):
+        return "host: required for a dimse destination"
+    for key in ("called_aet", "calling_aet"):
+        aet = str(table.get(key, "ANY-SCP" if key == "called_aet" else ""))
+        if (aet or key == "called_aet") and not (len(aet) <= 16 and aet.strip() and aet.isprintable()):
+            return f"{key}: not an AE title (1-16 characters)"
+        if "\\" in aet:
+            return f"{key}: not an AE title (no backslash)"
+    if bool(table.get("tls_certificate")) != bool(table.get("tls_private_key")):
+        return "tls_certificate: needs tls_private_key (and the other way)"
+    return ""

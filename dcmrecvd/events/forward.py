@@ -1,0 +1,260 @@
+"""Forwarding: each ``[[forward]]`` destination is one more consumer of the event outbox.
+
+Why the outbox: an object is acknowledged once it is durable here, and its
+``object.stored`` event is in the outbox (or replayed from the ack journal
+after a crash) before the journal lets its record go; the forwarder takes the
+events from there, so delivery is at least once across kill -9 and power loss,
+never in the ack path, and a destination that is down only grows a backlog.
+Duplicates are possible: an object sent whose response was lost to a crash is
+sent again after the restart.  A local file is never deleted by forwarding.
+
+Order and fairness: per (called AE, calling AE, study) the oldest pending
+object goes first and alone; studies go in parallel up to
+``max_associations``.  What an answer means is ``forward_outcome``'s table:
+delivered, retry (later, with backoff, then a dead letter after
+``give_up_after``), dead (this object only: its study goes on), or pause (the
+destination refused us for good: nothing is sent until a probe every
+``backoff_max`` seconds is answered otherwise).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom import dcmread
+
+from dcmrecvd.conf.forward import ForwardConfig
+from dcmrecvd.events.event_store import Due
+from dcmrecvd.events.forward_dimse import DimseDestination
+from dcmrecvd.events.forward_outcome import Outcome, Verdict
+from dcmrecvd.events.outbox import Outbox
+from dcmrecvd.ops.metrics import METRICS
+
+log = structlog.get_logger("dcmrecvd")
+
+#: Seconds a scheduler sleeps at most between looks at the outbox (events wake it sooner).
+IDLE_WAIT = 1.0
+
+
+class Forwarder:
+    """Delivers one destination's objects: a scheduler thread and ``max_associations`` workers."""
+
+    def __init__(self, outbox: Outbox, cfg: ForwardConfig) -> None:
+        self.outbox, self.cfg = outbox, cfg
+        self.name = cfg.name
+        self.consumer = cfg.consumer
+        self.destination = DimseDestination(cfg)
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._workers = ThreadPoolExecutor(cfg.max_associations, thread_name_prefix=f"forward {self.name}")
+        self._thread = threading.Thread(target=self._schedule, name=f"forward {self.name}", daemon=True)
+        #: Paused: nothing is sent but a probe at ``_probe_at``.
+        self.paused = False
+        self._probe_at = 0.0
+        #: The destination rests (its connection failed) until then; consecutive failures.
+        self._rest_until = 0.0
+        self._down = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, wait: float = 5.0) -> None:
+        """No new sends; those in flight get ``wait`` seconds (an unanswered one is sent
+        again after the restart: at least once)."""
+        self._stop.set()
+        self.outbox.notify()
+        self._thread.join(2.0)
+        deadline = time.monotonic() + wait
+        self._workers.shutdown(wait=False, cancel_futures=True)
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._busy:
+                    break
+            time.sleep(0.02)
+        self.destination.close()
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _schedule(self) -> None:
+        while not self._stop.is_set():
+            now = self.outbox.clock()
+            gate = self._gate(now)
+            retry: float | None = None
+            due: list[Due] = []
+            if gate is None:
+                with self._lock:
+                    free = (1 if self.paused else self.cfg.max_associations) - len(self._busy)
+                    busy = set(self._busy)
+                if free > 0:
+                    due, retry = self.outbox.due(self.consumer, busy, free)
+                    for item in due:
+                        self._launch(item)
+            if due:
+                continue
+            self.destination.close_idle()
+            wake = min(x for x in (gate, retry, now + IDLE_WAIT) if x is not None)
+            with self.outbox.changed:
+                self.outbox.changed.wait(max(0.01, min(IDLE_WAIT, wake - now)))
+
+    def _gate(self, now: float) -> float | None:
+        """When sending may start again (None: now)."""
+        with self._lock:
+            if self.paused and now < self._probe_at:
+                return self._probe_at
+            if self.paused and self._busy:
+                return now + IDLE_WAIT  # a probe is in flight
+        if now < self._rest_until:
+            return self._rest_until
+        return None
+
+    def _launch(self, due: Due) -> None:
+        with self._lock:
+            self._busy.add(due.study_key)
+        try:
+            self._workers.submit(self._deliver, due)
+        except RuntimeError:  # shut down under us: the delivery stays pending
+            with self._lock:
+                self._busy.discard(due.study_key)
+
+    # ------------------------------------------------------------------ one object
+
+    def _deliver(self, due: Due) -> None:
+        try:
+            self._deliver_one(due)
+        except Exception as exc:  # a bug must not lose the object: retry it later
+            self._handle(due, Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}", label="retry"), 0.0)
+        finally:
+            with self._lock:
+                self._busy.discard(due.study_key)
+            self.outbox.notify()
+
+    def _deliver_one(self, due: Due) -> None:
+        body = due.body
+        path = Path(str(body.get("path", "")))
+        if not self._matches(body, path):
+            self.outbox.done(due.event_id, self.consumer)
+            METRICS.forward_objects.labels(self.name, "skipped").inc()
+            return
+        start = time.monotonic()
+        result = self.destination.send(path, str(body.get("called_aet", "")))
+        self._handle(due, result, time.monotonic() - start)
+
+    def _matches(self, body: dict[str, Any], path: Path) -> bool:
+        first = self.cfg.match_event(body)
+        if first is not None:
+            return first
+        keys = self.cfg.header_keys
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=list(keys))
+        except Exception:  # unreadable: let the send say so (a dead letter with its reason)
+            return True
+        return self.cfg.match_header({k: _text(ds.get(k)) for k in keys})
+
+    def _handle(self, due: Due, result: Outcome, seconds: float) -> None:
+        fields = {
+            "destination": self.name,
+            "sop_instance_uid": due.body.get("sop_instance_uid"),
+            "path": due.body.get("path"),
+            "event_id": due.event_id,
+        }
+        now = self.outbox.clock()
+        if result.verdict is Verdict.PAUSE or (self.paused and result.connection):
+            self._pause(now, result.reason)  # a probe that found it down: still paused
+            return
+        self._resume(result.reason)
+        if result.verdict is Verdict.DELIVERED:
+            self._down = 0
+            self.outbox.done(due.event_id, self.consumer)
+            METRICS.forward_objects.labels(self.name, result.label).inc()
+            METRICS.forward_seconds.labels(self.name).observe(seconds)
+            log.debug("forward.delivered", outcome=result.reason, seconds=round(seconds, 4), **fields)
+            return
+        attempts = self.outbox.attempts(due.event_id, self.consumer) + 1
+        if result.verdict is Verdict.RETRY and now - due.created < self.cfg.give_up_after:
+            delay = self._delay(attempts, result.connection)
+            self.outbox.failed(due.event_id, self.consumer, result.reason, now + delay)
+            METRICS.forward_objects.labels(self.name, "retry").inc()
+            log.warning("forward.retry", reason=result.reason, attempts=attempts, retry_in=delay, **fields)
+            return
+        reason = result.reason
+        if result.verdict is Verdict.RETRY:
+            reason = f"gave up after {attempts} attempts ({self.cfg.give_up_after} s): {reason}"
+        self.outbox.failed(due.event_id, self.consumer, reason, None)
+        METRICS.forward_objects.labels(self.name, "dead").inc()
+        log.error("forward.dead", reason=reason, attempts=attempts, **fields)
+
+    def _delay(self, attempts: int, connection: bool) -> float:
+        """Seconds before the next try; a failed connection rests the whole destination."""
+        if not connection:
+            self._down = 0
+            return float(min(self.cfg.backoff * 2.0 ** (attempts - 1), self.cfg.backoff_max))
+        with self._lock:
+            self._down += 1
+            delay = float(min(self.cfg.backoff * 2.0 ** (self._down - 1), self.cfg.backoff_max))
+            self._rest_until = max(self._rest_until, self.outbox.clock() + delay)
+        return delay
+
+    def _pause(self, now: float, reason: str) -> None:
+        with self._lock:
+            was = self.paused
+            self.paused = True
+            self._probe_at = now + self.cfg.backoff_max
+        if not was:
+            METRICS.forward_objects.labels(self.name, "paused").inc()
+            log.error(
+                "forward.paused", destination=self.name, reason=reason, probe_every=self.cfg.backoff_max
+            )
+
+    def _resume(self, answer: str) -> None:
+        with self._lock:
+            was, self.paused = self.paused, False
+        if was:
+            log.warning("forward.resumed", destination=self.name, answer=answer)
+
+    def figures(self) -> tuple[int, float, bool]:
+        """(deliveries waiting, the oldest one's age in seconds, paused)."""
+        waiting, oldest = self.outbox.backlog(self.consumer)
+        age = 0.0 if oldest is None else max(0.0, self.outbox.clock() - oldest)
+        return waiting, age, self.paused
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return "\\".join(str(v) for v in value.value) if value.VM > 1 else str(value.value)
+
+
+class Forwarding:
+    """The running forwarders, one per ``[[forward]]`` table; ``apply`` follows SIGHUP."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.running: dict[str, Forwarder] = {}
+
+    def apply(self, destinations: tuple[ForwardConfig, ...]) -> None:
+        """Start new destinations, restart changed ones, stop removed ones; queued objects
+        stay in the outbox under the destination's name, so a change loses none."""
+        wanted = {d.name: d for d in destinations}
+        for name in list(self.running):
+            current = self.running[name]
+            if wanted.get(name) != current.cfg:
+                current.stop()
+                del self.running[name]
+        for name, cfg in wanted.items():
+            if name not in self.running:
+                self.running[name] = Forwarder(self.outbox, cfg)
+                self.running[name].start()
+
+    def figures(self) -> dict[str, tuple[int, float, bool]]:
+        return {name: f.figures() for name, f in self.running.items()}
+
+    def stop(self, wait: float = 5.0) -> None:
+        for forwarder in self.running.values():
+            forwarder.stop(wait)
+        self.running.clear()
