@@ -13,6 +13,8 @@ from pathlib import Path
 
 from dcmrecvd import __version__
 from dcmrecvd.conf import config, flags
+from dcmrecvd.conf.commitment import CommitmentPeerConfig
+from dcmrecvd.conf.forward import ForwardConfig
 from dcmrecvd.ops import logs
 from dcmrecvd.serve import tls
 
@@ -122,6 +124,10 @@ def dcmrecvd_8() -> str:
         ".SH SYNOPSIS",
         ".B dcmrecvd",
         "[\\fIoptions\\fR] [\\fIport\\fR]",
+        ".br",
+        ".B dcmrecvd forward",
+        "\\fB\\-\\-list\\-dead\\fR [\\fIname\\fR...] | \\fB\\-\\-retry\\-dead\\fR \\fIname\\fR...",
+        "[\\fB\\-\\-config\\fR \\fIfile\\fR] [\\fB\\-\\-config\\-dir\\fR \\fIdir\\fR] [\\fB\\-od\\fR \\fIdir\\fR]",
         ".SH DESCRIPTION",
         DESCRIPTION.rstrip(),
         ".SH OPTIONS",
@@ -146,6 +152,18 @@ def dcmrecvd_8() -> str:
         "+cs takes the names +cc lists and adds them to the profile's suites; an unknown suite, or a",
         "NULL suite under any profile but +pn, exits 71; +cs with +pz is a command-line error (exit 1).",
         "+ps reads one line from standard input when it is not a terminal.",
+    ]
+    out += [
+        ".SH FORWARD DEAD LETTERS",
+        _esc(
+            "dcmrecvd forward --list-dead prints each dead letter of the [[forward]] destinations "
+            "named (all by default), one per line, tab-separated: destination, event id, attempts, "
+            "SOP Instance UID, path, reason. dcmrecvd forward --retry-dead NAME... makes the named "
+            "destinations' dead letters due again, in their study's order (the running daemon "
+            "picks them up within a second). Both read the configuration as the daemon does "
+            "(--config, --config-dir, -od for an output directory given on the daemon's command "
+            "line) to find the outbox. Exit 0, or 1 for an unknown destination."
+        ),
     ]
     out += [SECTIONS_8.rstrip(), ".TS", "l l."]
     out += [f"{event}\t{logs.message_id(event)}" for event in logs.EVENTS]
@@ -231,6 +249,32 @@ def dcmrecvd_toml_5() -> str:
     ]
     out += _keys(config.HookConfig())
     out += [
+        ".SH [[commitment.peer]]",
+        _esc(
+            "An AE that may ask for Storage Commitment (the calling AE of its N-ACTION), and where "
+            "its report (N-EVENT-REPORT, on an association dcmrecvd opens) goes. An N-ACTION from "
+            "an AE without a table is refused 0x0110 with an Error Comment."
+        ),
+    ]
+    out += _keys(CommitmentPeerConfig())
+    out += [
+        ".SH [[forward]]",
+        _esc(
+            "A destination every acknowledged object (or those match selects) is delivered to by "
+            "C-STORE, after the ack, from the stored file as it is. A consumer of the event outbox: "
+            "at least once across kill -9, power loss and outages, duplicates possible, a local "
+            "file never deleted. Per (called AE, calling AE, study) in receive order; studies in "
+            "parallel up to max_associations. Outcomes: 0x0000 and warnings delivered; 0x0111 per "
+            "duplicate_status; 0xA7xx, 0x0213, 0x0110, refused or reset connections, transient "
+            "rejections, aborts and timeouts retried with backoff (a connection failure rests the "
+            "whole destination), then a dead letter after give_up_after; 0xA9xx, 0xCxxx, 0x0122, "
+            "other failures and an unaccepted SOP class or transfer syntax a dead letter for that "
+            "object; a permanent rejection or 0x0124 pauses the destination (probed every "
+            "backoff_max). See dcmrecvd forward in dcmrecvd(8)."
+        ),
+    ]
+    out += _keys(ForwardConfig())
+    out += [
         ".SH SEE ALSO",
         ".BR dcmrecvd (8)",
     ]
@@ -243,6 +287,8 @@ def _keys(table: object) -> list[str]:
     for f in dataclasses.fields(table):  # type: ignore[arg-type]
         default = getattr(table, f.name)
         shown = f'"{default}"' if isinstance(default, str) else str(default).lower()
+        if isinstance(default, tuple):  # a table of its own (match)
+            shown = "{}"
         out += [".TP", f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})", _esc(f.metadata["doc"])]
     return out
 

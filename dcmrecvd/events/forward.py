@@ -140,6 +140,7 @@ class Forwarder:
         if not self._matches(body, path):
             self.outbox.done(due.event_id, self.consumer)
             METRICS.forward_objects.labels(self.name, "skipped").inc()
+            log.debug("forward.skipped", destination=self.name, event_id=due.event_id, path=str(path))
             return
         start = time.monotonic()
         result = self.destination.send(path, str(body.get("called_aet", "")))

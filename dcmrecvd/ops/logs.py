@@ -99,7 +99,6 @@ EVENTS = (
     "forward.dead",
     "forward.paused",
     "forward.resumed",
-    "forward.requeued",
     "storage.stale_temp_removed",
     "reload.started",
     "reload.completed",
