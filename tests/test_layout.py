@@ -15,7 +15,17 @@ PACKAGE = Path(dcmrecvd.__file__).parent
 #: The longest a class may grow before it is doing more than one job (#22).
 MAX_CLASS_LINES = 300
 #: Modules that sit above the layers (or beside all of them).
-TOP = {"__init__", "__main__", "cli", "cli_forward", "lifecycle", "manpage", "errors", "signal_inbox", "detach"}
+TOP = {
+    "__init__",
+    "__main__",
+    "cli",
+    "cli_forward",
+    "lifecycle",
+    "manpage",
+    "errors",
+    "signal_inbox",
+    "detach",
+}
 
 
 def test_no_class_is_over_300_lines() -> None:

@@ -155,7 +155,7 @@ class Forwarder:
             ds = dcmread(path, stop_before_pixels=True, specific_tags=list(keys))
         except Exception:  # unreadable: let the send say so (a dead letter with its reason)
             return True
-        return self.cfg.match_header({k: _text(ds.get(k)) for k in keys})
+        return self.cfg.match_header({k: _text(ds.data_element(k)) for k in keys})
 
     def _handle(self, due: Due, result: Outcome, seconds: float) -> None:
         fields = {
@@ -225,10 +225,11 @@ class Forwarder:
         return waiting, age, self.paused
 
 
-def _text(value: Any) -> str:
-    if value is None:
+def _text(element: Any) -> str:
+    """An element's value as text (values of a multi-valued one joined by a backslash)."""
+    if element is None or element.value is None:
         return ""
-    return "\\".join(str(v) for v in value.value) if value.VM > 1 else str(value.value)
+    return "\\".join(str(v) for v in element.value) if element.VM > 1 else str(element.value)
 
 
 class Forwarding:

@@ -58,7 +58,7 @@ def of_status(status: int, comment: str, *, warnings_delivered: bool, duplicate_
     """The verdict on a C-STORE response status."""
     text = f"status 0x{status:04X}" + (f" ({comment})" if comment else "")
     if status == 0x0000:
-        return Outcome(Verdict.DELIVERED, "success", label="delivered")
+        return Outcome(Verdict.DELIVERED, "status 0x0000: success", label="delivered")
     if status == DUPLICATE:
         verdict = Verdict.DELIVERED if duplicate_delivered else Verdict.DEAD
         return Outcome(verdict, f"{text}: duplicate SOP instance", label="duplicate")
