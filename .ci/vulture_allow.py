@@ -52,3 +52,5 @@ _.echo
 proposals  # wire.requestor.proposals: how callers of dcmrecvd.remote number their contexts
 _.path_exists  # API for Storage Commitment and the duplicate policy (dcmrecvd/store/instance_index.py)
 _.usage  # journal use, for tests and inspection (dcmrecvd/store/journal.py)
+_.is_implicit_VR  # pydicom's writer reads these flags of the buffer (dcmrecvd/events/forward_dimse.py)
+_.is_little_endian

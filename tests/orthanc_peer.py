@@ -96,13 +96,17 @@ def orthanc_up(
     path.write_text(json.dumps(config))
     proc = ns.spawn(["/usr/sbin/Orthanc", str(path)], tmp_path / "orthanc.log")
 
+    CURL_STATUS = ["ip", "netns", "exec", ns.name, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}"]
+
     def answers() -> bool:
         assert proc.poll() is None, (tmp_path / "orthanc.log").read_text(errors="replace")[-2000:]
-        try:
-            ns.http(http, "GET", "/system")
-        except RuntimeError:
-            return False
-        return True
+        code = subprocess.run(  # any HTTP answer (401 with authentication on) means it is up
+            [*CURL_STATUS, f"http://127.0.0.1:{http}/system"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        return code not in ("", "000")
 
     wait_for(answers, timeout=60, interval=0.2)
     return dicom, http

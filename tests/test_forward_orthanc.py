@@ -4,6 +4,7 @@ the oracle: Orthanc's SOP Instance UIDs equal the acknowledged set, each study i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -107,3 +108,140 @@ def test_a_backlog_drains_into_orthanc_across_kill_9_in_order(netns: Namespace, 
     for study in {str(ds.StudyInstanceUID) for ds in objects}:
         in_study = [str(ds.SOPInstanceUID) for ds in objects if str(ds.StudyInstanceUID) == study]
         assert [u for u in order if u in set(in_study)] == in_study, "a study arrives in receive order"
+
+
+DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def dicomweb_orthanc(ns: Namespace, tmp_path: Path) -> tuple[int, int]:
+    return orthanc_up(
+        ns,
+        tmp_path,
+        Plugins=[DICOMWEB],
+        DicomWeb={"Enable": True, "Root": "/dicom-web/"},
+        AuthenticationEnabled=True,
+        RegisteredUsers={"forwarder": "s3cret"},
+    )
+
+
+def authed(ns: Namespace, http: int, path: str) -> object:
+    out = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns.name,
+            "curl",
+            "-sSf",
+            "-u",
+            "forwarder:s3cret",
+            f"http://127.0.0.1:{http}{path}",
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(not Path(DICOMWEB).exists(), reason="needs Debian's orthanc-dicomweb")
+def test_stow_rs_by_series_with_credentials(netns: Namespace, tmp_path: Path) -> None:
+    _dicom, http = dicomweb_orthanc(netns, tmp_path)
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "dcmrecvd.toml").write_text(
+        "[[forward]]\n"
+        'name = "web"\ntype = "stowrs"\n'
+        f'url = "http://127.0.0.1:{http}/dicom-web/studies"\n'
+        f'username = "forwarder"\npassword_file = "{secret}"\nbatch = "series"\n'
+        "backoff = 1\nbackoff_max = 2\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    receiver = free_port()
+    start_receiver(netns, tmp_path, etc, out, receiver, 0)
+    objects = studies(2, 6)
+    for ds in objects[6:]:  # the second half of each study in a series of its own
+        ds.SeriesInstanceUID = ds.StudyInstanceUID + ".2"
+    files = tmp_path / "objects"
+    files.mkdir()
+    paths = []
+    for i, ds in enumerate(objects):
+        paths.append(files / f"{i:04d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    sent = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns.name,
+            "storescu",
+            "-aec",
+            "RCV",
+            "127.0.0.1",
+            str(receiver),
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sent.returncode == 0, sent.stderr[-2000:]
+    wanted = {str(ds.SOPInstanceUID) for ds in objects}
+
+    def held() -> set[str]:
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in authed(netns, http, "/instances?expand")}  # type: ignore[attr-defined]
+
+    wait_for(lambda: held() == wanted, timeout=60, interval=0.2)
+    log = (tmp_path / "dcmrecvd0.log").read_text(errors="replace")
+    assert "s3cret" not in log, "a credential is never logged"
+    assert "forward.dead" not in log and "forward.paused" not in log
+
+
+@pytest.mark.skipif(not Path(DICOMWEB).exists(), reason="needs Debian's orthanc-dicomweb")
+def test_stow_rs_with_a_wrong_password_pauses_once(netns: Namespace, tmp_path: Path) -> None:
+    _dicom, http = dicomweb_orthanc(netns, tmp_path)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (tmp_path / "token").write_text("not-a-token\n")
+    (etc / "dcmrecvd.toml").write_text(
+        "[[forward]]\n"
+        'name = "web"\ntype = "stowrs"\n'
+        f'url = "http://127.0.0.1:{http}/dicom-web/studies"\n'
+        f'token_file = "{tmp_path / "token"}"\nbackoff = 1\nbackoff_max = 1\n'
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    receiver = free_port()
+    start_receiver(netns, tmp_path, etc, out, receiver, 0)
+    files = tmp_path / "objects"
+    files.mkdir()
+    paths = []
+    for i, ds in enumerate(studies(1, 5)):
+        paths.append(files / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            netns.name,
+            "storescu",
+            "-aec",
+            "RCV",
+            "127.0.0.1",
+            str(receiver),
+            *map(str, paths),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    log = tmp_path / "dcmrecvd0.log"
+    wait_for(lambda: "forward.paused" in log.read_text(errors="replace"), timeout=30)
+    text = log.read_text(errors="replace")
+    assert text.count("forward.paused") == 1 and "401" in text
+    assert "forward.retry" not in text and "forward.dead" not in text
+    assert "not-a-token" not in text

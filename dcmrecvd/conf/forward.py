@@ -15,7 +15,8 @@ from typing import Any
 
 from dcmrecvd.conf.options import opt
 
-TYPES = ("dimse",)
+TYPES = ("dimse", "stowrs")
+BATCHES = ("object", "series")
 SYNTAX_POLICIES = ("as-received", "uncompressed-ok")
 DUPLICATE_CHOICES = ("delivered", "dead")
 #: What a destination may be triggered by (sending whole series or studies is for a later release).
@@ -36,14 +37,16 @@ class ForwardConfig:
         "What sends an object: object.stored (each acknowledged object, in receive order per study).",
         choices=TRIGGERS,
     )
-    type: str = opt("dimse", "How objects are delivered: dimse (C-STORE).", choices=TYPES)
+    type: str = opt(
+        "dimse", "How objects are delivered: dimse (C-STORE) or stowrs (DICOMweb STOW-RS).", choices=TYPES
+    )
     match: tuple[tuple[str, tuple[str, ...]], ...] = opt(
         (),
         "Which objects go here: a table of key = glob or [globs] (all keys must match, any glob "
         "of a key). Keys: called_aet, calling_aet, or any DICOM keyword of the header (Modality, "
         "SOPClassUID, ...), read from the stored file without its pixel data. Empty: every object.",
     )
-    host: str = opt("", "The destination's host name or address (required).")
+    host: str = opt("", "dimse: the destination's host name or address (required).")
     port: int = opt(104, "Its DICOM port.", minimum=1, maximum=65535)
     called_aet: str = opt("ANY-SCP", "The destination's AE title.")
     calling_aet: str = opt("", "Our calling AE title. Empty: the AE title the object arrived on.")
@@ -53,6 +56,30 @@ class ForwardConfig:
     tls_ca_files: list[str] = opt([], "Certificates trusted for the destination. Empty: the system's store.")
     tls_server_name: str = opt(
         "", "The name the destination's certificate must carry. Empty: the chain is verified, not the name."
+    )
+    url: str = opt(
+        "",
+        "stowrs: the STOW-RS endpoint (https://pacs.example/dicom-web/studies); no credentials in it.",
+    )
+    token_file: str = opt("", "stowrs: a file holding a bearer token (its first line).")
+    username: str = opt("", "stowrs: a user for HTTP basic authentication (password from password_file).")
+    password_file: str = opt("", "stowrs: a file holding the basic-authentication password (its first line).")
+    credential: str = opt(
+        "",
+        "stowrs: a systemd credential (LoadCredential=) holding the password (with username) or the "
+        "bearer token (without).",
+    )
+    tls_verify: bool = opt(
+        True, "stowrs: verify the server's certificate (against tls_ca_files or the system's)."
+    )
+    batch: str = opt(
+        "object",
+        "stowrs: one request per object, or per series (consecutive objects of one series in a "
+        "multipart body, streamed from the files, at most max_bytes).",
+        choices=BATCHES,
+    )
+    max_bytes: int = opt(
+        64 << 20, "stowrs: the largest batch body in bytes (a larger object goes alone).", minimum=1 << 16
     )
     max_associations: int = opt(
         2, "Associations at once (studies are delivered in parallel up to this).", minimum=1, maximum=64
@@ -133,8 +160,12 @@ def check_destination(table: Mapping[str, Any]) -> str:
     """What is wrong with one validated destination table ("" when nothing)."""
     if not _NAME.fullmatch(str(table.get("name", ""))):
         return "name: required, 1-64 of letters, digits, '_', '.', '-'"
-    if not table.get("host"):
+    if table.get("type", "dimse") == "dimse" and not table.get("host"):
         return "host: required for a dimse destination"
+    if table.get("type") == "stowrs":
+        problem = _check_stow(table)
+        if problem:
+            return problem
     for key in ("called_aet", "calling_aet"):
         aet = str(table.get(key, "ANY-SCP" if key == "called_aet" else ""))
         if (aet or key == "called_aet") and not (len(aet) <= 16 and aet.strip() and aet.isprintable()):
@@ -143,4 +174,15 @@ def check_destination(table: Mapping[str, Any]) -> str:
             return f"{key}: not an AE title (no backslash)"
     if bool(table.get("tls_certificate")) != bool(table.get("tls_private_key")):
         return "tls_certificate: needs tls_private_key (and the other way)"
+    return ""
+
+
+def _check_stow(table: Mapping[str, Any]) -> str:
+    url = str(table.get("url", ""))
+    if not re.fullmatch(r"https?://[^/@\s]+(/\S*)?", url):
+        return "url: required for stowrs: http(s)://host[:port]/path, no user or password in it"
+    if table.get("token_file") and (table.get("username") or table.get("password_file")):
+        return "token_file: a bearer token or basic authentication (username), not both"
+    if table.get("password_file") and not table.get("username"):
+        return "password_file: needs username"
     return ""

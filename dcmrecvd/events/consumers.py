@@ -51,7 +51,7 @@ class EventConsumers:
                 database, stable_seconds=config.events.stable_seconds, max_seconds=config.events.max_seconds
             )
             self.hooks = Hooks(self.outbox, self.environ)
-            self.forwarding = Forwarding(self.outbox)
+            self.forwarding = Forwarding(self.outbox, self.environ)
             self._set_consumers(config)
             on_open(self.outbox)
             self.outbox.start()

@@ -161,6 +161,24 @@ class EventStore:
                 out.append(Due(event_id, key, events.from_json(body), float(created)))
         return out, retry
 
+    def following(self, consumer: str, study_key: str, after: int, limit: int) -> list[Due]:
+        """``consumer``'s pending, due deliveries of one study after event ``after``, in order
+        (what may join that event in one batch)."""
+        now = self.clock()
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT e.id, e.body, e.created, d.next_try FROM deliveries d JOIN events e"
+                " ON e.id = d.event_id WHERE d.consumer = ? AND d.dead = 0 AND e.study_key = ?"
+                " AND e.id > ? ORDER BY e.id LIMIT ?",
+                (consumer, study_key, after, limit),
+            ).fetchall()
+        out = []
+        for event_id, body, created, next_try in rows:
+            if next_try > now:  # not due: nothing after it may overtake it
+                break
+            out.append(Due(int(event_id), study_key, events.from_json(body), float(created)))
+        return out
+
     def due_in_order(self, consumer: str, limit: int) -> list[Due]:
         """Up to ``limit`` of ``consumer``'s due events, oldest first (a publisher keeps
         the order of the log, not per study)."""

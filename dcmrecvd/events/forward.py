@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from pydicom import dcmread
@@ -32,6 +33,7 @@ from dcmrecvd.conf.forward import ForwardConfig
 from dcmrecvd.events.event_store import Due
 from dcmrecvd.events.forward_dimse import DimseDestination
 from dcmrecvd.events.forward_outcome import Outcome, Verdict
+from dcmrecvd.events.forward_stow import StowDestination, read_secret
 from dcmrecvd.events.outbox import Outbox
 from dcmrecvd.ops.metrics import METRICS
 
@@ -39,16 +41,30 @@ log = structlog.get_logger("dcmrecvd")
 
 #: Seconds a scheduler sleeps at most between looks at the outbox (events wake it sooner).
 IDLE_WAIT = 1.0
+#: Objects in one STOW-RS batch at most (besides max_bytes).
+BATCH_LIMIT = 500
+
+
+class Destination(Protocol):
+    """How a forwarder hands objects to a destination (DIMSE or STOW-RS)."""
+
+    def deliver(self, items: list[tuple[Path, Mapping[str, Any]]]) -> list[Outcome]: ...
+
+    def close(self) -> None: ...
+
+    def close_idle(self) -> None: ...
 
 
 class Forwarder:
     """Delivers one destination's objects: a scheduler thread and ``max_associations`` workers."""
 
-    def __init__(self, outbox: Outbox, cfg: ForwardConfig) -> None:
+    def __init__(self, outbox: Outbox, cfg: ForwardConfig, environ: Mapping[str, str]) -> None:
         self.outbox, self.cfg = outbox, cfg
         self.name = cfg.name
         self.consumer = cfg.consumer
-        self.destination = DimseDestination(cfg)
+        self.destination: Destination = (
+            StowDestination(cfg, environ) if cfg.type == "stowrs" else DimseDestination(cfg)
+        )
         self._busy: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -135,16 +151,41 @@ class Forwarder:
             self.outbox.notify()
 
     def _deliver_one(self, due: Due) -> None:
-        body = due.body
-        path = Path(str(body.get("path", "")))
-        if not self._matches(body, path):
-            self.outbox.done(due.event_id, self.consumer)
+        batch: list[tuple[Due, Path]] = []
+        for item in [due, *self._more_of_series(due)]:
+            path = Path(str(item.body.get("path", "")))
+            if self._matches(item.body, path):
+                batch.append((item, path))
+                continue
+            self.outbox.done(item.event_id, self.consumer)
             METRICS.forward_objects.labels(self.name, "skipped").inc()
-            log.debug("forward.skipped", destination=self.name, event_id=due.event_id, path=str(path))
+            log.debug("forward.skipped", destination=self.name, event_id=item.event_id, path=str(path))
+        if not batch:
             return
         start = time.monotonic()
-        result = self.destination.send(path, str(body.get("called_aet", "")))
-        self._handle(due, result, time.monotonic() - start)
+        results = self.destination.deliver([(path, item.body) for item, path in batch])
+        seconds = (time.monotonic() - start) / len(batch)
+        delay: float | None = None
+        now = self.outbox.clock()  # one time for the batch: it stays together on its retry
+        for (item, _path), result in zip(batch, results, strict=True):
+            if result.connection and result.verdict is Verdict.RETRY:  # one rest for the batch
+                delay = self._delay(1, True, result.retry_after) if delay is None else delay
+            self._handle(item, result, seconds, delay, now)
+
+    def _more_of_series(self, due: Due) -> list[Due]:
+        """With ``batch = "series"``: the objects that follow ``due`` in its study, pending and
+        due, of the same series, up to ``max_bytes`` together."""
+        if self.cfg.type != "stowrs" or self.cfg.batch != "series":
+            return []
+        series = due.body.get("series_uid")
+        total = int(due.body.get("size", 0) or 0)
+        more = []
+        for item in self.outbox.following(self.consumer, due.study_key, due.event_id, BATCH_LIMIT):
+            total += int(item.body.get("size", 0) or 0)
+            if item.body.get("series_uid") != series or total > self.cfg.max_bytes:
+                break
+            more.append(item)
+        return more
 
     def _matches(self, body: dict[str, Any], path: Path) -> bool:
         first = self.cfg.match_event(body)
@@ -157,14 +198,16 @@ class Forwarder:
             return True
         return self.cfg.match_header({k: _text(ds.data_element(k)) for k in keys})
 
-    def _handle(self, due: Due, result: Outcome, seconds: float) -> None:
+    def _handle(
+        self, due: Due, result: Outcome, seconds: float, delay: float | None = None, now: float | None = None
+    ) -> None:
         fields = {
             "destination": self.name,
             "sop_instance_uid": due.body.get("sop_instance_uid"),
             "path": due.body.get("path"),
             "event_id": due.event_id,
         }
-        now = self.outbox.clock()
+        now = self.outbox.clock() if now is None else now
         if result.verdict is Verdict.PAUSE or (self.paused and result.connection):
             self._pause(now, result.reason)  # a probe that found it down: still paused
             return
@@ -178,7 +221,8 @@ class Forwarder:
             return
         attempts = self.outbox.attempts(due.event_id, self.consumer) + 1
         if result.verdict is Verdict.RETRY and now - due.created < self.cfg.give_up_after:
-            delay = self._delay(attempts, result.connection)
+            if delay is None or not result.connection:
+                delay = self._delay(attempts, result.connection, result.retry_after)
             self.outbox.failed(due.event_id, self.consumer, result.reason, now + delay)
             METRICS.forward_objects.labels(self.name, "retry").inc()
             log.warning("forward.retry", reason=result.reason, attempts=attempts, retry_in=delay, **fields)
@@ -190,14 +234,16 @@ class Forwarder:
         METRICS.forward_objects.labels(self.name, "dead").inc()
         log.error("forward.dead", reason=reason, attempts=attempts, **fields)
 
-    def _delay(self, attempts: int, connection: bool) -> float:
-        """Seconds before the next try; a failed connection rests the whole destination."""
+    def _delay(self, attempts: int, connection: bool, asked: float = 0.0) -> float:
+        """Seconds before the next try (at least what the destination ``asked``); a failed
+        connection rests the whole destination."""
         if not connection:
             self._down = 0
-            return float(min(self.cfg.backoff * 2.0 ** (attempts - 1), self.cfg.backoff_max))
+            return max(asked, float(min(self.cfg.backoff * 2.0 ** (attempts - 1), self.cfg.backoff_max)))
         with self._lock:
             self._down += 1
             delay = float(min(self.cfg.backoff * 2.0 ** (self._down - 1), self.cfg.backoff_max))
+            delay = max(delay, asked)
             self._rest_until = max(self._rest_until, self.outbox.clock() + delay)
         return delay
 
@@ -235,14 +281,18 @@ def _text(element: Any) -> str:
 class Forwarding:
     """The running forwarders, one per ``[[forward]]`` table; ``apply`` follows SIGHUP."""
 
-    def __init__(self, outbox: Outbox) -> None:
+    def __init__(self, outbox: Outbox, environ: Mapping[str, str]) -> None:
         self.outbox = outbox
+        self.environ = environ
         self.running: dict[str, Forwarder] = {}
 
     def apply(self, destinations: tuple[ForwardConfig, ...]) -> None:
         """Start new destinations, restart changed ones, stop removed ones; queued objects
         stay in the outbox under the destination's name, so a change loses none."""
         wanted = {d.name: d for d in destinations}
+        for cfg in wanted.values():  # secrets first: an unreadable one changes nothing
+            if cfg.type == "stowrs":
+                read_secret(cfg, self.environ)
         for name in list(self.running):
             current = self.running[name]
             if wanted.get(name) != current.cfg:
@@ -250,7 +300,7 @@ class Forwarding:
                 del self.running[name]
         for name, cfg in wanted.items():
             if name not in self.running:
-                self.running[name] = Forwarder(self.outbox, cfg)
+                self.running[name] = Forwarder(self.outbox, cfg, self.environ)
                 self.running[name].start()
 
     def figures(self) -> dict[str, tuple[int, float, bool]]:

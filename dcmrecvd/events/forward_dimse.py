@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
@@ -96,6 +98,10 @@ class DimseDestination:
                     each.offered = offered
                     each.close()  # idle ones go; new ones propose the new pair
             return pool
+
+    def deliver(self, items: list[tuple[Path, Mapping[str, Any]]]) -> list[Outcome]:
+        """One C-STORE per item (a batch is one object: associations carry the rest)."""
+        return [self.send(path, str(body.get("called_aet", ""))) for path, body in items]
 
     def send(self, path: Path, calling_aet: str) -> Outcome:
         """Deliver one stored file; the verdict on the destination's answer."""

@@ -30,6 +30,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from dcmrecvd.wire.status import Status
+
 
 class Verdict(enum.Enum):
     DELIVERED = "delivered"
@@ -47,9 +49,11 @@ class Outcome:
     connection: bool = False
     #: For the metric: delivered, warning, duplicate, retry, dead, paused.
     label: str = ""
+    #: Seconds the destination asked us to wait (HTTP Retry-After); 0: our own backoff.
+    retry_after: float = 0.0
 
 
-DUPLICATE = 0x0111
+DUPLICATE = Status.DUPLICATE_INSTANCE
 NOT_AUTHORIZED = 0x0124
 _RETRY_STATUSES = {0x0110: "processing failure", 0x0213: "resource limitation"}
 
