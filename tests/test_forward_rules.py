@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -213,3 +214,35 @@ def test_the_metrics_say_what_forwarding_did(daemons: DaemonFactory, destination
     assert figure("dcmrecvd_forward_queue", destination="pacs") == 0
     assert figure("dcmrecvd_forward_paused", destination="pacs") == 0
     assert figure("dcmrecvd_forward_send_seconds_count", destination="pacs") == 3
+
+
+def nothing_arrives(destination: Destination, seconds: float) -> None:
+    """A negative check: for ``seconds``, the destination receives nothing."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert destination.uids() == [], "sent before its unit was complete"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("unit", ["study.complete", "series.complete"])
+def test_a_unit_is_sent_once_complete_and_a_late_object_with_its_update(
+    daemons: DaemonFactory, destination: Destination, unit: str
+) -> None:
+    destination.start()
+    write_config(
+        daemons.config_dir, "[events]\nstable_seconds = 3\n\n" + forward_toml(destination.port, on=unit)
+    )
+    d = daemons.start()
+    objects = studies(2, 5)
+    assert send(d.port, objects) == [0] * 10
+    nothing_arrives(destination, 1.0)  # within stable_seconds: the units are still open
+    wait_for(lambda: len(destination.received) == 10, timeout=30)
+    got = list(destination.received)
+    for study in {str(ds.StudyInstanceUID) for ds in objects}:
+        sent = [str(ds.SOPInstanceUID) for ds in objects if str(ds.StudyInstanceUID) == study]
+        assert [r.sop_instance_uid for r in got if r.study_uid == study] == sent
+    late = ct(str(objects[0].StudyInstanceUID), 99)
+    assert send(d.port, [late]) == [0]
+    wait_for(lambda: len(destination.received) == 11, timeout=30)
+    assert destination.received[-1].sop_instance_uid == str(late.SOPInstanceUID)
+    assert _pending(d) == 0

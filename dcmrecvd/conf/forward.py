@@ -19,8 +19,8 @@ TYPES = ("dimse", "stowrs")
 BATCHES = ("object", "series")
 SYNTAX_POLICIES = ("as-received", "uncompressed-ok")
 DUPLICATE_CHOICES = ("delivered", "dead")
-#: What a destination may be triggered by (sending whole series or studies is for a later release).
-TRIGGERS = ("object.stored",)
+#: What sends objects: each one as it is acknowledged, or a whole series or study once complete.
+TRIGGERS = ("object.stored", "series.complete", "study.complete")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: Keys of ``match`` answered from the event itself; any other key is a DICOM keyword,
 #: read from the stored file's header.
@@ -34,7 +34,9 @@ class ForwardConfig:
     name: str = opt("", "The destination's name, in logs, metrics and `dcmrecvd forward` (required).")
     on: str = opt(
         "object.stored",
-        "What sends an object: object.stored (each acknowledged object, in receive order per study).",
+        "What sends objects: object.stored (each acknowledged object, in receive order per study), "
+        "series.complete or study.complete (a unit's objects are held until its completion event, "
+        "then sent in receive order; objects after that go with the unit's update event).",
         choices=TRIGGERS,
     )
     type: str = opt(
@@ -115,6 +117,13 @@ class ForwardConfig:
     give_up_after: int = opt(
         86400, "Seconds after receipt when an object still not delivered becomes a dead letter.", minimum=1
     )
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """The outbox event kinds it takes (a unit trigger also takes the objects it holds)."""
+        if self.on == "object.stored":
+            return frozenset({self.on})
+        return frozenset({"object.stored", self.on, self.on.replace(".complete", ".updated")})
 
     @property
     def consumer(self) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from dcmrecvd.conf.config import EVENT_KINDS, AmqpConfig, Config
 from dcmrecvd.events.amqp import CONSUMER as AMQP_CONSUMER
 from dcmrecvd.events.amqp import Publisher, read_password, start_publisher
-from dcmrecvd.events.body import Body
+from dcmrecvd.events.body import OBJECT_STORED, Body
 from dcmrecvd.events.forward import Forwarding
 from dcmrecvd.events.hooks import Hooks
 from dcmrecvd.events.outbox import Outbox
@@ -28,7 +28,7 @@ def wanted_consumers(config: Config) -> dict[str, frozenset[str]]:
     wanted = {h.name: frozenset(h.on) for h in config.hooks}
     if config.amqp.url:
         wanted[AMQP_CONSUMER] = frozenset(EVENT_KINDS)
-    wanted.update({f.consumer: frozenset({f.on}) for f in config.forward})
+    wanted.update({f.consumer: f.kinds for f in config.forward})
     return wanted
 
 
@@ -73,6 +73,10 @@ class EventConsumers:
         wanted = wanted_consumers(config)
         gone = set(self.outbox.consumers) - set(wanted)
         self.outbox.consumers = wanted
+        units = [f.consumer for f in config.forward if f.on != OBJECT_STORED]
+        self.outbox.held = {consumer: frozenset({OBJECT_STORED}) for consumer in units}
+        for consumer in set(wanted) - set(units):  # no longer sending units: nothing stays held
+            self.outbox.release_all(consumer)
         if gone:
             self.outbox.forget(gone)
 

@@ -27,6 +27,8 @@ from dcmrecvd.events.body import Body
 
 #: Pending deliveries a consumer looks at per round (the oldest ones).
 WINDOW = 100
+#: ``deliveries.dead`` of a held delivery (0: pending, 1: dead-lettered).
+HELD = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events(
@@ -68,6 +70,9 @@ class EventStore:
         self.lock = threading.Lock()
         #: consumer name -> the event kinds it takes (set by the lifecycle from the config).
         self.consumers: dict[str, frozenset[str]] = {}
+        #: consumer name -> kinds whose deliveries are held (``dead = 2``) until ``release``:
+        #: a forward destination sending whole series or studies holds their objects.
+        self.held: dict[str, frozenset[str]] = {}
         #: Notified after each write: consumers wait on it instead of polling the database.
         self.changed = threading.Condition()
 
@@ -104,8 +109,12 @@ class EventStore:
         )
         event_id = int(cursor.lastrowid or 0)
         self.db.executemany(
-            "INSERT INTO deliveries(event_id, consumer) VALUES (?, ?)",
-            [(event_id, name) for name, kinds in self.consumers.items() if kind in kinds],
+            "INSERT INTO deliveries(event_id, consumer, dead) VALUES (?, ?, ?)",
+            [
+                (event_id, name, HELD if kind in self.held.get(name, ()) else 0)
+                for name, kinds in self.consumers.items()
+                if kind in kinds
+            ],
         )
         return event_id
 
@@ -225,6 +234,24 @@ class EventStore:
                 "SELECT COALESCE(SUM(dead = 0), 0), COALESCE(SUM(dead = 1), 0) FROM deliveries"
             ).fetchone()
         return int(pending), int(dead)
+
+    def release(self, consumer: str, study_key: str, series_uid: str | None, before: int) -> int:
+        """Make ``consumer``'s held deliveries of one study (one series of it, when given)
+        received before event ``before`` due, in their order; how many."""
+        series = " AND json_extract(e.body, '$.series_uid') = ?" if series_uid is not None else ""
+        with self.lock, self.transaction():
+            cursor = self.db.execute(
+                "UPDATE deliveries SET dead = 0 WHERE consumer = ? AND dead = ? AND event_id IN"
+                f" (SELECT e.id FROM events e WHERE e.study_key = ? AND e.id < ?{series})",
+                (consumer, HELD, study_key, before, *(() if series_uid is None else (series_uid,))),
+            )
+        return int(cursor.rowcount)
+
+    def release_all(self, consumer: str) -> None:
+        with self.lock, self.transaction():
+            self.db.execute(
+                "UPDATE deliveries SET dead = 0 WHERE consumer = ? AND dead = ?", (consumer, HELD)
+            )
 
     def backlog(self, consumer: str) -> tuple[int, float | None]:
         """A consumer's deliveries waiting, and when the oldest one's event came in."""

@@ -30,6 +30,7 @@ import structlog
 from pydicom import dcmread
 
 from dcmrecvd.conf.forward import ForwardConfig
+from dcmrecvd.events.body import OBJECT_STORED
 from dcmrecvd.events.event_store import Due
 from dcmrecvd.events.forward_dimse import DimseDestination
 from dcmrecvd.events.forward_outcome import Outcome, Verdict
@@ -151,6 +152,12 @@ class Forwarder:
             self.outbox.notify()
 
     def _deliver_one(self, due: Due) -> None:
+        if due.body.get("event") != OBJECT_STORED:  # a unit is complete (or updated): its objects go
+            series = due.body.get("series_uid") if str(due.body["event"]).startswith("series.") else None
+            released = self.outbox.release(self.consumer, due.study_key, series, due.event_id)
+            if not released:  # they went before it, in order: the unit is done
+                self.outbox.done(due.event_id, self.consumer)
+            return
         batch: list[tuple[Due, Path]] = []
         for item in [due, *self._more_of_series(due)]:
             path = Path(str(item.body.get("path", "")))
