@@ -11,11 +11,13 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import PROFILES, dcmrecvd_cmd, free_port, isolated_env, wait_for
-from forward_peers import forward_toml, studies
+from forward_peers import ct, forward_toml, studies
 from orthanc_peer import Namespace, orthanc_up, own_namespace
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("Orthanc") or not shutil.which("curl") or not shutil.which("ip"),
@@ -245,3 +247,81 @@ def test_stow_rs_with_a_wrong_password_pauses_once(netns: Namespace, tmp_path: P
     assert text.count("forward.paused") == 1 and "401" in text
     assert "forward.retry" not in text and "forward.dead" not in text
     assert "not-a-token" not in text
+
+
+def netns_cmd(ns: Namespace) -> list[str]:
+    return ["ip", "netns", "exec", ns.name]
+
+
+def jpeg(study: str) -> Any:
+    """A CT object in JPEG Baseline (encapsulated bytes: never decoded on the way)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    ds = ct(study, 50)
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.SamplesPerPixel = 8, 8, 7, 1
+    ds.PhotometricInterpretation, ds.PixelRepresentation = "MONOCHROME2", 0
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0" + b"\x00" * 60 + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    return ds
+
+
+@pytest.mark.parametrize("policy", ["as-received", "uncompressed-ok"])
+def test_an_implicit_only_orthanc_gets_what_it_accepts(netns: Namespace, tmp_path: Path, policy: str) -> None:
+    """JPEG is dead-lettered with a reason and the rest of its study goes on; an Explicit VR
+    object is converted to Implicit only with uncompressed-ok."""
+    dicom, http = free_port(), free_port()
+    orthanc_up(netns, tmp_path, ports=(dicom, http), AcceptedTransferSyntaxes=["1.2.840.10008.1.2"])
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "dcmrecvd.toml").write_text(forward_toml(dicom, called_aet="ORTHANC", transfer_syntax=policy))
+    out = tmp_path / "out"
+    out.mkdir()
+    receiver = free_port()
+    start_receiver(netns, tmp_path, etc, out, receiver, 0)
+    study = generate_uid(prefix=None)
+    implicit, explicit, compressed = ct(study, 1), ct(study, 2), jpeg(study)
+    explicit.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    files = tmp_path / "objects"
+    files.mkdir()
+    paths = []
+    for i, ds in enumerate((compressed, implicit, explicit)):
+        paths.append(files / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    for path in paths:  # each in its own syntax: storescu proposes what the file holds
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns.name,
+                "storescu",
+                "-R",  # the file's own transfer syntax only: never converted on the way
+                *(["-xy"] if path == paths[0] else []),  # and JPEG Baseline proposed for it
+                "-aec",
+                "RCV",
+                "127.0.0.1",
+                str(receiver),
+                str(path),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    # dcmrecv's default (kept) stores uncompressed objects in Explicit VR Little Endian, which
+    # this Orthanc refuses: sent as received they are dead letters too; converted, delivered.
+    expected: set[str] = set()
+    if policy == "uncompressed-ok":
+        expected = {str(implicit.SOPInstanceUID), str(explicit.SOPInstanceUID)}
+    log = tmp_path / "dcmrecvd0.log"
+    dead = 1 if expected else 3
+    wait_for(lambda: log.read_text(errors="replace").count("forward.dead") == dead, timeout=60)
+
+    def held_now() -> set[str]:
+        return {i["MainDicomTags"]["SOPInstanceUID"] for i in netns.http(http, "GET", "/instances?expand")}
+
+    wait_for(lambda: held_now() == expected, timeout=30, interval=0.2)
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "forward.dead" in line]
+    assert any(str(compressed.SOPInstanceUID) in line and "not accepted" in line for line in lines)
