@@ -271,3 +271,22 @@ def test_a_unit_is_sent_once_complete_and_a_late_object_with_its_update(
     wait_for(lambda: len(destination.received) == 11, timeout=30)
     assert destination.received[-1].sop_instance_uid == str(late.SOPInstanceUID)
     wait_for(lambda: _pending(d) == 0, timeout=20)  # the unit events are done after their objects
+
+
+def test_a_study_stuck_on_a_retried_object_holds_no_other_study_back(
+    daemons: DaemonFactory, destination: Destination
+) -> None:
+    """More objects wait behind the stuck one than one look at the outbox reads (WINDOW)."""
+    stuck = studies(1, 150)
+    poisoned = str(stuck[0].SOPInstanceUID)
+    destination.answer = lambda uid: 0xA700 if uid == poisoned else 0x0000
+    destination.start()
+    # A long backoff: the stuck study is not in flight while the other one arrives.
+    write_config(daemons.config_dir, forward_toml(destination.port, backoff=60, backoff_max=120))
+    d = daemons.start()
+    assert send(d.port, stuck) == [0] * 150
+    wait_for(lambda: "forward.retry" in d.log(), timeout=20)
+    other = studies(1, 3)
+    assert send(d.port, other) == [0] * 3
+    wait_for(lambda: set(destination.uids()) == {str(ds.SOPInstanceUID) for ds in other}, timeout=20)
+    assert poisoned not in destination.uids(), "the stuck study stays in order behind its head"

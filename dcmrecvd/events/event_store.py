@@ -136,31 +136,47 @@ class EventStore:
 
     # ------------------------------------------------------------------ consumers
 
-    def due(self, consumer: str, busy: Collection[str], limit: int) -> tuple[list[Due], float | None]:
+    def due(
+        self,
+        consumer: str,
+        busy: Collection[str],
+        limit: int,
+        waiting: dict[str, float] | None = None,
+    ) -> tuple[list[Due], float | None]:
         """Up to ``limit`` events for ``consumer``: per study its oldest pending one, if that
         is due and its study not ``busy`` (in order per study); and the earliest retry time
-        seen (when to look again).  Reads the oldest ``WINDOW`` pending deliveries only:
-        scanning from the oldest, a study's first row is its oldest pending event."""
+        seen (when to look again).  Reads ``WINDOW`` pending deliveries, oldest first:
+        scanning from the oldest, a study's first row is its oldest pending event.
+
+        ``waiting`` (the caller's, kept across calls): study -> when its oldest event is due
+        again.  Those studies, and the busy ones, are left out of the scan itself, so a study
+        with a long backlog whose head waits for a retry never fills the window and holds the
+        others back (one object retried for hours must not stop every other study)."""
         now = self.clock()
+        waiting = {} if waiting is None else waiting
+        for key in [k for k, t in waiting.items() if t <= now]:
+            del waiting[key]
+        skip = json.dumps(sorted(set(busy) | set(waiting)))
         with self.lock:
             rows = self.db.execute(
                 "SELECT e.id, e.study_key, d.next_try FROM deliveries d JOIN events e ON e.id = d.event_id"
-                " WHERE d.consumer = ? AND d.dead = 0 ORDER BY d.event_id LIMIT ?",
-                (consumer, WINDOW),
+                " WHERE d.consumer = ? AND d.dead = 0"
+                " AND e.study_key NOT IN (SELECT value FROM json_each(?)) ORDER BY d.event_id LIMIT ?",
+                (consumer, skip, WINDOW),
             ).fetchall()
         chosen: list[tuple[int, str]] = []
         seen: set[str] = set()
-        retry: float | None = None
         for event_id, key, next_try in rows:
             if key in seen:
                 continue
             seen.add(key)
             if next_try > now:
-                retry = next_try if retry is None else min(retry, next_try)
-            elif key not in busy:
+                waiting[str(key)] = float(next_try)
+            else:
                 chosen.append((int(event_id), str(key)))
                 if len(chosen) >= limit:
                     break
+        retry = min(waiting.values()) if waiting else None
         out: list[Due] = []
         with self.lock:  # the bodies of the chosen ones only
             for event_id, key in chosen:

@@ -67,6 +67,7 @@ class Forwarder:
             StowDestination(cfg, environ) if cfg.type == "stowrs" else DimseDestination(cfg)
         )
         self._busy: set[str] = set()
+        self._waiting: dict[str, float] = {}  # studies whose oldest object waits for a retry
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._workers = ThreadPoolExecutor(cfg.max_associations, thread_name_prefix=f"forward {self.name}")
@@ -109,7 +110,7 @@ class Forwarder:
                     free = (1 if self.paused else self.cfg.max_associations) - len(self._busy)
                     busy = set(self._busy)
                 if free > 0:
-                    due, retry = self.outbox.due(self.consumer, busy, free)
+                    due, retry = self.outbox.due(self.consumer, busy, free, self._waiting)
                     for item in due:
                         self._launch(item)
             if due:

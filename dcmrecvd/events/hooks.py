@@ -54,6 +54,7 @@ class HookRunner:
         self.name = hook.name
         self._env = {k: v for k, v in environ.items() if k not in _PRIVATE_ENV}
         self._busy: set[str] = set()  # studies with a run in flight
+        self._waiting: dict[str, float] = {}  # studies whose oldest event waits for a retry
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._runs: list[threading.Thread] = []
@@ -86,7 +87,7 @@ class HookRunner:
             due: list[Due] = []
             retry: float | None = None
             if free > 0:
-                due, retry = self.outbox.due(self.name, busy, free)
+                due, retry = self.outbox.due(self.name, busy, free, self._waiting)
                 for item in due:
                     self._launch(item)
             if due:
