@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import free_port
-from peers import RawClient
+from peers import RawClient, storescu_send
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -117,14 +117,8 @@ def ct_dataset(uid: str | None = None, study: str = "1.2.3.4") -> Dataset:
 
 
 def store(port: int, datasets: list[Dataset], calling: str = MODALITY) -> list[int]:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(CT, ImplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port)
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
+    """Store ``datasets`` in order on one association (DCMTK storescu)."""
+    return storescu_send(port, datasets, calling, ImplicitVRLittleEndian)
 
 
 def action_dataset(

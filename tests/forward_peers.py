@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import free_port
+from peers import storescu_send
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 from pynetdicom import AE, evt
@@ -115,14 +116,8 @@ def studies(count: int, per_study: int) -> list[Dataset]:
 def send(
     port: int, datasets: list[Dataset], calling: str = "MODALITY", syntax: str = ImplicitVRLittleEndian
 ) -> list[int]:
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(CT, syntax)
-    assoc = ae.associate("127.0.0.1", port)
-    assert assoc.is_established
-    try:
-        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
-    finally:
-        assoc.release()
+    """Store ``datasets`` in order on one association (DCMTK storescu)."""
+    return storescu_send(port, datasets, calling, syntax)
 
 
 def forward_toml(port: int, **settings: Any) -> str:
