@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import DaemonFactory, free_port, need, port_open, wait_for
 from forward_peers import Destination, ct, forward_toml, send, studies, write_config
+from pki import CA
 from pydicom.uid import generate_uid
 from test_operations import http, samples
+from test_remote import Dcmrecv
 
 from dcmrecvd.conf import config
 from dcmrecvd.errors import ConfigError
@@ -290,3 +292,30 @@ def test_a_study_stuck_on_a_retried_object_holds_no_other_study_back(
     assert send(d.port, other) == [0] * 3
     wait_for(lambda: set(destination.uids()) == {str(ds.SOPInstanceUID) for ds in other}, timeout=20)
     assert poisoned not in destination.uids(), "the stuck study stays in order behind its head"
+
+
+def test_forwarding_over_tls_with_our_client_certificate(daemons: DaemonFactory, tmp_path: Path) -> None:
+    """DCMTK dcmrecv with +tls, requiring a client certificate from its CA: ours."""
+    root = CA(tmp_path / "pki", "Forward Test Root")
+    server, client = root.issue("localhost"), root.issue("dcmrecvd-forwarder")
+    scp = Dcmrecv(tmp_path / "pacs", "+tls", str(server.key), str(server.cert), "+cf", str(root.cert))
+    try:
+        write_config(
+            daemons.config_dir,
+            forward_toml(
+                scp.port,
+                called_aet="ANY-SCP",
+                tls=True,
+                tls_certificate=str(client.cert),
+                tls_private_key=str(client.key),
+                tls_ca_files=[str(root.cert)],
+                tls_server_name="localhost",
+            ),
+        )
+        d = daemons.start()
+        objects = studies(1, 3)
+        assert send(d.port, objects) == [0] * 3
+        wait_for(lambda: len(scp.files()) == 3, timeout=30)
+        assert "forward.retry" not in d.log()
+    finally:
+        scp.stop()
