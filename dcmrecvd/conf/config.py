@@ -28,6 +28,7 @@ from dcmrecvd.conf.forward import ForwardConfig, check_destination, parse_match
 from dcmrecvd.conf.options import opt as _opt
 from dcmrecvd.errors import ConfigError
 from dcmrecvd.store.disk_space import parse_min_free
+from dcmrecvd.wire import layout
 
 DEFAULT_CONFIG_DIR = Path("/etc/dcmrecvd")
 MAIN_FILE_NAME = "dcmrecvd.toml"
@@ -153,6 +154,16 @@ class AssociationConfig:
     profile: str = _opt("", "Profile (section of [[Profiles]]) to use from config_file (-xf).")
 
 
+def check_layout(value: str) -> None:
+    if value:
+        layout.parse(value)  # LayoutError is a ValueError: the config error names the key
+
+
+def check_layout_missing(value: str) -> None:
+    if not value or layout.safe(value, "") != value:
+        raise ValueError("letters, digits, space and - . _ @ only, not empty, no leading or trailing dot")
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """Where received objects go and how they are named."""
@@ -169,6 +180,22 @@ class OutputConfig:
         choices=("default", "unique", "short-unique", "system-time"),
     )
     extension: str = _opt("", "Extension appended to every file name, e.g. '.dcm' (-fe).")
+    layout: str = _opt(
+        "",
+        "A relative path template from the header, e.g. "
+        "'{PatientID}/{StudyDate:%Y%m%d}/{SOPInstanceUID}.dcm'. "
+        "Placeholders: attribute keywords or tags (8 hex digits), calling_aet, called_aet, received, "
+        "modality_prefix, uuid; modifiers: a strftime format (DA, DT, TM, received), upper, lower, "
+        "[a:b], sha256, md5, hash8. Values are reduced to letters, digits, space and - . _ @. The "
+        "last level must hold {SOPInstanceUID} or {uuid}. Empty: dcmrecv's naming "
+        "(subdirectory, filenames, extension), which cannot be set with it.",
+        parse=check_layout,
+    )
+    layout_missing: str = _opt(
+        "UNKNOWN",
+        "What an absent or empty value (or '.', '..') becomes in output.layout.",
+        parse=check_layout_missing,
+    )
     mode: str = _opt(
         "normal",
         "Storage mode: normal (-B), bit-preserving (+B), ignore (--ignore: receive, do not store).",
@@ -865,8 +892,23 @@ def bit_preserving_conflict(mode: str, subdirectory: str) -> bool:
     return mode == "bit-preserving" and subdirectory == "series-date"
 
 
+def _layout_conflict(output: OutputConfig) -> str:
+    """What dcmrecv naming option is set along with output.layout ("" when none)."""
+    if not output.layout:
+        return ""
+    for key, default in (("subdirectory", "none"), ("filenames", "default"), ("extension", "")):
+        if getattr(output, key) != default:
+            return key
+    return ""
+
+
 def check_combinations(config: Config) -> None:
     """Rules that involve more than one key (dcmrecv checks them on its command line)."""
+    conflict = _layout_conflict(config.output)
+    if conflict:
+        raise ConfigError(
+            "configuration", "output.layout", f"output.{conflict} (dcmrecv's naming) cannot be set with it"
+        )
     if bit_preserving_conflict(config.output.mode, config.output.subdirectory):
         raise ConfigError(
             "configuration",
@@ -888,6 +930,11 @@ def check_combinations(config: Config) -> None:
         if bit_preserving_conflict(output.mode, output.subdirectory):
             raise ConfigError(
                 "configuration", f"ae.{title}.output.mode", "bit-preserving not allowed with series-date"
+            )
+        conflict = _layout_conflict(output)
+        if conflict:
+            raise ConfigError(
+                "configuration", f"ae.{title}.output.layout", f"output.{conflict} cannot be set with it"
             )
         if association.profile and not association.config_file:
             raise ConfigError(

@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 from pydicom.uid import generate_uid
 
 from dcmrecvd.wire import uids
+from dcmrecvd.wire.layout import Layout
 from dcmrecvd.wire.uids import UnsafeIdentifier
 
 Clock = Callable[[], dt.datetime]
@@ -31,6 +32,9 @@ class NamingScheme:
     subdirectory: str = "none"  # none | series-date
     filenames: str = "default"  # default | unique | short-unique | system-time
     extension: str = ""
+    #: output.layout, parsed (None: dcmrecv's naming above), and what an absent value becomes.
+    layout: Layout | None = None
+    layout_missing: str = "UNKNOWN"
 
     @property
     def overwrites(self) -> bool:

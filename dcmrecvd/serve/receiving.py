@@ -46,6 +46,7 @@ from dcmrecvd.wire.dataset_walk import (
     decoded_text,
     text_value,
 )
+from dcmrecvd.wire.layout import derived_values
 from dcmrecvd.wire.status import Failure, Status, status_for_error
 
 if TYPE_CHECKING:
@@ -251,9 +252,15 @@ class Stored(Checked):
         log: FilteringBoundLogger,
         destination: Destination,
     ) -> None:
+        layout = destination.scheme.layout
         self.open_after = SERIES_DATE if destination.scheme.needs_series_date else SOP_INSTANCE_UID
-        super().__init__(command, transfer_syntax, log, (*Checked.WANTED, *Stored.FOR_EVENTS))
+        if layout is not None:  # the file's path needs these; held aside (MAX_PREFIX) until then
+            self.open_after = layout.last_tag
+        wanted = (*Checked.WANTED, *Stored.FOR_EVENTS, *(layout.tags if layout is not None else ()))
+        super().__init__(command, transfer_syntax, log, tuple(dict.fromkeys(wanted)))
         self.to = destination
+        #: The file name output.layout gave (None: dcmrecv's naming).
+        self.layout_name: str | None = None
         self.prefix = bytearray()
         self.pending: list[memoryview] = []
         self.file: PendingFile | None = None
@@ -294,7 +301,17 @@ class Stored(Checked):
     def _open(self) -> None:
         """Start the object: its file (in its +ssd directory), or its record in memory."""
         sop_class, instance = self.dataset_uids()
-        if self.open_after == SERIES_DATE:
+        layout = self.to.scheme.layout
+        if layout is not None:
+            path = layout.render(
+                self.walker.captured,
+                self.walker.captured.get(SPECIFIC_CHARACTER_SET),
+                derived_values(self.to.calling, self.to.called, sop_class),
+                self.to.clock(),
+                self.to.scheme.layout_missing,
+            )
+            self.directory, self.layout_name = path.parent, path.name
+        elif self.open_after == SERIES_DATE:
             series_date = text_value(self.walker.captured.get(SERIES_DATE))
             self.directory = naming.directory_for(self.to.scheme, series_date, self.to.clock().date())
         meta = part10.meta_header(sop_class, instance, self.transfer_syntax, self.to.calling, self.to.called)
@@ -357,8 +374,11 @@ class Stored(Checked):
         committed = self.to.writer.stage(
             self.file,
             self.directory,
-            lambda: naming.file_name(
-                scheme, command.affected_sop_class_uid, command.affected_sop_instance_uid, clock()
+            lambda: (
+                self.layout_name
+                or naming.file_name(
+                    scheme, command.affected_sop_class_uid, command.affected_sop_instance_uid, clock()
+                )
             ),
             replace=scheme.overwrites,
         )
@@ -392,8 +412,11 @@ class Stored(Checked):
         directory = self.to.writer.store.root.joinpath(*self.directory.parts)
         name = self.to.journal.choose_name(
             directory,
-            lambda: naming.file_name(
-                scheme, command.affected_sop_class_uid, command.affected_sop_instance_uid, clock()
+            lambda: (
+                self.layout_name
+                or naming.file_name(
+                    scheme, command.affected_sop_class_uid, command.affected_sop_instance_uid, clock()
+                )
             ),
             replace=scheme.overwrites,
         )

@@ -24,7 +24,7 @@ from dcmrecvd.ops import logs
 from dcmrecvd.serve import naming, tls
 from dcmrecvd.store.disk_space import DiskWatch, parse_min_free, watch_directory
 from dcmrecvd.store.storage import Store
-from dcmrecvd.wire import negotiation, uids
+from dcmrecvd.wire import layout, negotiation, uids
 from dcmrecvd.wire.commitment import SOP_CLASS as STORAGE_COMMITMENT
 from dcmrecvd.wire.profiles import VERIFICATION_ONLY, Profile, load_profile, with_context, with_verification
 
@@ -220,7 +220,13 @@ def _receiver(
         title=title,
         profile=profile,
         contexts=negotiation.acceptor_contexts(profile),
-        scheme=naming.NamingScheme(output.subdirectory, output.filenames, output.extension),
+        scheme=naming.NamingScheme(
+            output.subdirectory,
+            output.filenames,
+            output.extension,
+            layout.parse(output.layout) if output.layout else None,
+            output.layout_missing,
+        ),
         store=Store(root, durable=output.fsync),
         disk=disk or watch_directory(str(root), parse_min_free(output.min_free)),
         access=Policy(

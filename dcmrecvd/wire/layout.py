@@ -1,0 +1,280 @@
+"""``output.layout``: a relative path template filled from a dataset's header, made safe.
+
+Pure: a template is parsed once (at configuration time, so a bad one is a
+configuration error naming the key), and rendered per object from the raw
+values the streaming walk captured before the file was opened.
+
+Template syntax: literal text and ``{placeholder[:modifier]...}`` fields, ``/``
+between directory levels.  A placeholder is an attribute keyword
+(``{PatientID}``), a tag in hex (``{0020000D}``) or a derived value:
+``calling_aet``, ``called_aet``, ``received`` (the receive time), ``modality_prefix``
+(DCMTK's, as in dcmrecv's file names), ``uuid``.  Modifiers, applied in order:
+a ``strftime`` format for DA, DT and TM attributes and for ``received``
+(``{StudyDate:%Y/%m}``, where ``/`` is a level of its own), ``upper``, ``lower``,
+a slice ``[a:b]``, and ``sha256`` / ``md5`` / ``hash8`` (hex; ``hash8`` is the
+first 8 digits of the SHA-256: never a 32-bit string hash).  The last level must
+hold ``{SOPInstanceUID}`` or ``{uuid}``, so two objects never share a name by
+accident.
+
+Values made safe, by construction: decoded with the dataset's Specific
+Character Set; every character that is not a letter, a digit, a space or one of
+``- . _ @`` becomes ``_``; leading and trailing dots and spaces are stripped; a
+value longer than ``MAX_VALUE`` characters is cut and given a hash suffix; an empty
+value, ``.`` or ``..`` (or an absent attribute) becomes ``output.layout_missing``.
+So no component can climb out of the output directory, and ``render`` checks that
+once more on the whole path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+
+from dcmrecvd.wire import uids
+from dcmrecvd.wire.dataset_walk import SOP_INSTANCE_UID, decoded_text
+
+DERIVED = ("calling_aet", "called_aet", "received", "modality_prefix", "uuid")
+PIXEL_DATA = 0x7FE00010
+#: The longest one value may get in a path (then cut, with a hash suffix); UIDs fit.
+MAX_VALUE = 64
+#: The longest path component Linux file systems take, in bytes.
+NAME_MAX = 255
+_FIELD = re.compile(r"\{([^{}]*)\}")
+_SLICE = re.compile(r"\[(-?\d*):(-?\d*)\]")
+_TOKENS = re.compile(r"\[[^\]]*\]|[^:]+")
+_HASHES = {"sha256", "md5", "hash8"}
+#: Besides letters and digits, the characters a path component may hold.
+_ALLOWED = " -._@"
+_DATE_VRS = {"DA", "DT", "TM"}
+
+
+class LayoutError(ValueError):
+    """A template that cannot be used (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # a derived name, or the attribute's keyword
+    tag: int  # 0 for a derived value
+    vr: str
+    modifiers: tuple[str, ...]
+
+
+Part = str | Field
+
+
+@dataclass(frozen=True)
+class Layout:
+    template: str
+    levels: tuple[tuple[Part, ...], ...]
+
+    @property
+    def tags(self) -> frozenset[int]:
+        """The attributes the walk must capture before the object's file is opened."""
+        return frozenset(p.tag for level in self.levels for p in level if isinstance(p, Field) and p.tag)
+
+    @property
+    def last_tag(self) -> int:
+        """The highest of ``tags`` (the walk holds the object's first bytes until past it)."""
+        return max(self.tags | {SOP_INSTANCE_UID})
+
+    def render(
+        self,
+        captured: Mapping[int, bytes],
+        character_set: bytes | None,
+        derived: Mapping[str, str],
+        received: dt.datetime,
+        missing: str,
+    ) -> PurePosixPath:
+        """The object's path relative to the output directory; LayoutError if none is safe."""
+        out: list[str] = []
+        for level in self.levels:
+            text = "".join(
+                p if isinstance(p, str) else _value(p, captured, character_set, derived, received, missing)
+                for p in level
+            )
+            out.extend(_component(piece, missing) for piece in text.split("/"))
+        path = PurePosixPath(*out)
+        if path.is_absolute() or any(part in ("", ".", "..") for part in path.parts):
+            raise LayoutError(f"{path} would leave the output directory")
+        return path
+
+
+def parse(template: str) -> Layout:
+    """A template checked and split into levels; LayoutError naming what is wrong."""
+    if not template or template.startswith("/"):
+        raise LayoutError("a relative path template, e.g. {PatientID}/{StudyInstanceUID}/{SOPInstanceUID}")
+    levels: list[tuple[Part, ...]] = []
+    for level in _levels(template):
+        if level in ("", ".", ".."):
+            raise LayoutError(f"'{level}' is not a directory level")
+        parts: list[Part] = []
+        pos = 0
+        for match in _FIELD.finditer(level):
+            if match.start() > pos:
+                parts.append(_literal(level[pos : match.start()]))
+            parts.append(_field(match.group(1)))
+            pos = match.end()
+        if pos < len(level):
+            parts.append(_literal(level[pos:]))
+        levels.append(tuple(parts))
+    last = levels[-1]
+    if not any(isinstance(p, Field) and p.name in ("SOPInstanceUID", "uuid") for p in last):
+        raise LayoutError("the last level (the file name) must hold {SOPInstanceUID} or {uuid}")
+    layout = Layout(template, tuple(levels))
+    if any(tag >= PIXEL_DATA for tag in layout.tags):
+        raise LayoutError("an attribute at or after Pixel Data cannot name the file (it is read before)")
+    return layout
+
+
+def _levels(template: str) -> list[str]:
+    """The template split at each ``/`` outside a field (a date format may hold one)."""
+    levels, depth, start = [], 0, 0
+    for i, c in enumerate(template):
+        depth += (c == "{") - (c == "}")
+        if c == "/" and depth == 0:
+            levels.append(template[start:i])
+            start = i + 1
+    levels.append(template[start:])
+    return levels
+
+
+def _literal(text: str) -> str:
+    if "{" in text or "}" in text:
+        raise LayoutError(f"unbalanced brace in '{text}'")
+    if not all(c.isalnum() or c in _ALLOWED for c in text):
+        raise LayoutError(f"'{text}': literal text may hold letters, digits, space and - . _ @ only")
+    return text
+
+
+def _field(spec: str) -> Field:
+    name, _, rest = spec.partition(":")
+    modifiers = tuple(_TOKENS.findall(rest)) if rest else ()
+    if name in DERIVED:
+        tag, vr = 0, "DT" if name == "received" else "LO"
+    else:
+        tag = _tag(name)
+        try:
+            vr = str(dictionary_VR(tag))
+        except KeyError:
+            vr = "UN"
+        name = keyword_for_tag(tag) or name
+    for modifier in modifiers:
+        if modifier in ("upper", "lower") or modifier in _HASHES or _SLICE.fullmatch(modifier):
+            continue
+        if "%" in modifier and (vr in _DATE_VRS):
+            continue
+        raise LayoutError(f"{{{spec}}}: unknown modifier '{modifier}'")
+    return Field(name, tag, vr, modifiers)
+
+
+def _tag(name: str) -> int:
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", name):
+        return int(name, 16)
+    tag = tag_for_keyword(name)
+    if tag is None:
+        raise LayoutError(
+            f"{{{name}}} is neither an attribute keyword, a tag (8 hex digits) "
+            f"nor one of {', '.join(DERIVED)}"
+        )
+    return int(tag)
+
+
+def _value(
+    field: Field,
+    captured: Mapping[int, bytes],
+    character_set: bytes | None,
+    derived: Mapping[str, str],
+    received: dt.datetime,
+    missing: str,
+) -> str:
+    if field.name == "uuid":
+        text = uuid.uuid4().hex
+    elif field.name == "received":
+        text = received.strftime("%Y%m%d%H%M%S")
+    elif field.tag == 0:
+        text = derived.get(field.name, "")
+    elif field.tag == SOP_INSTANCE_UID or field.vr == "UI":
+        raw = captured.get(field.tag)
+        text = raw.decode("ascii", "replace").rstrip(" \x00") if raw is not None else ""
+    else:
+        raw = captured.get(field.tag)
+        text = decoded_text(raw, character_set) if raw is not None else ""
+        text = text.split("\\")[0] if field.vr not in ("LT", "ST", "UT") else text
+    for modifier in field.modifiers:
+        text = _modify(text, modifier, field, received)
+    if any("%" in m for m in field.modifiers):  # a date format may make levels: {StudyDate:%Y/%m}
+        return "/".join(safe(piece, missing) for piece in text.split("/"))
+    return safe(text, missing)
+
+
+def _modify(text: str, modifier: str, field: Field, received: dt.datetime) -> str:
+    if modifier == "upper":
+        return text.upper()
+    if modifier == "lower":
+        return text.lower()
+    if modifier == "sha256":
+        return hashlib.sha256(text.encode()).hexdigest()
+    if modifier == "md5":
+        return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+    if modifier == "hash8":
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+    slice_ = _SLICE.fullmatch(modifier)
+    if slice_:
+        start, stop = (int(x) if x else None for x in slice_.groups())
+        return text[start:stop]
+    when = received if field.name == "received" else _when(text, field.vr)
+    return when.strftime(modifier) if when is not None else ""
+
+
+def _when(text: str, vr: str) -> dt.datetime | None:
+    """A DA, DT or TM value as a datetime (None when it does not parse)."""
+    digits = re.sub(r"[^0-9]", "", text.split("+")[0].split("-")[0] if vr == "DT" else text)
+    try:
+        if vr == "DA":
+            return dt.datetime.strptime(digits[:8], "%Y%m%d")
+        if vr == "TM":
+            return dt.datetime.strptime(digits[:6].ljust(6, "0"), "%H%M%S")
+        return dt.datetime.strptime(digits[:14].ljust(14, "0"), "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+
+
+def safe(value: str, missing: str) -> str:
+    """A value as it may stand in a path (see the module docstring)."""
+    cleaned = "".join(c if (c.isalnum() or c in _ALLOWED) else "_" for c in value)
+    cleaned = cleaned.strip(" .")
+    if len(cleaned) > MAX_VALUE:
+        cleaned = cleaned[: MAX_VALUE - 9].rstrip(" .") + "-" + _hash8(value)
+    if cleaned in ("", ".", ".."):
+        return missing
+    return cleaned
+
+
+def _component(text: str, missing: str) -> str:
+    """One level of the rendered path: never empty, . or .., at most NAME_MAX bytes."""
+    if text in ("", ".", ".."):
+        return missing
+    if len(text.encode()) > NAME_MAX:
+        head = text.encode()[: NAME_MAX - 9].decode("utf-8", "ignore")
+        return head + "-" + _hash8(text)
+    return text
+
+
+def _hash8(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
+def derived_values(calling_aet: str, called_aet: str, sop_class_uid: str) -> dict[str, str]:
+    return {
+        "calling_aet": calling_aet,
+        "called_aet": called_aet,
+        "modality_prefix": uids.modality_prefix(sop_class_uid),
+    }
