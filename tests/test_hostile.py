@@ -8,7 +8,19 @@ import struct
 import time
 
 from conftest import DaemonFactory, need, run, wait_for
-from peers import RawClient, all_slots_accepted, command_elements, trickle
+from malformed import INSTANCE_UID, base_dataset, encode
+from peers import (
+    RawClient,
+    all_slots_accepted,
+    command_elements,
+    p_data,
+    pdv,
+    store_command,
+    trickle,
+)
+from peers import (
+    associate_rq as pynetdicom_rq,
+)
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dcmrecvd.wire import pdu
@@ -189,3 +201,30 @@ def test_every_kind_of_response_ascends_by_tag_with_a_true_group_length(daemons:
             assert struct.unpack_from("<H", data, status_at + 8)[0] == expected, name
     finally:
         client.close()
+
+
+def test_an_abort_in_the_same_bytes_as_a_whole_request_is_no_internal_error(daemons: DaemonFactory) -> None:
+    """Found by the fuzzer: A-ASSOCIATE-RQ, a complete C-STORE and an A-ABORT in one segment.
+    The object is stored (its bytes were all there); there is nobody left to answer."""
+    d = daemons.start()
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    data = encode(base_dataset())
+    abort = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0))
+    burst = (
+        pynetdicom_rq(ct, ExplicitVRLittleEndian)
+        + p_data(pdv(store_command(ct, INSTANCE_UID), command=True, last=True))
+        + p_data(pdv(data, command=False, last=True))
+        + abort
+    )
+    client = RawClient(d.port)
+    client.sock.sendall(burst)
+    client.sock.settimeout(10)
+    try:
+        while client.sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    client.close()
+    wait_for(lambda: "assoc.aborted" in d.log() or "assoc.unanswered" in d.log(), timeout=10)
+    assert "internal error" not in d.log(), d.log()[-3000:]
+    assert run(["echoscu", "127.0.0.1", str(d.port)]).returncode == 0

@@ -66,6 +66,7 @@ EVENTS = (
     "metrics.bad_request",
     "tls.handshake_failed",
     "assoc.release_mid_message",
+    "assoc.unanswered",
     "echo",
     "store.completed",
     "store.failed",

@@ -342,6 +342,11 @@ class Association:
         status: Status,
         comment: str = "",
     ) -> None:
+        if self.core.state is State.CLOSED:
+            # The peer aborted in the same bytes as a complete request: its work is done (and
+            # durable), but there is no association left to answer on.
+            self.log.debug("assoc.unanswered", message_id=request.message_id, status=f"0x{int(status):04X}")
+            return
         sop_class, sop_instance, action_type = request.response_fields()
         response = dimse.encode_response(
             command_field, request.message_id, int(status), sop_class, sop_instance, comment, action_type
