@@ -52,6 +52,10 @@ _TOKENS = re.compile(r"\[[^\]]*\]|[^:]+")
 _HASHES = {"sha256", "md5", "hash8"}
 #: Besides letters and digits, the characters a path component may hold.
 _ALLOWED = " -._@"
+#: Letters and digits (any script: ``\w`` less nothing else but "_", itself allowed) and _ALLOWED.
+_SAFE = re.compile(r"[\w .@-]*")
+_UNSAFE = re.compile(r"[^\w .@-]")
+_NOT_DIGIT = re.compile(r"[^0-9]")
 _DATE_VRS = {"DA", "DT", "TM"}
 
 
@@ -65,6 +69,11 @@ class Field:
     tag: int  # 0 for a derived value
     vr: str
     modifiers: tuple[str, ...]
+
+    @property
+    def dated(self) -> bool:
+        """A date format among the modifiers (its ``/`` may make levels)."""
+        return any("%" in m for m in self.modifiers)
 
 
 Part = str | Field
@@ -101,10 +110,9 @@ class Layout:
                 for p in level
             )
             out.extend(_component(piece, missing) for piece in text.split("/"))
-        path = PurePosixPath(*out)
-        if path.is_absolute() or any(part in ("", ".", "..") for part in path.parts):
-            raise LayoutError(f"{path} would leave the output directory")
-        return path
+        if any(part in ("", ".", "..") or "/" in part for part in out):  # cannot happen: checked
+            raise LayoutError(f"{'/'.join(out)} would leave the output directory")
+        return PurePosixPath("/".join(out))
 
 
 def parse(template: str) -> Layout:
@@ -149,7 +157,7 @@ def _levels(template: str) -> list[str]:
 def _literal(text: str) -> str:
     if "{" in text or "}" in text:
         raise LayoutError(f"unbalanced brace in '{text}'")
-    if not all(c.isalnum() or c in _ALLOWED for c in text):
+    if not _SAFE.fullmatch(text):
         raise LayoutError(f"'{text}': literal text may hold letters, digits, space and - . _ @ only")
     return text
 
@@ -210,7 +218,7 @@ def _value(
         text = text.split("\\")[0] if field.vr not in ("LT", "ST", "UT") else text
     for modifier in field.modifiers:
         text = _modify(text, modifier, field, received)
-    if any("%" in m for m in field.modifiers):  # a date format may make levels: {StudyDate:%Y/%m}
+    if field.modifiers and field.dated:  # a date format may make levels: {StudyDate:%Y/%m}
         return "/".join(safe(piece, missing) for piece in text.split("/"))
     return safe(text, missing)
 
@@ -236,20 +244,24 @@ def _modify(text: str, modifier: str, field: Field, received: dt.datetime) -> st
 
 def _when(text: str, vr: str) -> dt.datetime | None:
     """A DA, DT or TM value as a datetime (None when it does not parse)."""
-    digits = re.sub(r"[^0-9]", "", text.split("+")[0].split("-")[0] if vr == "DT" else text)
+    digits = _NOT_DIGIT.sub("", text.split("+")[0].split("-")[0] if vr == "DT" else text)
     try:
-        if vr == "DA":
-            return dt.datetime.strptime(digits[:8], "%Y%m%d")
         if vr == "TM":
-            return dt.datetime.strptime(digits[:6].ljust(6, "0"), "%H%M%S")
-        return dt.datetime.strptime(digits[:14].ljust(14, "0"), "%Y%m%d%H%M%S")
+            t = digits[:6].ljust(6, "0")
+            return dt.datetime(1900, 1, 1, int(t[0:2]), int(t[2:4]), int(t[4:6]))
+        if len(digits) < 8:
+            return None
+        d = digits[:14].ljust(14, "0")
+        return dt.datetime(
+            int(d[0:4]), int(d[4:6]), int(d[6:8]), int(d[8:10]), int(d[10:12]), min(int(d[12:14]), 59)
+        )
     except ValueError:
         return None
 
 
 def safe(value: str, missing: str) -> str:
     """A value as it may stand in a path (see the module docstring)."""
-    cleaned = "".join(c if (c.isalnum() or c in _ALLOWED) else "_" for c in value)
+    cleaned = value if _SAFE.fullmatch(value) else _UNSAFE.sub("_", value)
     cleaned = cleaned.strip(" .")
     if len(cleaned) > MAX_VALUE:
         cleaned = cleaned[: MAX_VALUE - 9].rstrip(" .") + "-" + _hash8(value)
