@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev dcmtk
 TEST_PACKAGES := $(RUN_PACKAGES) openssl systemd systemd-container util-linux procps debhelper \
   dh-virtualenv dpkg-dev lintian debootstrap rpm rpmlint cpio man-db haproxy prometheus curl \
-  xfsprogs btrfs-progs e2fsprogs rabbitmq-server orthanc orthanc-dicomweb
+  xfsprogs btrfs-progs e2fsprogs rabbitmq-server orthanc orthanc-dicomweb libgdcm-tools
 
 .PHONY: run test check crash-test lint typecheck unit bench soak fuzz system-deps test-deps venv clean
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import signal
 from pathlib import Path, PurePosixPath
 
 import pytest
-from conftest import DaemonFactory, per_file_config, wait_for
+from conftest import DaemonFactory, need, per_file_config, run, wait_for
 from forward_peers import ct
 from peers import storescu_send
 from pydicom.uid import generate_uid
@@ -138,3 +139,36 @@ def test_every_object_at_exactly_its_path_and_nothing_outside(
     wait_for(lambda: {p for p in d.output.rglob("*.dcm")} == expected, timeout=20)
     outside = [p for p in d.output.parent.rglob("*.dcm") if d.output not in p.parents]
     assert outside == []
+
+
+def gdcmscu_store(port: int, path: Path) -> None:
+    """GDCM's sender (Debian's libgdcm-tools 3.0.21).  It stores, releases, then aborts itself
+    with "ProtocolStream as nullptr is invalid" (SIGABRT) against DCMTK's receivers as against
+    ours: the object's arrival is what the tests check, not that exit code."""
+    result = run(["gdcmscu", "--store", "--call", "ANY-SCP", "127.0.0.1", str(port), str(path)])
+    assert result.returncode in (0, 134, -6), result.stderr  # -6: SIGABRT, as subprocess reports it
+
+
+def test_sighup_applies_a_new_layout_and_keeps_it_when_the_next_is_bad(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    need("gdcmscu")
+    main = daemons.config_dir / "dcmrecvd.toml"
+    main.write_text('[output]\nlayout = "{PatientID}/{SOPInstanceUID}"\n')
+    d = daemons.start()
+    first, second, third = (ct(generate_uid(prefix=None)) for _ in range(3))
+    first.save_as(tmp_path / "first.dcm", enforce_file_format=True)
+    gdcmscu_store(d.port, tmp_path / "first.dcm")
+    wait_for(lambda: (d.output / "P1" / str(first.SOPInstanceUID)).is_file(), timeout=20)
+
+    main.write_text('[output]\nlayout = "{Modality:lower}/{SOPInstanceUID}.dcm"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload.completed" in d.log(), timeout=20)
+    assert storescu_send(d.port, [second]) == [0]
+    wait_for(lambda: (d.output / "ct" / f"{second.SOPInstanceUID}.dcm").is_file(), timeout=20)
+
+    main.write_text('[output]\nlayout = "{NoSuchKeyword}/{SOPInstanceUID}"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload.rejected" in d.log(), timeout=20)
+    assert storescu_send(d.port, [third]) == [0]
+    wait_for(lambda: (d.output / "ct" / f"{third.SOPInstanceUID}.dcm").is_file(), timeout=20)
