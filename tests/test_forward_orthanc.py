@@ -43,6 +43,18 @@ def start_receiver(
     return proc
 
 
+def send_in(ns: Namespace, port: int, datasets: list[Any], folder: Path, *options: str) -> None:
+    """Write ``datasets`` and send them in order with storescu from inside ``ns``, calling RCV."""
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        paths.append(folder / f"{i:04d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    argv = ["ip", "netns", "exec", ns.name, "storescu", *options, "-aec", "RCV", "127.0.0.1", str(port)]
+    sent = subprocess.run([*argv, *map(str, paths)], capture_output=True, text=True, timeout=300)
+    assert sent.returncode == 0, sent.stderr[-2000:]
+
+
 def held(ns: Namespace, http: int) -> list[str]:
     """SOP Instance UIDs in Orthanc, in the order they first arrived (its change log)."""
     by_id = {i["ID"]: i["MainDicomTags"]["SOPInstanceUID"] for i in ns.http(http, "GET", "/instances?expand")}
@@ -70,30 +82,7 @@ def test_a_backlog_drains_into_orthanc_across_kill_9_in_order(netns: Namespace, 
     out.mkdir()
     proc = start_receiver(netns, tmp_path, etc, out, receiver, 0)
     objects = studies(5, 100)
-    files = tmp_path / "objects"
-    files.mkdir()
-    paths = []
-    for i, ds in enumerate(objects):
-        paths.append(files / f"{i:04d}.dcm")
-        ds.save_as(paths[-1], enforce_file_format=True)
-    sent = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            netns.name,
-            "storescu",
-            "-aec",
-            "RCV",
-            "127.0.0.1",
-            str(receiver),
-            *map(str, paths),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert sent.returncode == 0, sent.stderr[-2000:]
+    send_in(netns, receiver, objects, tmp_path / "objects")
     log0 = tmp_path / "dcmrecvd0.log"
     wait_for(lambda: "forward.retry" in log0.read_text(errors="replace"), timeout=30)  # Orthanc is down
 
@@ -167,30 +156,7 @@ def test_stow_rs_by_series_with_credentials(netns: Namespace, tmp_path: Path) ->
     objects = studies(2, 6)
     for ds in objects[6:]:  # the second half of each study in a series of its own
         ds.SeriesInstanceUID = ds.StudyInstanceUID + ".2"
-    files = tmp_path / "objects"
-    files.mkdir()
-    paths = []
-    for i, ds in enumerate(objects):
-        paths.append(files / f"{i:04d}.dcm")
-        ds.save_as(paths[-1], enforce_file_format=True)
-    sent = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            netns.name,
-            "storescu",
-            "-aec",
-            "RCV",
-            "127.0.0.1",
-            str(receiver),
-            *map(str, paths),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert sent.returncode == 0, sent.stderr[-2000:]
+    send_in(netns, receiver, objects, tmp_path / "objects")
     wanted = {str(ds.SOPInstanceUID) for ds in objects}
 
     def held() -> set[str]:
@@ -218,29 +184,7 @@ def test_stow_rs_with_a_wrong_password_pauses_once(netns: Namespace, tmp_path: P
     out.mkdir()
     receiver = free_port()
     start_receiver(netns, tmp_path, etc, out, receiver, 0)
-    files = tmp_path / "objects"
-    files.mkdir()
-    paths = []
-    for i, ds in enumerate(studies(1, 5)):
-        paths.append(files / f"{i}.dcm")
-        ds.save_as(paths[-1], enforce_file_format=True)
-    subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            netns.name,
-            "storescu",
-            "-aec",
-            "RCV",
-            "127.0.0.1",
-            str(receiver),
-            *map(str, paths),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    send_in(netns, receiver, studies(1, 5), tmp_path / "objects")
     log = tmp_path / "dcmrecvd0.log"
     wait_for(lambda: "forward.paused" in log.read_text(errors="replace"), timeout=30)
     text = log.read_text(errors="replace")
@@ -284,32 +228,10 @@ def test_an_implicit_only_orthanc_gets_what_it_accepts(netns: Namespace, tmp_pat
     study = generate_uid(prefix=None)
     implicit, explicit, compressed = ct(study, 1), ct(study, 2), jpeg(study)
     explicit.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    files = tmp_path / "objects"
-    files.mkdir()
-    paths = []
-    for i, ds in enumerate((compressed, implicit, explicit)):
-        paths.append(files / f"{i}.dcm")
-        ds.save_as(paths[-1], enforce_file_format=True)
-    for path in paths:  # each in its own syntax: storescu proposes what the file holds
-        subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                netns.name,
-                "storescu",
-                "-R",  # the file's own transfer syntax only: never converted on the way
-                *(["-xy"] if path == paths[0] else []),  # and JPEG Baseline proposed for it
-                "-aec",
-                "RCV",
-                "127.0.0.1",
-                str(receiver),
-                str(path),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+    # Each alone, in its own syntax: storescu -R proposes only what the file holds (-xy: and
+    # JPEG Baseline for the compressed one), so nothing is converted on the way.
+    send_in(netns, receiver, [compressed], tmp_path / "jpeg", "-R", "-xy")
+    send_in(netns, receiver, [implicit, explicit], tmp_path / "uncompressed", "-R")
     # dcmrecv's default (kept) stores uncompressed objects in Explicit VR Little Endian, which
     # this Orthanc refuses: sent as received they are dead letters too; converted, delivered.
     expected: set[str] = set()
