@@ -29,6 +29,7 @@ from dcmrecvd.conf.options import opt as _opt
 from dcmrecvd.errors import ConfigError
 from dcmrecvd.store.disk_space import parse_min_free
 from dcmrecvd.wire import layout
+from dcmrecvd.wire.status import is_failure_code
 
 DEFAULT_CONFIG_DIR = Path("/etc/dcmrecvd")
 MAIN_FILE_NAME = "dcmrecvd.toml"
@@ -164,6 +165,15 @@ def check_layout_missing(value: str) -> None:
         raise ValueError("letters, digits, space and - . _ @ only, not empty, no leading or trailing dot")
 
 
+#: output.duplicates: what a second copy of an instance does.
+DUPLICATE_POLICIES = ("overwrite", "keep", "reject", "reject-if-different", "keep-both")
+
+
+def check_duplicate_status(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not is_failure_code(value):
+        raise ValueError("a C-STORE failure status: 0x0100-0x01FF, 0xA000-0xAFFF or 0xC000-0xCFFF")
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     """Where received objects go and how they are named."""
@@ -195,6 +205,30 @@ class OutputConfig:
         "UNKNOWN",
         "What an absent or empty value (or '.', '..') becomes in output.layout.",
         parse=check_layout_missing,
+    )
+    duplicates: str = _opt(
+        "overwrite",
+        "What a second copy of an instance does: overwrite (replace the first, as dcmrecv), keep "
+        "(the first stays, the second is received and discarded: success), reject (the second is "
+        "refused with output.duplicate_status), reject-if-different (identical dataset bytes: "
+        "success and nothing touched; different: refused), keep-both (stored beside the first, "
+        "its name with a suffix _1, _2...).",
+        choices=DUPLICATE_POLICIES,
+    )
+    duplicate_identity: str = _opt(
+        "path",
+        "What makes a second copy: path (a second object under the same final name, as dcmrecv; "
+        "needs names made from the instance: output.filenames = 'default' or a layout without "
+        "{uuid}) or instance (the same SOP Instance UID under the same called AE, wherever it "
+        "lies; from the ack journal's instance index, so it needs journal.enabled and "
+        "output.fsync).",
+        choices=("path", "instance"),
+    )
+    duplicate_status: int = _opt(
+        0x0111,
+        "The failure status a refused duplicate gets (0x0111: Duplicate SOP Instance); any "
+        "C-STORE failure code: 0x01xx, 0xAxxx or 0xCxxx (e.g. 0xA700 to have senders retry).",
+        parse=check_duplicate_status,
     )
     mode: str = _opt(
         "normal",
@@ -439,6 +473,7 @@ EVENT_KINDS = (
     "commitment.requested",
     "commitment.reported",
     "commitment.undeliverable",
+    "object.duplicate",
 )
 #: Placeholders a hook's exec items may hold, e.g. {path}.
 EVENT_FIELDS = (
@@ -462,6 +497,9 @@ EVENT_FIELDS = (
     "items",
     "failed",
     "reason",
+    "policy",
+    "outcome",
+    "first_path",
 )
 
 
@@ -844,6 +882,11 @@ def check_value(source: str, dotted: str, f: dataclasses.Field[Any], value: Any)
             raise ConfigError(source, dotted, f"{value} is below the minimum {meta['min']}")
         if meta["max"] is not None and value > meta["max"]:
             raise ConfigError(source, dotted, f"{value} is above the maximum {meta['max']}")
+        if meta["parse"] is not None:
+            try:
+                meta["parse"](value)
+            except ValueError as exc:
+                raise ConfigError(source, dotted, str(exc)) from None
     elif expected == "str":
         if not isinstance(value, str):
             raise ConfigError(source, dotted, f"expected a string, got {_type_name(value)}")
@@ -902,8 +945,33 @@ def _layout_conflict(output: OutputConfig) -> str:
     return ""
 
 
+def _duplicates_conflict(output: OutputConfig, journal: bool) -> tuple[str, str]:
+    """Why output's duplicate settings cannot work: (key, reason), or ("", "")."""
+    if output.mode == "ignore":
+        return "", ""
+    if output.duplicate_identity == "instance":
+        if not (journal and output.fsync):
+            return "duplicate_identity", "'instance' looks instances up in the ack journal's index: " + (
+                "it needs journal.enabled = true and output.fsync = true"
+            )
+        return "", ""
+    if output.duplicates == "overwrite":
+        return "", ""
+    unique = output.filenames != "default" or (output.layout and layout.parse(output.layout).unique)
+    if unique:
+        return "duplicates", (
+            f"'{output.duplicates}' with duplicate_identity = 'path' needs names made from the instance "
+            "(filenames = 'default', or a layout without {uuid}): these names never repeat; "
+            "use duplicate_identity = 'instance'"
+        )
+    return "", ""
+
+
 def check_combinations(config: Config) -> None:
     """Rules that involve more than one key (dcmrecv checks them on its command line)."""
+    key, reason = _duplicates_conflict(config.output, config.journal.enabled)
+    if key:
+        raise ConfigError("configuration", f"output.{key}", reason)
     conflict = _layout_conflict(config.output)
     if conflict:
         raise ConfigError(
@@ -936,6 +1004,9 @@ def check_combinations(config: Config) -> None:
             raise ConfigError(
                 "configuration", f"ae.{title}.output.layout", f"output.{conflict} cannot be set with it"
             )
+        key, reason = _duplicates_conflict(output, config.journal.enabled)
+        if key:
+            raise ConfigError("configuration", f"ae.{title}.output.{key}", reason)
         if association.profile and not association.config_file:
             raise ConfigError(
                 "configuration", f"ae.{title}.association.config_file", "a profile needs a config_file"
@@ -1024,6 +1095,10 @@ def documented_toml(settings: Mapping[str, Mapping[str, Any]] = PACKAGE_SETTINGS
                 lines.append(tomli_w.dumps({f.name: settings[section][f.name]}).rstrip())
             else:
                 dumped = tomli_w.dumps({f.name: defaults[section][f.name]}).rstrip()
+                if f.name.endswith("_status") and isinstance(
+                    defaults[section][f.name], int
+                ):  # DIMSE status reads as hex, and TOML takes it so
+                    dumped = f"{f.name} = 0x{defaults[section][f.name]:04X}"
                 lines.extend("#" + line for line in dumped.splitlines())  # arrays span lines
         lines.append("")
     lines.append("[events.amqp]")

@@ -119,12 +119,13 @@ class EventStore:
         return event_id
 
     def knows_event(self, body: Body) -> bool:
-        """Is this very ``object.stored`` (same object, same path, same ack time) in already?
-        (A replay after kill -9 hands on events the outbox may have written before.)"""
+        """Is this very ``object.stored`` or ``object.duplicate`` (same object, same path, same
+        ack time) in already?  (A replay after kill -9 hands on events the outbox may have
+        written before.)"""
         with self.lock:
             rows = self.db.execute(
                 "SELECT body FROM events WHERE path = ? AND kind = ?",
-                (body.get("path"), events.OBJECT_STORED),
+                (body.get("path"), body.get("event", events.OBJECT_STORED)),
             ).fetchall()
         for (text,) in rows:
             known = json.loads(text)

@@ -71,6 +71,7 @@ EVENTS = (
     "store.completed",
     "store.failed",
     "store.replaced",
+    "store.duplicate",
     "store.spare_failed",
     "store.uid_mismatch",
     "store.incomplete",

@@ -153,6 +153,13 @@ class Metrics:
             buckets=_BUCKETS,
             registry=r,
         )
+        self.duplicates = Counter(
+            "dcmrecvd_duplicates",
+            "Second copies of an instance, by what became of them (replaced, discarded, rejected, "
+            "identical, beside)",
+            ["outcome"],
+            registry=r,
+        )
         self.reloads = Counter(
             "dcmrecvd_reloads", "Configuration reloads (SIGHUP), by result", ["result"], registry=r
         )

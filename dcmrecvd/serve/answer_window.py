@@ -19,6 +19,7 @@ from structlog.typing import FilteringBoundLogger
 
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.serve.ack_journal import AckJournal
+from dcmrecvd.serve.duplicates import CLAIMS, Claim
 from dcmrecvd.serve.receiving import Outcome
 from dcmrecvd.store.storage import Writer, take_back
 from dcmrecvd.wire.status import Status, status_for_error
@@ -56,6 +57,7 @@ class AnswerWindow(Generic[R]):
         waiting, self._waiting = self._waiting, []
         if not waiting:
             return
+        claimed = [o.claim for _, o in waiting]
         if self.writer is not None and self.writer.unsynced:
             try:
                 self.writer.sync()
@@ -66,11 +68,39 @@ class AnswerWindow(Generic[R]):
                 ]
         if self.journal is not None:
             waiting = self._commit(self.journal, waiting)
+        if any(claimed):
+            self._release(claimed, waiting)
         now = time.monotonic()
         for request, outcome in waiting:
             if outcome.commit_started:
                 METRICS.commit_seconds.observe(now - outcome.commit_started)
             self.answer(request, outcome)
+
+    def _release(self, claimed: list[Claim | None], waiting: list[tuple[R, Outcome]]) -> None:
+        """Each object's claim on its identity: its work is durable now (in its journal
+        record, if it has one), or failed (its outcome was replaced by the failure)."""
+        for claim, (_, outcome) in zip(claimed, waiting, strict=True):
+            if claim is None:
+                continue
+            outcome.claim = None
+            record = outcome.record
+            seq = record.seq if record is not None and outcome.status == Status.SUCCESS else 0
+            CLAIMS.release(claim, seq, self.journal)
+
+    def abandon(self) -> None:
+        """The association ends with objects never answered: files already named are made
+        durable anyway (a copy of their instance may be decided against them), and their
+        claims released; nothing is answered."""
+        waiting, self._waiting = self._waiting, []
+        if self.writer is not None and self.writer.unsynced:
+            try:
+                self.writer.sync()
+            except OSError:
+                pass  # their names are taken back: no copy finds them
+        for _, outcome in waiting:
+            if outcome.claim is not None:
+                CLAIMS.release(outcome.claim)
+                outcome.claim = None
 
     def wait_visible(self, log: FilteringBoundLogger) -> None:
         """Every object answered here under its final name (before A-RELEASE-RP: a script run
@@ -88,7 +118,9 @@ class AnswerWindow(Generic[R]):
             journal.commit(records)
         except OSError as exc:  # none of them is acknowledged: a file already named goes again
             for record in records:
-                if record.header.get("file"):
+                # A file that replaced another copy of its name stays: it is complete and durable,
+                # and taking it back would leave no copy at all.
+                if record.header.get("file") and not record.header.get("replace"):
                     take_back(
                         journal.journal.ops,
                         Path(record.header["root"], record.header["dir"], record.header["name"]),

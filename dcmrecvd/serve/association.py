@@ -167,6 +167,7 @@ class Association:
         finally:
             self._end_pending()
             self._drop_request()
+            self.answers.abandon()
             if self.writer is not None:
                 self.writer.close()
             self.buffer.release()  # after the request: no view into the buffer is left

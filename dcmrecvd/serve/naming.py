@@ -42,6 +42,16 @@ class NamingScheme:
         return self.filenames == "default"
 
     @property
+    def repeats(self) -> bool:
+        """Names made from the instance alone: a second copy gets the first one's name."""
+        return self.overwrites and (self.layout is None or not self.layout.unique)
+
+    @property
+    def file_extension(self) -> str:
+        """What file names end with (output.extension, or the layout's '.dcm'), for keep-both."""
+        return self.layout.extension if self.layout is not None else self.extension
+
+    @property
     def needs_series_date(self) -> bool:
         """True when the dataset must be read (a little) before the file is opened."""
         return self.subdirectory == "series-date"

@@ -29,6 +29,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 from structlog.typing import FilteringBoundLogger
 
 from dcmrecvd.serve import naming
+from dcmrecvd.serve.duplicates import (
+    CLAIMS,
+    Claim,
+    DuplicatePolicy,
+    Placement,
+    duplicate_body,
+    first_copy,
+    identity_key,
+    placement,
+    same_dataset,
+)
 from dcmrecvd.store.disk_space import DiskWatch
 from dcmrecvd.store.journal import Record
 from dcmrecvd.store.storage import PendingFile, Writer
@@ -53,6 +64,8 @@ if TYPE_CHECKING:
     from dcmrecvd.serve.ack_journal import AckJournal
 
 DISK_LOW = "output directory below output.min_free"
+#: The Error Comment of a refused second copy (at most 64 characters: an LO).
+DUPLICATE_COMMENT = "duplicate: a copy of this SOP Instance is stored already"
 #: Bytes kept in memory while waiting for the dataset's SOP UIDs (and Series Date)
 #: before the file is opened; they sit in the first few hundred bytes.
 MAX_PREFIX = 1 << 20
@@ -77,6 +90,10 @@ class Outcome:
     event: dict[str, Any] | None = None
     #: Its ack-journal record (committed before the answer; the journal then owns the event).
     record: Record | None = None
+    #: Its hold on its identity (``duplicates``), released once its work is durable or failed.
+    claim: Claim | None = None
+    #: The ``object.duplicate`` body when it was a second copy of an instance.
+    duplicate: dict[str, Any] | None = None
 
 
 class Sink(Protocol):
@@ -133,6 +150,12 @@ class Destination:
     peer: str = ""
     #: The ack journal, when objects are acknowledged through it (fsync on, journal usable).
     journal: AckJournal | None = None
+    #: What a second copy of an instance does (output.duplicates and its keys).
+    duplicates: DuplicatePolicy = DuplicatePolicy()
+    #: The association (whose claims are its own) and how it makes its answered objects
+    #: durable before waiting for another association's claim (see ``duplicates``).
+    owner: object = None
+    settle: Callable[[], None] = lambda: None
 
 
 class Checked:
@@ -274,6 +297,8 @@ class Stored(Checked):
         #: CRC-32 of ``inline`` so far, for its journal record: kept as the pieces arrive,
         #: while the sender is still sending, rather than at the commit.
         self.crc = 0
+        #: Its hold on its identity from completion until its outcome takes it over.
+        self.claim: Claim | None = None
 
     def _take(self, chunk: memoryview) -> None:
         disk = self.to.disk
@@ -364,24 +389,73 @@ class Stored(Checked):
         self.flush()
         if self.failed is not None:
             return self.failed
-        if self.inline is not None:
-            return self._journaled()
+        place = self._place()
+        if isinstance(place, Outcome):  # a second copy that is not stored
+            return place
+        outcome = self._journaled(place) if self.inline is not None else self._staged(place)
+        if place.label:
+            outcome.replaced = place.label == "replaced"
+            outcome.duplicate = duplicate_body(
+                self._event(outcome), self.to.duplicates, place.first, place.label
+            )
+            if outcome.record is not None:  # handed on with the object's own event, its path final
+                outcome.record.header["duplicate"] = outcome.duplicate
+        outcome.claim, self.claim = self.claim, None
+        return outcome
+
+    def _place(self) -> Placement | Outcome:
+        """Where the object goes, after its identity is held and any first copy found
+        (``duplicates``); an Outcome when a second copy is discarded or refused."""
+        scheme, policy, called = self.to.scheme, self.to.duplicates, self.to.called
+        names = names_for(self.command, scheme, self.to.clock, self.layout_name)
+        root = self.to.writer.store.root
+        own = root.joinpath(*self.directory.parts, names()) if scheme.repeats else None
+        index = self.to.journal.index if self.to.journal is not None else None
+        uid = self.command.affected_sop_instance_uid
+        key = identity_key(policy, index, called, uid, own)
+        if key is None:  # nothing can be a second copy of it
+            return Placement(self.directory, names, scheme.overwrites)
+        self.claim = CLAIMS.acquire(key, self.to.owner, self.to.settle)
+        first = first_copy(policy, index, called, uid, own)
+        place = placement(policy, first, own, root, self.directory, names, scheme)
+        if isinstance(place, Placement):
+            return place
+        assert first is not None
+        if place == "rejected" and policy.policy == "reject-if-different" and self._same_as(first):
+            place = "identical"
+        return self._not_stored(first, place)
+
+    def _same_as(self, first: Path) -> bool:
+        """Does the new object hold the same dataset bytes as ``first``?"""
+        if self.file is not None:
+            self.file.flush()  # its bytes readable from the temp file
+        temp = self.file.temp_path if self.file is not None else None
+        return same_dataset(first, self.inline, temp, self.meta_len)
+
+    def _not_stored(self, first: Path, label: str) -> Outcome:
+        """A second copy received in full and not kept: success or the policy's status."""
+        policy = self.to.duplicates
+        self.discard()  # its temp file or record gone; the claim released (nothing to wait for)
+        if label == "rejected":
+            status = Status(policy.status)
+            outcome = Outcome(status, DUPLICATE_COMMENT)
+        else:
+            outcome = Outcome(Status.SUCCESS, path=str(first))
+        outcome.tags = self._tags()
+        outcome.size = self.received
+        outcome.duplicate = duplicate_body(self._event(outcome), self.to.duplicates, first, label, str(first))
+        return outcome
+
+    def _staged(self, place: Placement) -> Outcome:
+        """A file of its own (the per-file path, or an object too big for its record):
+        flushed and named now, durable at the window's sync."""
         assert self.file is not None
         command = self.command
-        scheme, clock = self.to.scheme, self.to.clock
         size = self.file.size
         started = time.monotonic()
-        committed = self.to.writer.stage(
-            self.file,
-            self.directory,
-            lambda: (
-                self.layout_name
-                or naming.file_name(
-                    scheme, command.affected_sop_class_uid, command.affected_sop_instance_uid, clock()
-                )
-            ),
-            replace=scheme.overwrites,
-        )
+        if place.directory != self.directory:  # over a first copy in another directory
+            self.file.directory = self.to.writer.store.directory(place.directory)
+        committed = self.to.writer.stage(self.file, place.directory, place.names, replace=place.replace)
         self.file = None
         if self.to.writer.spare_error:
             self.log.debug("store.spare_failed", reason=self.to.writer.spare_error)
@@ -399,27 +473,17 @@ class Stored(Checked):
         )
         outcome.event = self._event(outcome)
         if self.to.journal is not None:  # its record only names the file, made durable already
-            header = self._header(committed.path.parent, committed.path.name, size, outcome.event)
+            header = self._header(committed.path.parent, committed.path.name, size, outcome.event, place)
             header["file"] = True
             header["digest"] = ""  # not computed on the way: it would cost the bandwidth path CPU
             outcome.record = Record(header)
         return outcome
 
-    def _journaled(self) -> Outcome:
+    def _journaled(self, place: Placement) -> Outcome:
         """An object small enough to travel in its record: named now, made after the ack."""
         assert self.inline is not None and self.to.journal is not None
-        command, scheme, clock = self.command, self.to.scheme, self.to.clock
-        directory = self.to.writer.store.root.joinpath(*self.directory.parts)
-        name = self.to.journal.choose_name(
-            directory,
-            lambda: (
-                self.layout_name
-                or naming.file_name(
-                    scheme, command.affected_sop_class_uid, command.affected_sop_instance_uid, clock()
-                )
-            ),
-            replace=scheme.overwrites,
-        )
+        directory = self.to.writer.store.root.joinpath(*place.directory.parts)
+        name = self.to.journal.choose_name(directory, place.names, replace=place.replace)
         data, self.inline = self.inline, None
         outcome = Outcome(
             Status.SUCCESS,
@@ -429,17 +493,20 @@ class Stored(Checked):
             tags=self._tags(),
         )
         outcome.event = self._event(outcome)
-        outcome.record = Record(self._header(directory, name, len(data), outcome.event), data, crc=self.crc)
+        header = self._header(directory, name, len(data), outcome.event, place)
+        outcome.record = Record(header, data, crc=self.crc)
         return outcome
 
-    def _header(self, directory: Path, name: str, size: int, event: dict[str, Any]) -> dict[str, Any]:
+    def _header(
+        self, directory: Path, name: str, size: int, event: dict[str, Any], place: Placement
+    ) -> dict[str, Any]:
         """The journal record's header (see ``store.materialiser``)."""
         root = self.to.writer.store.root
         return {
             "root": str(root),
             "dir": str(directory.relative_to(root)),
             "name": name,
-            "replace": self.to.scheme.overwrites,
+            "replace": place.replace,
             "size": size,
             "meta_len": self.meta_len,
             "index": {
@@ -478,6 +545,9 @@ class Stored(Checked):
         }
 
     def discard(self) -> None:
+        if self.claim is not None:  # nothing of this object will be durable
+            CLAIMS.release(self.claim)
+            self.claim = None
         self.pending = []
         self.prefix = bytearray()
         self.inline = None
@@ -487,6 +557,17 @@ class Stored(Checked):
         if self.file is not None:
             self.file.discard()
             self.file = None
+
+
+def names_for(
+    command: dimse.Command, scheme: naming.NamingScheme, clock: Clock, layout_name: str | None
+) -> Callable[[], str]:
+    """The object's file names to try: the layout's one, or dcmrecv's scheme (a fresh one per call)."""
+    if layout_name is not None:
+        return lambda: layout_name
+    return lambda: naming.file_name(
+        scheme, command.affected_sop_class_uid, command.affected_sop_instance_uid, clock()
+    )
 
 
 def sink_for(

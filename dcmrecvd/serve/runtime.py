@@ -22,6 +22,7 @@ from dcmrecvd.conf.config import AccessConfig, Config, OutputConfig, receiver_ta
 from dcmrecvd.errors import OutputDirectoryError, UsageError
 from dcmrecvd.ops import logs
 from dcmrecvd.serve import naming, tls
+from dcmrecvd.serve.duplicates import DuplicatePolicy
 from dcmrecvd.store.disk_space import DiskWatch, parse_min_free, watch_directory
 from dcmrecvd.store.storage import Store
 from dcmrecvd.wire import layout, negotiation, uids
@@ -42,6 +43,7 @@ class Receiver:
     disk: DiskWatch
     access: Policy
     mode: str  # output.mode: normal, bit-preserving, ignore
+    duplicates: DuplicatePolicy = DuplicatePolicy()
 
 
 @dataclass(frozen=True)
@@ -235,4 +237,5 @@ def _receiver(
             source=config.origins.get(rules_key, config.origins.get("access.rule", "")),
         ),
         mode=output.mode,
+        duplicates=DuplicatePolicy(output.duplicates, output.duplicate_identity, output.duplicate_status),
     )

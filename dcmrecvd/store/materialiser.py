@@ -16,7 +16,8 @@ A record's header (made by the serving side; nothing here knows DICOM):
 ``root``, ``dir``, ``name``, ``replace`` (a default name replaces an older
 file), ``file`` (a large object already durable under its name: only its row
 and events are left; with its ``digest``), ``size``, ``index`` (the row's
-identifiers) and ``event`` (the body of ``object.stored``, if wanted).
+identifiers), ``event`` (the body of ``object.stored``, if wanted) and
+``duplicate`` (the body of ``object.duplicate`` of a second copy stored).
 """
 
 from __future__ import annotations
@@ -305,11 +306,12 @@ class Materialiser:
                         ident["stored"],
                     )
                 )
-            event = header.get("event")
-            if event is not None:
-                event["path"] = path
-                event["directory"] = os.path.dirname(path)
-                bodies.append(event)
+            for kind in ("event", "duplicate"):  # object.stored, then object.duplicate if a copy
+                event = header.get(kind)
+                if event is not None:
+                    event["path"] = path
+                    event["directory"] = os.path.dirname(path)
+                    bodies.append(event)
         self.index.put(rows)
         if bodies and self.events is not None:
             self.events(bodies, replayed)

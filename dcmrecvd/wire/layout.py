@@ -90,6 +90,17 @@ class Layout:
         return frozenset(p.tag for level in self.levels for p in level if isinstance(p, Field) and p.tag)
 
     @property
+    def unique(self) -> bool:
+        """A {uuid} somewhere: every object gets a path of its own (no two ever collide)."""
+        return any(isinstance(p, Field) and p.name == "uuid" for level in self.levels for p in level)
+
+    @property
+    def extension(self) -> str:
+        """The literal the file name ends with when it looks like an extension ('.dcm'), else ""."""
+        last = self.levels[-1][-1]
+        return last if isinstance(last, str) and last.startswith(".") and "." not in last[1:] else ""
+
+    @property
     def last_tag(self) -> int:
         """The highest of ``tags`` (the walk holds the object's first bytes until past it)."""
         return max(self.tags | {SOP_INSTANCE_UID})

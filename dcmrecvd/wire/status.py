@@ -25,10 +25,26 @@ class Status(IntEnum):
     OUT_OF_RESOURCES = 0xA700
     CANNOT_UNDERSTAND = 0xC000
 
+    @classmethod
+    def _missing_(cls, value: object) -> Status | None:
+        """A failure code we have no name for (output.duplicate_status may be any failure a
+        C-STORE may carry: 01xx, Axxx, Cxxx): a member made for it, like enum's own pseudo-members."""
+        if not isinstance(value, int) or not is_failure_code(value):
+            return None
+        member = int.__new__(cls, value)
+        member._name_ = f"FAILURE_{value:04X}"
+        member._value_ = value
+        return member
+
     @property
     def is_failure(self) -> bool:
         """Anything but success (we send no warnings)."""
         return self is not Status.SUCCESS
+
+
+def is_failure_code(value: int) -> bool:
+    """A DIMSE failure status (PS3.7 C.1.3): 01xx, Axxx or Cxxx."""
+    return 0x0100 <= value <= 0x01FF or 0xA000 <= value <= 0xAFFF or 0xC000 <= value <= 0xCFFF
 
 
 class Failure(Exception):

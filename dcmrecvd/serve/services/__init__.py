@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from structlog.typing import FilteringBoundLogger
 
 from dcmrecvd.serve.ack_journal import AckJournal
+from dcmrecvd.serve.answer_window import AnswerWindow
 from dcmrecvd.serve.commitment import Commitment
 from dcmrecvd.serve.receiving import Drained, Outcome, Sink
 from dcmrecvd.serve.runtime import Receiver, Stats
@@ -54,6 +55,8 @@ class Peer(Protocol):
     host: str
     #: Storage Commitment, when enabled.
     commitment: Commitment | None
+    #: Requests complete and not yet answered (flushed before waiting on another association).
+    answers: AnswerWindow[Any]
 
 
 @dataclass(slots=True)

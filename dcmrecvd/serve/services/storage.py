@@ -11,6 +11,7 @@ log line and the ``object.stored`` event after it, so neither delays it).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.serve.receiving import Destination, Drained, Outcome, Sink, sink_for
@@ -30,7 +31,17 @@ class Storage:
         rx = peer.rx
         journal = peer.journal if rx.store.durable and rx.mode != "ignore" else None
         destination = Destination(
-            peer.writer, rx.scheme, rx.disk, peer.calling, peer.clock, peer.called, peer.peer, journal
+            peer.writer,
+            rx.scheme,
+            rx.disk,
+            peer.calling,
+            peer.clock,
+            peer.called,
+            peer.peer,
+            journal,
+            rx.duplicates,
+            owner=peer.writer,
+            settle=peer.answers.flush,
         )
         return sink_for(
             command, context.abstract_syntax, context.transfer_syntax, rx.mode, destination, peer.log
@@ -46,6 +57,9 @@ class Storage:
         METRICS.objects.labels(f"0x{int(status):04X}", rx.name if rx.name != "*" else "any").inc()
         METRICS.received.inc(received)
         METRICS.store_seconds.observe(elapsed)
+        duplicate = outcome.duplicate
+        if duplicate is not None:
+            METRICS.duplicates.labels(duplicate["outcome"]).inc()
         send(status, outcome.error if status.is_failure else "")
         fields = {
             "sop_class_uid": command.affected_sop_class_uid,
@@ -54,9 +68,12 @@ class Storage:
             "bytes": received,
             "duration_ms": round(elapsed * 1000, 3),
         }
+        if duplicate is not None:
+            _duplicate_seen(peer, outcome, duplicate, fields)
         if status != Status.SUCCESS:
             peer.stats.add(failed=1)
-            peer.log.error("store.failed", reason=outcome.error, **fields)
+            if duplicate is None:
+                peer.log.error("store.failed", reason=outcome.error, **fields)
             return
         peer.stats.add(stored=1, bytes=received)
         if rx.title:
@@ -66,6 +83,24 @@ class Storage:
         # its event handed on from the journal once its file is made (``store.materialiser``).
         if peer.events is not None and outcome.event is not None and outcome.record is None:
             peer.events(outcome.event)
+
+
+def _duplicate_seen(peer: Peer, outcome: Outcome, body: dict[str, Any], fields: dict[str, Any]) -> None:
+    """A second copy of an instance: logged, and its ``object.duplicate`` handed on (from the
+    journal with the object's own event when the copy was stored through it)."""
+    details = {
+        "policy": body["policy"],
+        "outcome": body["outcome"],
+        "first_path": body["first_path"],
+        "path": body["path"] or None,
+        **fields,
+    }
+    if body["outcome"] in ("rejected", "replaced"):  # a sender refused, or a file replaced
+        peer.log.warning("store.duplicate", **details)
+    else:
+        peer.log.info("store.duplicate", **details)
+    if peer.events is not None and outcome.record is None:
+        peer.events(body)
 
 
 SERVICE = Storage()

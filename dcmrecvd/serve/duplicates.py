@@ -1,0 +1,265 @@
+"""A second copy of an instance: found from durable facts, decided by ``output.duplicates``.
+
+Why a registry of claims: two associations storing the same instance at once
+must not both decide "no first copy", and an answer that says "kept, the first
+copy stays" must never be sent for a first copy that is not durable yet.  So
+each object whose identity can repeat *claims* that identity when it is
+complete (``Claims.acquire``) and holds the claim until its own work is
+durable or failed (the association's answer window releases it).  A second
+claimant waits for that, then looks at what is durable: the file under the
+name (``path`` identity) or the instance index's row (``instance``), after
+the first copy's journal record has been made into its file and row.
+
+Deadlock is ruled out by one rule: before waiting for another object's claim,
+an association settles its own answer window (makes its objects durable,
+answers them, releases their claims), so a waiter holds no claim.
+
+Nothing here decides bytes: ``receiving`` asks ``decide`` what to do with its
+object, and stores, discards or refuses it accordingly.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from dcmrecvd.serve.ack_journal import AckJournal
+from dcmrecvd.serve.naming import NamingScheme
+from dcmrecvd.store.instance_index import InstanceIndex
+from dcmrecvd.wire import part10
+from dcmrecvd.wire.status import Failure, Status
+
+#: How long an object waits for another association's copy of its instance to be decided.
+CLAIM_WAIT_SECONDS = 60.0
+#: Claims of acknowledged objects whose file is not made yet, kept before a purge is tried.
+PURGE_AT = 4096
+#: What happens to the *second* copy, by policy (the label of dcmrecvd_duplicates_total).
+OUTCOMES = ("replaced", "discarded", "rejected", "identical", "beside")
+#: Names tried beside a first copy under keep-both.
+MAX_BESIDE = 1000
+
+
+@dataclass(frozen=True)
+class DuplicatePolicy:
+    """output.duplicates, output.duplicate_identity, output.duplicate_status of one AE."""
+
+    policy: str = "overwrite"
+    identity: str = "path"
+    status: int = 0x0111
+
+
+@dataclass(eq=False)
+class Claim:
+    """One object's hold on its identity until its own work is durable or failed."""
+
+    key: str
+    owner: object
+    done: threading.Event = field(default_factory=threading.Event)
+    #: The journal record that holds the object (0: none, or it failed): waiters wait for its file.
+    seq: int = 0
+    journal: AckJournal | None = None
+
+    def visible(self) -> bool:
+        return self.journal is None or self.journal.materialiser.visible_through >= self.seq
+
+
+class Claims:
+    """Identities in flight, process-wide: at most one object decides per identity at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, Claim] = {}
+
+    def acquire(
+        self, key: str, owner: object, settle: Callable[[], None], timeout: float = CLAIM_WAIT_SECONDS
+    ) -> Claim:
+        """Hold ``key`` (waiting for another object that holds it); Failure after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                held = self._held.get(key)
+                if held is None:
+                    claim = self._held[key] = Claim(key, owner)
+                    return claim
+            if not held.done.is_set():
+                settle()  # our own objects durable and answered first: we wait holding nothing
+                if held.owner is owner and not held.done.is_set():
+                    raise RuntimeError(f"claim on {key} not released by its own association")
+                if not held.done.wait(max(0.0, deadline - time.monotonic())):
+                    raise Failure(
+                        Status.OUT_OF_RESOURCES, "another association is still storing this instance"
+                    )
+            if held.journal is not None and not held.visible():
+                left = max(0.0, deadline - time.monotonic())
+                if not held.journal.wait_visible(held.seq, left):
+                    raise Failure(Status.OUT_OF_RESOURCES, "the first copy is not made yet")
+            with self._lock:
+                if self._held.get(key) is held:
+                    del self._held[key]
+
+    def release(self, claim: Claim, seq: int = 0, journal: AckJournal | None = None) -> None:
+        """The object's work is durable (``seq``: in that journal record) or failed (0).
+
+        A claim whose object lives in a journal record not yet made into its file stays,
+        done: a copy arriving before the file exists still finds it."""
+        claim.seq, claim.journal = seq, journal if seq else None
+        with self._lock:
+            if claim.journal is None or claim.visible():
+                if self._held.get(claim.key) is claim:
+                    del self._held[claim.key]
+            elif len(self._held) > PURGE_AT:
+                self._purge_locked()
+            claim.done.set()
+
+    def _purge_locked(self) -> None:
+        for key, held in list(self._held.items()):
+            if held.done.is_set() and held.visible():
+                del self._held[key]
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+#: Every association of the process decides through these.
+CLAIMS = Claims()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a complete object goes: directory, names to try, whether a name is replaced;
+    and, for a second copy stored anyway, its first copy and what became of it."""
+
+    directory: PurePosixPath
+    names: Callable[[], str]
+    replace: bool
+    first: Path | None = None
+    label: str = ""
+
+
+def identity_key(
+    policy: DuplicatePolicy, index: InstanceIndex | None, called: str, uid: str, own: Path | None
+) -> str | None:
+    """What two copies of one instance share (None: this object can have no second copy:
+    path identity with names that never repeat).  Instance identity needs the index; without
+    the journal (it fell back to the per-file path) the path is the identity."""
+    if policy.identity == "instance" and index is not None:
+        return f"i\x1f{index.path}\x1f{called}\x1f{uid}"
+    return None if own is None else f"p\x1f{own}"
+
+
+def first_copy(
+    policy: DuplicatePolicy, index: InstanceIndex | None, called: str, uid: str, own: Path | None
+) -> Path | None:
+    """The durable first copy, if there is one (call holding the identity's claim)."""
+    if policy.identity == "instance" and index is not None:
+        row = index.get(called, uid)
+        if row is not None and row.path_exists:
+            return Path(row.path)
+    return own if own is not None and own.is_file() else None
+
+
+def placement(
+    policy: DuplicatePolicy,
+    first: Path | None,
+    own: Path | None,
+    root: Path,
+    directory: PurePosixPath,
+    names: Callable[[], str],
+    scheme: NamingScheme,
+) -> Placement | str:
+    """Where the object goes; or, for a second copy that is not stored, what becomes of it
+    ("discarded" or "rejected"; reject-if-different says "rejected" until the bytes are compared)."""
+    named = (lambda: own.name) if own is not None else names
+    if first is None:
+        return Placement(directory, named, scheme.overwrites)
+    if policy.policy == "overwrite":
+        if first != own and first.parent.is_relative_to(root):  # instance: where the first lies
+            where = PurePosixPath(*first.parent.relative_to(root).parts)
+            return Placement(where, lambda: first.name, True, first, "replaced")
+        return Placement(directory, named, True, first, "replaced")
+    if policy.policy == "keep-both":
+        name = own.name if own is not None else names()
+        return Placement(directory, beside_names(name, scheme.file_extension), False, first, "beside")
+    return "discarded" if policy.policy == "keep" else "rejected"
+
+
+def duplicate_body(
+    stored: dict[str, Any], policy: DuplicatePolicy, first: Path | None, label: str, path: str | None = None
+) -> dict[str, Any]:
+    """The ``object.duplicate`` body, from the copy's ``object.stored`` one: ``path`` is where
+    the instance now is (the new copy's, or the first copy's when the new one was not stored)."""
+    where = stored["path"] if path is None else path
+    return {
+        **stored,
+        "event": "object.duplicate",
+        "policy": policy.policy,
+        "outcome": label,
+        "first_path": str(first or ""),
+        "path": where,
+        "directory": os.path.dirname(where),
+    }
+
+
+def beside(name: str, n: int, extension: str) -> str:
+    """The name of the ``n``-th extra copy under keep-both: ``_n`` before the extension."""
+    if extension and name.endswith(extension) and len(name) > len(extension):
+        return f"{name[: -len(extension)]}_{n}{extension}"
+    return f"{name}_{n}"
+
+
+def beside_names(name: str, extension: str) -> Callable[[], str]:
+    """Names for keep-both: the name itself, then ``_1``, ``_2``... (each call the next)."""
+    tries = iter(range(MAX_BESIDE))
+
+    def next_name() -> str:
+        n = next(tries, MAX_BESIDE)
+        return name if n == 0 else beside(name, n, extension)
+
+    return next_name
+
+
+def same_dataset(
+    first: Path, data: bytes | bytearray | memoryview | None, file: Path | None, offset: int
+) -> bool:
+    """Do ``first`` (a stored Part 10 file) and the new object hold the same dataset bytes?
+
+    The new one is ``data`` from ``offset`` (in memory) or the file ``file`` from ``offset``.
+    The file meta is not compared: it names the sender, which may differ for the same object.
+    """
+    chunk = 1 << 20
+    with open(first, "rb") as old:
+        head = old.read(part10.META_READ)
+        try:
+            start = part10.read_meta(head).dataset_offset
+        except part10.NotPart10:
+            return False
+        old_size = os.fstat(old.fileno()).st_size - start
+        if data is not None:
+            new_view = memoryview(data)[offset:]
+            if len(new_view) != old_size:
+                return False
+            old.seek(start)
+            pos = 0
+            while pos < old_size:
+                piece = old.read(chunk)
+                if not piece or new_view[pos : pos + len(piece)] != piece:
+                    return False
+                pos += len(piece)
+            return True
+        assert file is not None
+        with open(file, "rb") as new:
+            if os.fstat(new.fileno()).st_size - offset != old_size:
+                return False
+            old.seek(start)
+            new.seek(offset)
+            while True:
+                a, b = old.read(chunk), new.read(chunk)
+                if a != b:
+                    return False
+                if not a:
+                    return True
