@@ -54,3 +54,4 @@ _.path_exists  # API for Storage Commitment and the duplicate policy (dcmrecvd/s
 _.usage  # journal use, for tests and inspection (dcmrecvd/store/journal.py)
 _.is_implicit_VR  # pydicom's writer reads these flags of the buffer (dcmrecvd/events/forward_dimse.py)
 _.is_little_endian
+_._missing_  # enum hook: output.duplicate_status codes without a name (dcmrecvd/wire/status.py)

@@ -66,12 +66,14 @@ def recorded_run(tmp_path: Path, model: str, pipelined: bool = False, **output: 
     streams = [
         store(dataset(u, n, d), u, fragment=16000, message_id=i + 1) for i, (u, n, d) in enumerate(objects)
     ]
+    # The third is a second copy of the first: refused under output.duplicates = "reject".
+    expected = [0, 0, 0x0111 if output.get("duplicates") == "reject" else 0, 0]
     if pipelined:
         peer.send(b"".join(streams), whole)
-        assert [peer.status() for _ in streams] == [0] * len(streams)
-    for stream in [] if pipelined else streams:
+        assert [peer.status() for _ in streams] == expected
+    for stream, status in [] if pipelined else zip(streams, expected, strict=True):
         peer.send(stream, whole)
-        assert peer.status() == 0x0000
+        assert peer.status() == status
     half = dataset("1.2.3.4", 200000)
     command = p_data(pdv(store_command(CT, "1.2.3.4", 9), True, True))
     peer.send(command + p_data(pdv(half[:150000], False, False)), whole)
@@ -83,16 +85,27 @@ def recorded_run(tmp_path: Path, model: str, pipelined: bool = False, **output: 
 @pytest.mark.parametrize("model", [WEAK, ORDERED])
 @pytest.mark.parametrize("pipelined", [False, True], ids=["one-by-one", "pipelined"])
 @pytest.mark.parametrize(
-    "output", [{}, {"subdirectory": "series-date", "filenames": "unique"}], ids=["replaced", "ssd-unique"]
+    "output",
+    [
+        {},
+        {"subdirectory": "series-date", "filenames": "unique"},
+        {"duplicates": "keep"},
+        {"duplicates": "keep-both"},
+        {"duplicates": "reject"},
+    ],
+    ids=["replaced", "ssd-unique", "dup-keep", "dup-keep-both", "dup-reject"],
 )
 def test_every_crash_state_keeps_the_promise(
     tmp_path: Path, model: str, pipelined: bool, output: dict[str, object]
 ) -> None:
     recorder = recorded_run(tmp_path, model, pipelined, **output)
     kinds = {op.kind for op in recorder.ops}
-    assert {"create", "write", "rename" if not output else "link", "dirsync", "ack"} <= kinds
+    replaces = not output or output == {"duplicates": "keep"} or output == {"duplicates": "reject"}
+    assert {"create", "write", "rename" if replaces else "link", "dirsync", "ack"} <= kinds
     assert ("datasync" if model == WEAK else "wait") in kinds
-    assert sum(op.kind == "ack" for op in recorder.ops) == 4
+    assert sum(op.kind == "ack" for op in recorder.ops) == (3 if output.get("duplicates") == "reject" else 4)
+    if output.get("duplicates") in ("keep", "reject"):  # the second copy never reached a final name
+        assert sum(op.kind == "rename" and not op.target.endswith(".tmp") for op in recorder.ops) == 3
     checked, found = check(recorder.ops, model)
     assert checked > len(recorder.ops)
     assert found == []

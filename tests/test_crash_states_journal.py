@@ -91,7 +91,7 @@ def drain(materialiser: Materialiser) -> None:
     materialiser.checkpoint()
 
 
-def journal_run(tmp_path: Path, model: str, pipelined: bool = False) -> Run:
+def journal_run(tmp_path: Path, model: str, pipelined: bool = False, **output: object) -> Run:
     """Objects small (in their record) and large (their own file), one sent twice (its
     default name replaced), the materialiser turning between them so that segments fill,
     are checkpointed and recycled; one object aborted halfway."""
@@ -105,7 +105,7 @@ def journal_run(tmp_path: Path, model: str, pipelined: bool = False) -> Run:
     materialiser = Materialiser(journal, index, ops=recorder, ordered_journal=ordered)
     journal.on_written = materialiser.written
     ack = AckJournal(journal, materialiser, index, INLINE_MAX)
-    rt = make_runtime(root)
+    rt = make_runtime(root, **output)
     store_ = Store(root, ops=recorder, ordered_journal=ordered)
     import dataclasses
 
@@ -122,8 +122,9 @@ def journal_run(tmp_path: Path, model: str, pipelined: bool = False) -> Run:
             if outcome.status == Status.SUCCESS and outcome.path:
                 name = recorder.rel(outcome.path)
                 record = outcome.record
-                assert record is not None, "not acknowledged through the journal"
-                data = bytes(record.data) if record.data else Path(outcome.path).read_bytes()
+                # A second copy discarded (output.duplicates = "keep") promises its first copy.
+                assert record is not None or outcome.duplicate, "not acknowledged through the journal"
+                data = bytes(record.data) if record and record.data else Path(outcome.path).read_bytes()
                 recorder.ack(name, data)
                 run.acked_keys[name] = request.call.command.affected_sop_instance_uid  # type: ignore[attr-defined]
             super()._answer(request, outcome)  # type: ignore[arg-type]
@@ -138,19 +139,23 @@ def journal_run(tmp_path: Path, model: str, pipelined: bool = False) -> Run:
         [("1.2.3.9", 22000), ("1.2.3.10", 22000), ("1.2.3.11", 22000)],  # the first one, recycled
     ]
     message_id = 0
+    seen: set[str] = set()
     for group in groups:
         streams = []
+        expected = []
         for uid, size in group:
             data = dataset(uid, size)
             message_id += 1
             streams.append(store(data, uid, fragment=16000, message_id=message_id))
+            expected.append(0x0111 if output.get("duplicates") == "reject" and uid in seen else 0)
+            seen.add(uid)
         if pipelined:
             peer.send(b"".join(streams), whole)
-            assert [peer.status() for _ in streams] == [0] * len(streams)
+            assert [peer.status() for _ in streams] == expected
         else:
-            for stream in streams:
+            for stream, status in zip(streams, expected, strict=True):
                 peer.send(stream, whole)
-                assert peer.status() == 0x0000
+                assert peer.status() == status
         drain(materialiser)
     peer.send(store(dataset("1.2.3.8", 30000), "1.2.3.8", fragment=16000)[:20000], whole)
     peer.send(bytes((7, 0, 0, 0, 0, 4, 0, 0, 0, 0)), whole)  # abort mid-object
@@ -216,7 +221,12 @@ def judge(run: Run, acked: dict[str, set[bytes]]) -> list[str]:
             wrong.append(f"acknowledged {name} is missing")
         elif got not in allowed | later:
             wrong.append(f"acknowledged {name} holds {len(got)} bytes, not the object")
-        if rows.get(run.acked_keys[name]) != str(run.root / name):
+        # The instance's row points at an acknowledged copy of it: this one, or (keep-both) a
+        # copy acknowledged under another name, one row per instance.
+        copies = {str(run.root / n) for n, uid in run.acked_keys.items() if uid == run.acked_keys[name]}
+        if rows.get(run.acked_keys[name]) not in copies or (
+            len(copies) == 1 and rows.get(run.acked_keys[name]) != str(run.root / name)
+        ):
             wrong.append(f"acknowledged {name} has no index row pointing at it")
     for path, data in files.items():
         if is_temp(path):
@@ -281,12 +291,22 @@ def check_journal(
 
 @pytest.mark.parametrize("model", [WEAK, ORDERED])
 @pytest.mark.parametrize("pipelined", [False, True], ids=["one-by-one", "pipelined"])
+@pytest.mark.parametrize(
+    "output",
+    [
+        {},
+        {"duplicates": "keep"},
+        {"duplicates": "reject", "duplicate_identity": "instance"},
+        {"duplicates": "keep-both"},
+    ],
+    ids=["replaced", "dup-keep", "dup-reject-instance", "dup-keep-both"],
+)
 def test_every_crash_state_recovers_every_acknowledged_object(
-    tmp_path: Path, model: str, pipelined: bool
+    tmp_path: Path, model: str, pipelined: bool, output: dict[str, object]
 ) -> None:
-    run = journal_run(tmp_path, model, pipelined)
+    run = journal_run(tmp_path, model, pipelined, **output)
     kinds = [op.kind for op in run.recorder.ops]
-    assert kinds.count("ack") == 11
+    assert kinds.count("ack") == (10 if output.get("duplicates") == "reject" else 11)
     assert {"dsync", "syncfs", "indexsync", "rename", "dirsync"} <= set(kinds)
     heads = [
         op.inode

@@ -160,6 +160,8 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        for outcome in ("replaced", "discarded", "rejected", "identical", "beside"):  # seen as 0 at once
+            self.duplicates.labels(outcome)
         self.reloads = Counter(
             "dcmrecvd_reloads", "Configuration reloads (SIGHUP), by result", ["result"], registry=r
         )

@@ -38,8 +38,6 @@ from dcmrecvd.wire.status import Failure, Status
 CLAIM_WAIT_SECONDS = 60.0
 #: Claims of acknowledged objects whose file is not made yet, kept before a purge is tried.
 PURGE_AT = 4096
-#: What happens to the *second* copy, by policy (the label of dcmrecvd_duplicates_total).
-OUTCOMES = ("replaced", "discarded", "rejected", "identical", "beside")
 #: Names tried beside a first copy under keep-both.
 MAX_BESIDE = 1000
 
