@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -36,8 +36,8 @@ from dcmrecvd.wire.status import Failure, Status
 
 #: How long an object waits for another association's copy of its instance to be decided.
 CLAIM_WAIT_SECONDS = 60.0
-#: Claims of acknowledged objects whose file is not made yet, kept before a purge is tried.
-PURGE_AT = 4096
+#: Claims released into the journal between two purges of those whose files are made.
+PURGE_EVERY = 1024
 #: Names tried beside a first copy under keep-both.
 MAX_BESIDE = 1000
 
@@ -51,27 +51,35 @@ class DuplicatePolicy:
     status: int = 0x0111
 
 
-@dataclass(eq=False)
 class Claim:
     """One object's hold on its identity until its own work is durable or failed."""
 
-    key: str
-    owner: object
-    done: threading.Event = field(default_factory=threading.Event)
-    #: The journal record that holds the object (0: none, or it failed): waiters wait for its file.
-    seq: int = 0
-    journal: AckJournal | None = None
+    __slots__ = ("done", "journal", "key", "owner", "seq")
+
+    def __init__(self, key: str, owner: object) -> None:
+        self.key = key
+        self.owner = owner
+        self.done = False
+        #: The journal record that holds the object (0: none, or it failed): waiters wait for its file.
+        self.seq = 0
+        self.journal: AckJournal | None = None
 
     def visible(self) -> bool:
         return self.journal is None or self.journal.materialiser.visible_through >= self.seq
 
 
 class Claims:
-    """Identities in flight, process-wide: at most one object decides per identity at a time."""
+    """Identities in flight, process-wide: at most one object decides per identity at a time.
+
+    One condition for all claims (waiting is rare: two copies of one instance at once), so
+    that taking and releasing a claim, which every object with a repeatable name does, costs
+    a dict operation under a lock and nothing more."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
         self._held: dict[str, Claim] = {}
+        self._waiters = 0
+        self._since_purge = 0
 
     def acquire(
         self, key: str, owner: object, settle: Callable[[], None], timeout: float = CLAIM_WAIT_SECONDS
@@ -79,45 +87,59 @@ class Claims:
         """Hold ``key`` (waiting for another object that holds it); Failure after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
-            with self._lock:
+            with self._cond:
                 held = self._held.get(key)
                 if held is None:
                     claim = self._held[key] = Claim(key, owner)
                     return claim
-            if not held.done.is_set():
+                done = held.done
+            if not done:
                 settle()  # our own objects durable and answered first: we wait holding nothing
-                if held.owner is owner and not held.done.is_set():
+                if held.owner is owner and not held.done:
                     raise RuntimeError(f"claim on {key} not released by its own association")
-                if not held.done.wait(max(0.0, deadline - time.monotonic())):
-                    raise Failure(
-                        Status.OUT_OF_RESOURCES, "another association is still storing this instance"
-                    )
+                self._wait_done(held, deadline)
             if held.journal is not None and not held.visible():
                 left = max(0.0, deadline - time.monotonic())
                 if not held.journal.wait_visible(held.seq, left):
                     raise Failure(Status.OUT_OF_RESOURCES, "the first copy is not made yet")
-            with self._lock:
+            with self._cond:
                 if self._held.get(key) is held:
                     del self._held[key]
+
+    def _wait_done(self, held: Claim, deadline: float) -> None:
+        with self._cond:
+            self._waiters += 1
+            try:
+                while not held.done:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Failure(
+                            Status.OUT_OF_RESOURCES, "another association is still storing this instance"
+                        )
+                    self._cond.wait(left)
+            finally:
+                self._waiters -= 1
 
     def release(self, claim: Claim, seq: int = 0, journal: AckJournal | None = None) -> None:
         """The object's work is durable (``seq``: in that journal record) or failed (0).
 
         A claim whose object lives in a journal record not yet made into its file stays,
-        done: a copy arriving before the file exists still finds it."""
+        done: a copy arriving before the file exists still finds it (and waits for the file)."""
         claim.seq, claim.journal = seq, journal if seq else None
-        with self._lock:
-            if claim.journal is None or claim.visible():
+        with self._cond:
+            claim.done = True
+            if claim.journal is None:
                 if self._held.get(claim.key) is claim:
                     del self._held[claim.key]
-            elif len(self._held) > PURGE_AT:
-                self._purge_locked()
-            claim.done.set()
-
-    def _purge_locked(self) -> None:
-        for key, held in list(self._held.items()):
-            if held.done.is_set() and held.visible():
-                del self._held[key]
+            else:
+                self._since_purge += 1
+                if self._since_purge >= PURGE_EVERY:
+                    self._since_purge = 0
+                    for key, held in list(self._held.items()):
+                        if held.done and held.visible():
+                            del self._held[key]
+            if self._waiters:
+                self._cond.notify_all()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -158,7 +180,7 @@ def first_copy(
         row = index.get(called, uid)
         if row is not None and row.path_exists:
             return Path(row.path)
-    return own if own is not None and own.is_file() else None
+    return own if own is not None and os.path.isfile(own) else None
 
 
 def placement(
