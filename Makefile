@@ -10,9 +10,10 @@ PYTEST_ARGS ?=
 RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev dcmtk
 TEST_PACKAGES := $(RUN_PACKAGES) openssl systemd systemd-container util-linux procps debhelper \
   dh-virtualenv dpkg-dev lintian debootstrap rpm rpmlint cpio man-db haproxy prometheus curl \
-  xfsprogs btrfs-progs e2fsprogs rabbitmq-server orthanc orthanc-dicomweb libgdcm-tools
+  xfsprogs btrfs-progs e2fsprogs rabbitmq-server orthanc orthanc-dicomweb libgdcm-tools \
+  iproute2
 
-.PHONY: run test check crash-test lint typecheck unit bench soak fuzz system-deps test-deps venv clean
+.PHONY: run test check crash-test fleet-test lint typecheck unit bench soak fuzz system-deps test-deps venv clean
 
 define apt_install_missing
 	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -67,6 +68,12 @@ check: venv
 
 bench: venv
 	$(PY) bench/run.py
+
+# Three receivers behind HAProxy, Orthanc and RabbitMQ behind them, in network namespaces: steady
+# state, kill -9 mid-study, a partition, a rolling restart, a full disk (docs/FLEET.md). Also
+# part of `make test`; run with -s to see the figures it prints.
+fleet-test: venv test-deps
+	$(PY) -m pytest -q -s -m fleet tests/test_fleet.py $(PYTEST_ARGS)
 
 # 100,000 objects over 1,000 associations from 4 senders, the daemon's RSS sampled (a shorter
 # one runs in `make test`).

@@ -134,6 +134,7 @@ class Daemon:
         receivers = runtime.all_receivers()
         room = all([rx.disk.has_room() for rx in receivers])  # every AE's directory, each re-read
         interval = max(5.0, 3 * (server.heartbeat_interval if server else 0.0))
+        forward = self.events.forward_figures()
         return Health(
             alive=server is not None and time.monotonic() - server.turned < interval,
             listening=server is not None and server.listening,
@@ -142,6 +143,9 @@ class Daemon:
             disk_low=not room,
             active=self.stats.active,
             capacity=runtime.config.network.max_associations,
+            forward_waiting=sum(f[0] for f in forward.values()),
+            forward_oldest=max((f[1] for f in forward.values()), default=0.0),
+            forward_paused=tuple(sorted(name for name, f in forward.items() if f[2])),
         )
 
     def live_figures(self) -> LiveFigures:

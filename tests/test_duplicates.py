@@ -107,9 +107,12 @@ def test_each_policy_answers_its_status_and_keeps_its_bytes(
     assert send(d.port, copies[2]) == second
     expected = {name: copies[n] for name, n in survivors.items()}
     wait_for(lambda: files(d.output) == expected, timeout=20)
-    outcome = {"overwrite": "replaced", "keep": "discarded", "keep-both": "beside"}.get(policy, "rejected")
-    wait_for(lambda: f'"outcome": "{outcome}"' in d.log() or f"outcome={outcome}" in d.log(), timeout=20)
-    assert "store.duplicate" in d.log()
+    if policy == "overwrite":  # dcmrecv's rule: the rename replaces, and says so
+        wait_for(lambda: "store.replaced" in d.log(), timeout=20)
+    else:
+        outcome = {"keep": "discarded", "keep-both": "beside"}.get(policy, "rejected")
+        wait_for(lambda: f"outcome={outcome}" in d.log(), timeout=20)
+        assert "store.duplicate" in d.log()
     assert files(d.output) == expected  # nothing else appeared meanwhile, no temp file left
 
 

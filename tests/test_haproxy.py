@@ -1,6 +1,6 @@
-"""The shipped etc/haproxy.cfg, run with Debian's haproxy against two dcmrecvd processes: both
+"""The shipped etc/haproxy.cfg, run with Debian's haproxy against three dcmrecvd processes: all
 serve; one crosses its watermark and HAProxy, told by the agent check, sends it nothing new while
-the other keeps storing; no acknowledged object is lost."""
+the others keep storing; no acknowledged object is lost."""
 
 from __future__ import annotations
 
@@ -25,14 +25,15 @@ def haproxy_config(tmp_path: Path, front: int, receivers: list[tuple[int, int]])
     text = text.replace("/run/haproxy/dcmrecvd-admin.sock", str(admin))
     text, binds = re.subn(r"(?m)^(\s+bind) :104$", rf"\1 127.0.0.1:{front}", text)
     assert binds == 1
+    text, n = re.subn(
+        r"(?m)^(\s+default-server .*) inter 2s (.*) agent-inter 2s$", r"\1 inter 1s \2 agent-inter 1s", text
+    )
+    assert n == 1, "the default-server line changed shape"
     for number, (port, agent) in enumerate(receivers, start=1):
-        line = (
-            r"(\s+server rcv{}) \S+ (send-proxy-v2 check check-send-proxy inter )2s"
-            r"( agent-check agent-port )9105( agent-inter )2s"
-        )
-        pattern = "(?m)^" + line.format(number) + "$"
-        text, n = re.subn(pattern, rf"\1 127.0.0.1:{port} \g<2>1s\g<3>{agent}\g<4>1s", text)
+        pattern = rf"(?m)^(\s+server rcv{number}) 192\.0\.2\.1{number}:11112$"
+        text, n = re.subn(pattern, rf"\1 127.0.0.1:{port} agent-port {agent}", text)
         assert n == 1, f"rcv{number} line changed shape"
+    assert "192.0.2." not in text, "a receiver of the shipped file was left unrewritten"
     path = tmp_path / "haproxy.cfg"
     path.write_text(text)
     return path, admin
@@ -73,14 +74,17 @@ def test_two_receivers_behind_haproxy_one_drains_when_its_disk_crosses_the_water
 ) -> None:
     one, agent1, toml1 = receiver(daemons, tmp_path, "rcv1")
     two, agent2, _ = receiver(daemons, tmp_path, "rcv2")
+    three, agent3, _ = receiver(daemons, tmp_path, "rcv3")
     front = free_port()
-    cfg, admin = haproxy_config(tmp_path, front, [(one.port, agent1), (two.port, agent2)])
+    cfg, admin = haproxy_config(
+        tmp_path, front, [(one.port, agent1), (two.port, agent2), (three.port, agent3)]
+    )
     assert run([need("haproxy"), "-c", "-f", str(cfg)]).returncode == 0
     log = (tmp_path / "haproxy.log").open("w")
     proxy = subprocess.Popen([need("haproxy"), "-f", str(cfg), "-db"], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: port_open(front) and admin.exists())
-        wait_for(lambda: server_states(admin) == {"rcv1": "UP", "rcv2": "UP"}, timeout=20)
+        wait_for(lambda: server_states(admin) == {"rcv1": "UP", "rcv2": "UP", "rcv3": "UP"}, timeout=20)
         folder = tmp_path / "send"
         folder.mkdir()
         sent: list[str] = []
@@ -90,23 +94,24 @@ def test_two_receivers_behind_haproxy_one_drains_when_its_disk_crosses_the_water
             assert run([need("storescu"), "127.0.0.1", str(front), str(path)]).returncode == 0
             sent.append(str(dcmread(path).SOPInstanceUID))
 
-        for i in range(10):  # one association each: round robin over both
+        for i in range(12):  # one association each: round robin over all three
             send_one(i)
-        assert len(stored(one.output)) > 0 and len(stored(two.output)) > 0
+        assert all(len(stored(d.output)) > 0 for d in (one, two, three))
         before = len(stored(one.output))
         # rcv1's disk "fills": a watermark above what it has free, applied by SIGHUP.
         toml1.write_text(toml1.read_text() + '[output]\nmin_free = "99.9%"\n')
         one.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: server_states(admin).get("rcv1", "").startswith("DRAIN"), timeout=20)
-        assert server_states(admin)["rcv2"] == "UP"
-        for i in range(10, 20):
+        assert server_states(admin)["rcv2"] == server_states(admin)["rcv3"] == "UP"
+        for i in range(12, 24):
             send_one(i)
         assert len(stored(one.output)) == before, "a draining receiver got new associations"
-        received = {str(dcmread(p).SOPInstanceUID) for d in (one, two) for p in stored(d.output)}
-        assert received == set(sent), "every acknowledged object is on one of the two disks"
+        received = {str(dcmread(p).SOPInstanceUID) for d in (one, two, three) for p in stored(d.output)}
+        assert received == set(sent), "every acknowledged object is on one of the disks"
         assert "disk.low" in one.log()
-        assert "proxy=127.0.0.1:" in one.log() + two.log(), "the PROXY header reached the receivers"
-        assert "conn.proxy_rejected" not in one.log() + two.log(), "health checks send the header too"
+        logs = one.log() + two.log() + three.log()
+        assert "proxy=127.0.0.1:" in logs, "the PROXY header reached the receivers"
+        assert "conn.proxy_rejected" not in logs, "health checks send the header too"
     finally:
         proxy.kill()
         proxy.wait()

@@ -62,6 +62,12 @@ class Health:
     disk_low: bool
     active: int
     capacity: int
+    #: Objects waiting for forward destinations (all together), the oldest one's age in
+    #: seconds, and the paused destinations: shown by /readyz, never a reason to be unready
+    #: (a node cut off from its archive keeps receiving; its backlog drains later).
+    forward_waiting: int = 0
+    forward_oldest: float = 0.0
+    forward_paused: tuple[str, ...] = ()
 
     @property
     def ready(self) -> bool:
@@ -80,6 +86,15 @@ class Health:
             if bad
         ]
         return ", ".join(reasons) or "ready"
+
+    def readyz_text(self) -> str:
+        """The /readyz body: why (not) ready, and the forwarding backlog when there is one."""
+        text = self.why_not_ready()
+        if self.forward_waiting:
+            text += f"; forwarding: {self.forward_waiting} waiting, oldest {self.forward_oldest:.0f} s"
+        if self.forward_paused:
+            text += f"; paused: {', '.join(self.forward_paused)}"
+        return text
 
     def agent_word(self, weight: bool) -> str:
         """HAProxy agent-check answer (one line).
@@ -173,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200 if health.alive else 503, b"ok\n" if health.alive else b"accept loop stalled\n")
         elif path == "/readyz":
             health = self.server.health()
-            self._send(200 if health.ready else 503, (health.why_not_ready() + "\n").encode())
+            self._send(200 if health.ready else 503, (health.readyz_text() + "\n").encode())
         else:
             self._send(404, b"not found: /metrics, /livez, /readyz\n")
 

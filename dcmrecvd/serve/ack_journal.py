@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from dcmrecvd.conf.config import Config, receiver_tables
+from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.store.instance_index import InstanceIndex
 from dcmrecvd.store.journal import Journal, JournalUnusable, Record
 from dcmrecvd.store.materialiser import Materialiser
@@ -146,6 +147,7 @@ def open_ack_journal(
         return None, [], str(exc)
     index = InstanceIndex(base / "instances.sqlite")
     materialiser = Materialiser(journal, index)
+    materialiser.replaced = METRICS.duplicates.labels("replaced").inc
     journal.on_written = materialiser.written
     # An object in its record must fit a segment with room to spare (a quarter at most).
     inline_max = min(settings.inline_max_kib << 10, journal.segment_size // 4)

@@ -169,7 +169,7 @@ def identity_key(
     the journal (it fell back to the per-file path) the path is the identity."""
     if policy.identity == "instance" and index is not None:
         return f"i\x1f{index.path}\x1f{called}\x1f{uid}"
-    return None if own is None else f"p\x1f{own}"
+    return None if own is None else f"p\x1f{own}"  # "p": by path
 
 
 def first_copy(

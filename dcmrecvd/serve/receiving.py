@@ -393,10 +393,13 @@ class Stored(Checked):
         if isinstance(place, Outcome):  # a second copy that is not stored
             return place
         outcome = self._journaled(place) if self.inline is not None else self._staged(place)
-        if place.label:
-            outcome.replaced = place.label == "replaced"
+        label, first = place.label, place.first
+        if not label and outcome.replaced:  # overwrite by path: the rename found the name taken
+            label, first = "replaced", Path(outcome.path)
+        if label:  # (on the journal path the materialiser finds that, off the ack path)
+            outcome.replaced = label == "replaced"
             outcome.duplicate = duplicate_body(
-                self._event(outcome), self.to.duplicates, place.first, place.label
+                outcome.event or self._event(outcome), self.to.duplicates, first, label
             )
             if outcome.record is not None:  # handed on with the object's own event, its path final
                 outcome.record.header["duplicate"] = outcome.duplicate
@@ -413,7 +416,9 @@ class Stored(Checked):
         index = self.to.journal.index if self.to.journal is not None else None
         uid = self.command.affected_sop_instance_uid
         key = identity_key(policy, index, called, uid, own)
-        if key is None:  # nothing can be a second copy of it
+        if key is None or (policy.policy == "overwrite" and key.startswith("p")):
+            # Nothing can be a second copy of it; or dcmrecv's own rule, a new file under the
+            # name (atomic rename: the last one stands), told when the name is taken.
             return Placement(self.directory, names, scheme.overwrites)
         self.claim = CLAIMS.acquire(key, self.to.owner, self.to.settle)
         first = first_copy(policy, index, called, uid, own)

@@ -76,6 +76,8 @@ class Materialiser:
         #: Where ``object.stored`` bodies go (the outbox), and how it makes them durable.
         self.events = events
         self.persist_events = persist_events
+        #: Told of each file that replaced an older one of its name (a second copy, counted).
+        self.replaced: Callable[[], None] = lambda: None
         self._stores: dict[str, Store] = {}
         #: The system calls, and what the filesystem promises (None: probed), for its ``Store``s.
         self.ops = ops
@@ -306,6 +308,16 @@ class Materialiser:
                         ident["stored"],
                     )
                 )
+            if header.get("replaced") and "duplicate" not in header:
+                self.replaced()  # output.duplicates = "overwrite" by path: found only now
+                if header.get("event") is not None:
+                    header["duplicate"] = {
+                        **header["event"],
+                        "event": "object.duplicate",
+                        "policy": "overwrite",
+                        "outcome": "replaced",
+                        "first_path": path,
+                    }
             for kind in ("event", "duplicate"):  # object.stored, then object.duplicate if a copy
                 event = header.get(kind)
                 if event is not None:
@@ -359,6 +371,7 @@ def give_name(ops: FileOps, directory: Path, temp: Path, record: Record) -> Path
         if replaced:
             uid = (header.get("index") or {}).get("sop_instance_uid", "")
             log.warning("store.replaced", path=str(final), sop_instance_uid=uid)
+            header["replaced"] = True
         return final
     try:
         ops.link(temp, final)
