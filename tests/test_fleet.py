@@ -116,11 +116,13 @@ def check_oracle(fleet: Fleet, work: list[list[Path]], results: list[Sent], time
 
 
 def stored_on(fleet: Fleet, name: str, uids: set[str]) -> int:
-    return sum(1 for p in fleet.nodes[name].output.rglob("*") if p.is_file() and p.name.split(".", 1)[-1] in uids)
+    return sum(
+        1 for p in fleet.nodes[name].output.rglob("*") if p.is_file() and p.name.split(".", 1)[-1] in uids
+    )
 
 
 def test_steady_state_spreads_three_senders_over_the_nodes(fleet: Fleet) -> None:
-    work = studies(fleet, "steady", 6, 20)
+    work = studies(fleet, "steady", 6, 60)
     started = time.monotonic()
     results = send_all(fleet, work)
     seconds = time.monotonic() - started
@@ -133,11 +135,12 @@ def test_steady_state_spreads_three_senders_over_the_nodes(fleet: Fleet) -> None
 
 def test_one_node_alone_for_the_rate(fleet: Fleet) -> None:
     """The same load with rcv2 and rcv3 in maintenance: what one node takes behind the balancer."""
-    for server in ("rcv2", "rcv3"):
+    for server in ("rcv2", "rcv3"):  # the agent first: its "ready" would lift the maintenance
+        fleet.admin_command(f"disable agent dcmrecvd/{server}")
         fleet.admin_command(f"disable server dcmrecvd/{server}")
     try:
         wait_for(lambda: fleet.states() == {"rcv1": "UP", "rcv2": "MAINT", "rcv3": "MAINT"}, timeout=20)
-        work = studies(fleet, "alone", 6, 20)
+        work = studies(fleet, "alone", 6, 60)
         started = time.monotonic()
         results = send_all(fleet, work)
         seconds = time.monotonic() - started
@@ -147,6 +150,7 @@ def test_one_node_alone_for_the_rate(fleet: Fleet) -> None:
     finally:
         for server in ("rcv2", "rcv3"):
             fleet.admin_command(f"enable server dcmrecvd/{server}")
+            fleet.admin_command(f"enable agent dcmrecvd/{server}")
         wait_for(lambda: fleet.states() == ALL_UP, timeout=30, interval=0.2)
 
 
@@ -193,7 +197,9 @@ def test_a_node_cut_off_from_the_archive_keeps_receiving_and_catches_up(fleet: F
         acked = {uid_of(p) for r in results for p in r.acked}
         on_node3 = stored_on(fleet, "node3", acked)
         assert on_node3 > 0
-        wait_for(lambda: fleet.metric("node3", 'dcmrecvd_forward_queue{destination="archive"}') > 0, timeout=20)
+        wait_for(
+            lambda: fleet.metric("node3", 'dcmrecvd_forward_queue{destination="archive"}') > 0, timeout=20
+        )
         code, body = fleet.http("node3", "/readyz")
         assert code == 200 and "forwarding:" in body, body  # ready to receive, and says it is behind
         assert fleet.states()["rcv3"] == "UP"
