@@ -373,7 +373,9 @@ class Fleet:
 
     # ------------------------------------------------------------------ the senders
 
-    def send(self, files: list[Path], calling: str, retries: int = 30) -> Sent:
+    def send(
+        self, files: list[Path], calling: str, retries: int = 30, host: str = LB, port: int = 104
+    ) -> Sent:
         """Store ``files`` in order through the balancer, as a modality's queue does: an
         association that fails leaves the files not acknowledged to the next one."""
         sent = Sent()
@@ -391,8 +393,8 @@ class Fleet:
                 "20",
                 "-td",
                 "20",
-                LB,
-                "104",
+                host,
+                str(port),
                 *map(str, pending),
                 check=False,
                 timeout=300,

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import wait_for
@@ -76,13 +77,14 @@ def uid_of(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
 
 
-def send_all(fleet: Fleet, work: list[list[Path]], senders: int = 3) -> list[Sent]:
-    """Each sender its studies one after another (study i goes to sender i % senders)."""
+def send_all(fleet: Fleet, work: list[list[Path]], senders: int = 3, **where: Any) -> list[Sent]:
+    """Each sender its studies one after another (study i goes to sender i % senders);
+    through the balancer, or ``host`` and ``port``."""
     results: list[Sent] = [Sent() for _ in range(senders)]
 
     def sender(i: int) -> None:
         for study in work[i::senders]:
-            got = fleet.send(study, calling=f"MODALITY{i}")
+            got = fleet.send(study, calling=f"MODALITY{i}", **where)
             results[i].acked += got.acked
             results[i].failures += got.failures
             results[i].attempts += got.attempts
