@@ -11,11 +11,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import DaemonFactory, free_port, per_file_config, wait_for
+from conftest import DaemonFactory, free_port, need, per_file_config, wait_for
 from malformed import base_dataset, encode
 from peers import RawClient
 from test_association import store
 from test_hooks import config_with_hooks, hook_exec, runs
+from test_output_layout import gdcmscu_store
 
 from dcmrecvd.conf import config
 from dcmrecvd.errors import ConfigError
@@ -295,3 +296,19 @@ def test_a_copy_right_behind_its_first_on_one_association(daemons: DaemonFactory
     assert statuses == [0, 0, 0]
     assert files(d.output) == {NAME: copies[0]}  # visible by A-RELEASE-RP
     assert d.log().count("store.duplicate") == 2
+
+
+def test_gdcmscu_resending_an_instance_meets_the_policy(daemons: DaemonFactory, tmp_path: Path) -> None:
+    """GDCM's sender as the modality: its second copy (other bytes) is refused, the first stays."""
+    need("gdcmscu")
+    d = start(daemons, tmp_path, "journal", 'duplicates = "reject"')
+    first, second = tmp_path / "first.dcm", tmp_path / "second.dcm"
+    for path, fill in ((first, 1), (second, 2)):
+        path.write_bytes(part10.meta_header(CT, UID, EXPLICIT, "GDCM", "ANY-SCP") + dataset(fill))
+    gdcmscu_store(d.port, first)
+    wait_for(lambda: (d.output / NAME).is_file(), timeout=20)
+    kept = dataset_of(d.output / NAME)
+    gdcmscu_store(d.port, second)
+    wait_for(lambda: "outcome=rejected" in d.log(), timeout=20)
+    assert dataset_of(d.output / NAME) == kept == dataset_of(first)
+    assert len(files(d.output)) == 1
