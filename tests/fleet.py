@@ -157,6 +157,7 @@ class Fleet:
         self.nodes: dict[str, Node] = {}
         self.rabbit_dir = Path(tempfile.mkdtemp(prefix="dcmrecvd-fleet-rabbitmq-"))
         self.admin = tmp / "haproxy-admin.sock"
+        self.balancer: subprocess.Popen[bytes] | None = None
         self.lock = threading.Lock()
 
     # ------------------------------------------------------------------ the network
@@ -352,9 +353,8 @@ class Fleet:
         config = self.tmp / "haproxy.cfg"
         config.write_text(text)
         self.ns("lb").run("haproxy", "-c", "-f", str(config))
-        self.procs.append(
-            self.ns("lb").spawn(["haproxy", "-f", str(config), "-db"], self.tmp / "haproxy.log")
-        )
+        self.balancer = self.ns("lb").spawn(["haproxy", "-f", str(config), "-db"], self.tmp / "haproxy.log")
+        self.procs.append(self.balancer)
         wait_for(self.admin.exists, timeout=20)
         return config
 
@@ -424,6 +424,12 @@ class Fleet:
         for ns in self.namespaces.values():
             sh("ip", "netns", "delete", ns.name, check=False)
         shutil.rmtree(self.rabbit_dir, ignore_errors=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of a process so far (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def acked_files(output: str) -> set[str]:

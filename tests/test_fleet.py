@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import wait_for
-from fleet import NODES, Fleet, Sent
+from fleet import NODES, Fleet, Sent, cpu_seconds
 from forward_peers import ct
 from pydicom.uid import generate_uid
 
@@ -125,14 +125,23 @@ def stored_on(fleet: Fleet, name: str, uids: set[str]) -> int:
 
 def test_steady_state_spreads_three_senders_over_the_nodes(fleet: Fleet) -> None:
     work = studies(fleet, "steady", 6, 60)
+    assert fleet.balancer is not None
+    pids = {"haproxy": fleet.balancer.pid, **{n: fleet.nodes[n].proc.pid for n in NODES}}  # type: ignore[union-attr]
+    cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
     started = time.monotonic()
     results = send_all(fleet, work)
     seconds = time.monotonic() - started
+    cpu = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
     assert all(r.failures == [] for r in results), results
     acked = check_oracle(fleet, work, results)
+    queues = fleet.rabbitmqctl("list_queues", "-q", "name", "type").stdout.split()
+    assert queues[queues.index("dcmrecvd-events") + 1] == "quorum", queues
     spread = {n: stored_on(fleet, n, acked) for n in NODES}
     assert all(count > 0 for count in spread.values()), spread
     FIGURES["steady, 3 nodes, 3 senders"] = f"{len(acked) / seconds:.0f} objects/s through HAProxy ({spread})"
+    FIGURES["CPU per object while sending"] = ", ".join(
+        f"{name} {1000 * seconds / len(acked):.2f} ms" for name, seconds in cpu.items()
+    )
 
 
 def test_one_node_alone_for_the_rate(fleet: Fleet) -> None:

@@ -21,7 +21,7 @@ import errno
 import os
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
@@ -439,15 +439,18 @@ class Stored(Checked):
 
     def _not_stored(self, first: Path, label: str) -> Outcome:
         """A second copy received in full and not kept: success or the policy's status."""
-        policy = self.to.duplicates
         self.discard()  # its temp file or record gone; the claim released (nothing to wait for)
-        if label == "rejected":
-            status = Status(policy.status)
-            outcome = Outcome(status, DUPLICATE_COMMENT)
-        else:
-            outcome = Outcome(Status.SUCCESS, path=str(first))
-        outcome.tags = self._tags()
-        outcome.size = self.received
+        rejected = label == "rejected"
+        outcome = (
+            Outcome(Status(self.to.duplicates.status), DUPLICATE_COMMENT)
+            if rejected
+            else Outcome(Status.SUCCESS)
+        )
+        outcome.path, outcome.tags, outcome.size = (
+            "" if rejected else str(first),
+            event_tags(self.walker.captured),
+            self.received,
+        )
         outcome.duplicate = duplicate_body(self._event(outcome), self.to.duplicates, first, label, str(first))
         return outcome
 
@@ -474,7 +477,7 @@ class Stored(Checked):
             replaced=committed.replaced,
             commit_started=started,
             size=size,
-            tags=self._tags(),
+            tags=event_tags(self.walker.captured),
         )
         outcome.event = self._event(outcome)
         if self.to.journal is not None:  # its record only names the file, made durable already
@@ -495,7 +498,7 @@ class Stored(Checked):
             path=str(directory / name),
             commit_started=time.monotonic(),
             size=len(data),
-            tags=self._tags(),
+            tags=event_tags(self.walker.captured),
         )
         outcome.event = self._event(outcome)
         header = self._header(directory, name, len(data), outcome.event, place)
@@ -521,14 +524,6 @@ class Stored(Checked):
                 "stored": event["time"],
             },
             "event": event,
-        }
-
-    def _tags(self) -> dict[str, str]:
-        captured = self.walker.captured
-        return {
-            "study_uid": text_value(captured.get(STUDY_INSTANCE_UID)) or "",
-            "series_uid": text_value(captured.get(SERIES_INSTANCE_UID)) or "",
-            "patient_id": decoded_text(captured.get(PATIENT_ID), captured.get(SPECIFIC_CHARACTER_SET)),
         }
 
     def _event(self, outcome: Outcome) -> dict[str, Any]:
@@ -562,6 +557,15 @@ class Stored(Checked):
         if self.file is not None:
             self.file.discard()
             self.file = None
+
+
+def event_tags(captured: Mapping[int, bytes]) -> dict[str, str]:
+    """What the events after the ack say of an object: study, series, patient."""
+    return {
+        "study_uid": text_value(captured.get(STUDY_INSTANCE_UID)) or "",
+        "series_uid": text_value(captured.get(SERIES_INSTANCE_UID)) or "",
+        "patient_id": decoded_text(captured.get(PATIENT_ID), captured.get(SPECIFIC_CHARACTER_SET)),
+    }
 
 
 def names_for(
