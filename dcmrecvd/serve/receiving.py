@@ -411,14 +411,15 @@ class Stored(Checked):
         (``duplicates``); an Outcome when a second copy is discarded or refused."""
         scheme, policy, called = self.to.scheme, self.to.duplicates, self.to.called
         names = names_for(self.command, scheme, self.to.clock, self.layout_name)
+        index = self.to.journal.index if self.to.journal is not None else None
+        if policy.policy == "overwrite" and (policy.identity == "path" or index is None):
+            # dcmrecv's rule: the atomic rename decides (the last copy stands) and tells.
+            return Placement(self.directory, names, scheme.overwrites)
         root = self.to.writer.store.root
         own = root.joinpath(*self.directory.parts, names()) if scheme.repeats else None
-        index = self.to.journal.index if self.to.journal is not None else None
         uid = self.command.affected_sop_instance_uid
         key = identity_key(policy, index, called, uid, own)
-        if key is None or (policy.policy == "overwrite" and key.startswith("p")):
-            # Nothing can be a second copy of it; or dcmrecv's own rule, a new file under the
-            # name (atomic rename: the last one stands), told when the name is taken.
+        if key is None:  # nothing can be a second copy of it
             return Placement(self.directory, names, scheme.overwrites)
         self.claim = CLAIMS.acquire(key, self.to.owner, self.to.settle)
         first = first_copy(policy, index, called, uid, own)
