@@ -28,6 +28,7 @@ once more on the whole path.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import re
 import uuid
@@ -215,18 +216,34 @@ def _value(
     missing: str,
 ) -> str:
     if field.name == "uuid":
-        text = uuid.uuid4().hex
-    elif field.name == "received":
-        text = received.strftime("%Y%m%d%H%M%S")
-    elif field.tag == 0:
-        text = derived.get(field.name, "")
-    elif field.tag == SOP_INSTANCE_UID or field.vr == "UI":
-        raw = captured.get(field.tag)
-        text = raw.decode("ascii", "replace").rstrip(" \x00") if raw is not None else ""
-    else:
-        raw = captured.get(field.tag)
-        text = decoded_text(raw, character_set) if raw is not None else ""
-        text = text.split("\\")[0] if field.vr not in ("LT", "ST", "UT") else text
+        return _finish(field, uuid.uuid4().hex, received, missing)
+    if field.name == "received":
+        return _finish(field, received.strftime("%Y%m%d%H%M%S"), received, missing)
+    if field.tag == 0:
+        return _repeated(field, derived.get(field.name, ""), None, missing)
+    if field.tag == SOP_INSTANCE_UID:  # new in every object: nothing to remember
+        return _finish(field, _text(field, captured.get(field.tag), None), received, missing)
+    return _repeated(field, captured.get(field.tag), character_set, missing)
+
+
+@functools.lru_cache(maxsize=4096)
+def _repeated(field: Field, source: bytes | str | None, character_set: bytes | None, missing: str) -> str:
+    """A value's component, remembered: the objects of a study share most of them (patient,
+    dates, modality), and decoding, hashing and cleaning each again is most of a render."""
+    text = source if isinstance(source, str) else _text(field, source, character_set)
+    return _finish(field, text, dt.datetime.min, missing)
+
+
+def _text(field: Field, raw: bytes | None, character_set: bytes | None) -> str:
+    if raw is None:
+        return ""
+    if field.vr == "UI":
+        return raw.decode("ascii", "replace").rstrip(" \x00")
+    text = decoded_text(raw, character_set)
+    return text.split("\\")[0] if field.vr not in ("LT", "ST", "UT") else text
+
+
+def _finish(field: Field, text: str, received: dt.datetime, missing: str) -> str:
     for modifier in field.modifiers:
         text = _modify(text, modifier, field, received)
     if field.modifiers and field.dated:  # a date format may make levels: {StudyDate:%Y/%m}
