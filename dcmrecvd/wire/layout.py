@@ -85,7 +85,7 @@ class Layout:
     template: str
     levels: tuple[tuple[Part, ...], ...]
 
-    @property
+    @functools.cached_property
     def tags(self) -> frozenset[int]:
         """The attributes the walk must capture before the object's file is opened."""
         return frozenset(p.tag for level in self.levels for p in level if isinstance(p, Field) and p.tag)
@@ -101,7 +101,7 @@ class Layout:
         last = self.levels[-1][-1]
         return last if isinstance(last, str) and last.startswith(".") and "." not in last[1:] else ""
 
-    @property
+    @functools.cached_property
     def last_tag(self) -> int:
         """The highest of ``tags`` (the walk holds the object's first bytes until past it)."""
         return max(self.tags | {SOP_INSTANCE_UID})
