@@ -10,6 +10,7 @@ nodes the configuration docs/FLEET.md shows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import PROFILES, ROOT, dcmrecvd_cmd, isolated_env, wait_for
+from orthanc_peer import orthanc_up
 from test_haproxy import server_states
 
 NET = "198.18.0"
@@ -88,6 +90,8 @@ class Netns:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        #: Everything started in it, stopped by ``Fleet.close``.
+        self.procs: list[subprocess.Popen[bytes]] = []
         sh("ip", "netns", "add", name)
         self.run("ip", "link", "set", "lo", "up")
 
@@ -101,9 +105,25 @@ class Netns:
 
     def spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         with log.open("ab") as out:
-            return subprocess.Popen(
+            proc = subprocess.Popen(
                 self.argv(*argv), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
+        self.procs.append(proc)
+        return proc
+
+    def pids(self) -> list[int]:
+        """Every process living in this namespace (ours: nothing else ever enters it)."""
+        found = sh("ip", "netns", "pids", self.name, check=False).stdout.split()
+        return [int(pid) for pid in found if pid.isdigit()]
+
+    def kill_all(self) -> None:
+        """SIGKILL every process left in the namespace and wait until none is."""
+        deadline = time.monotonic() + 20
+        while (left := self.pids()) and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)  # reaped by their parents: looked at again, to a deadline
 
 
 @dataclass
@@ -153,7 +173,6 @@ class Fleet:
         self.tag = tag
         self.namespaces: dict[str, Netns] = {}
         self.mounts: list[Path] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
         self.nodes: dict[str, Node] = {}
         self.rabbit_dir = Path(tempfile.mkdtemp(prefix="dcmrecvd-fleet-rabbitmq-"))
         self.admin = tmp / "haproxy-admin.sock"
@@ -186,35 +205,13 @@ class Fleet:
 
     def start_archive(self) -> None:
         archive = self.ns("archive")
-        storage = self.tmp / "orthanc"
-        storage.mkdir()
-        config = {
-            "Name": "archive",
-            "DicomAet": "ORTHANC",
-            "DicomPort": ORTHANC_DICOM,
-            "HttpPort": ORTHANC_HTTP,
-            "StorageDirectory": str(storage),
-            "IndexDirectory": str(storage),
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowStore": True,
-            "OrthancExplorerEnabled": False,
-            "SaveJobs": False,
-            "Plugins": [],
-            "ConcurrentJobs": 2,
-        }
-        (self.tmp / "orthanc.json").write_text(json.dumps(config))
-        self.procs.append(
-            archive.spawn(["/usr/sbin/Orthanc", str(self.tmp / "orthanc.json")], self.tmp / "orthanc.log")
-        )
+        orthanc_up(archive, self.tmp, ports=(ORTHANC_DICOM, ORTHANC_HTTP), Name="archive", ConcurrentJobs=2)  # type: ignore[arg-type]
         d = self.rabbit_dir
         for sub in ("mnesia", "log"):
             (d / sub).mkdir(parents=True)
         (d / "plugins").write_text("[].\n")
         sh("chown", "-R", "rabbitmq:rabbitmq", str(d))
-        self.procs.append(archive.spawn(["rabbitmq-server"], d / "out.log", env=self.rabbit_env()))
-        wait_for(lambda: self._orthanc_answers(), timeout=60, interval=0.2)
+        archive.spawn(["rabbitmq-server"], d / "out.log", env=self.rabbit_env())
         wait_for(lambda: self.rabbitmqctl("status", check=False).returncode == 0, timeout=90, interval=0.5)
         self.rabbitmqctl("add_user", "dcmrecvd", AMQP_PASSWORD)
         self.rabbitmqctl("set_permissions", "-p", "/", "dcmrecvd", ".*", ".*", ".*")
@@ -238,19 +235,6 @@ class Fleet:
     def rabbitmqctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         node = f"fleet{self.tag}@localhost"
         return self.ns("archive").run("rabbitmqctl", "-n", node, *args, check=check, env=self.rabbit_env())
-
-    def _orthanc_answers(self) -> bool:
-        result = self.ns("archive").run(
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            f"http://127.0.0.1:{ORTHANC_HTTP}/system",
-            check=False,
-        )
-        return result.stdout not in ("", "000")
 
     def orthanc(self, path: str, body: Any = None) -> Any:
         argv = ["curl", "-sS", "-f", "-X", "POST" if body is not None else "GET"]
@@ -354,7 +338,6 @@ class Fleet:
         config.write_text(text)
         self.ns("lb").run("haproxy", "-c", "-f", str(config))
         self.balancer = self.ns("lb").spawn(["haproxy", "-f", str(config), "-db"], self.tmp / "haproxy.log")
-        self.procs.append(self.balancer)
         wait_for(self.admin.exists, timeout=20)
         return config
 
@@ -414,11 +397,11 @@ class Fleet:
     def close(self) -> None:
         for node in self.nodes.values():
             stop_process(node.proc, signal.SIGKILL)
-        for proc in self.procs:
-            stop_process(proc, signal.SIGTERM, wait=20)
-        self.ns("archive").run(
-            "epmd", "-kill", check=False, env=self.rabbit_env()
-        ) if "archive" in self.namespaces else None
+        for ns in self.namespaces.values():
+            for proc in ns.procs:
+                stop_process(proc, signal.SIGTERM, wait=20)
+        for ns in self.namespaces.values():
+            ns.kill_all()  # what those left behind (RabbitMQ's beam and epmd run as another user)
         for mount in self.mounts:
             sh("umount", "-l", str(mount), check=False)
         for ns in self.namespaces.values():
