@@ -67,10 +67,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _main(args: list[str], env: dict[str, str]) -> int:
-    if args[:1] == ["forward"]:  # the one subcommand: dcmrecv's options never start with a word
+    # Subcommands: dcmrecv's options never start with a word.
+    if args[:1] == ["forward"]:
         from dcmrecvd import cli_forward
 
         return cli_forward.main(args[1:], env)
+    if args[:1] == ["journal"]:
+        from dcmrecvd import cli_journal
+
+        return cli_journal.main(args[1:], env)
     if not args and not env.get("LISTEN_FDS") and not _has_config(env):
         sys.stdout.write(flags.help_text(PROG))
         return 0

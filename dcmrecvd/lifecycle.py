@@ -20,8 +20,8 @@ from pathlib import Path
 
 import structlog
 
-from dcmrecvd.conf.config import Config
-from dcmrecvd.errors import DcmrecvdError
+from dcmrecvd.conf.config import Config, journal_needed
+from dcmrecvd.errors import ConfigError, DcmrecvdError
 from dcmrecvd.events.consumers import EventConsumers
 from dcmrecvd.events.outbox import Outbox
 from dcmrecvd.ops import logs
@@ -33,6 +33,7 @@ from dcmrecvd.serve.commitment_reports import Reporter, open_commitment
 from dcmrecvd.serve.runtime import Runtime, Stats, prepare
 from dcmrecvd.serve.server import Server
 from dcmrecvd.signal_inbox import SignalInbox
+from dcmrecvd.store import state_directory as state_dir
 from dcmrecvd.store import storage
 
 log = structlog.get_logger("dcmrecvd")
@@ -91,7 +92,12 @@ class Daemon:
     def serve(self) -> int:
         """Run until SIGTERM/SIGINT; return the exit code."""
         self.signals = SignalInbox((signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
-        self.ack, replay, no_journal = open_ack_journal(self.runtime.config, self.environ)
+        config = self.runtime.config
+        state_dir.prepare(state_directory(config, self.environ), Path(config.output.directory))
+        self.ack, replay, no_journal = open_ack_journal(config, self.environ)
+        if self.ack is not None:
+            ack = self.ack
+            self.stats.refusing = lambda: ack.failing
         watchdog = self.notifier.watchdog_usec / 2e6 if self.notifier.watchdog_usec else 0.0
         self.server = Server(
             self.listeners,
@@ -146,6 +152,7 @@ class Daemon:
             forward_waiting=sum(f[0] for f in forward.values()),
             forward_oldest=max((f[1] for f in forward.values()), default=0.0),
             forward_paused=tuple(sorted(name for name, f in forward.items() if f[2])),
+            failing=self.ack.failing if self.ack is not None else "",
         )
 
     def live_figures(self) -> LiveFigures:
@@ -158,6 +165,8 @@ class Daemon:
             free_bytes={str(rx.store.root): rx.disk.free_bytes() for rx in runtime.all_receivers()},
             disk_low=any(rx.disk.low for rx in runtime.all_receivers()),
             draining=self.draining,
+            materialise_failing=bool(self.ack is not None and self.ack.failing),
+            materialise_waiting=self.ack.waiting() if self.ack is not None else 0,
             commitment_pending=waiting,
             commitment_oldest_seconds=oldest,
             forward=self.events.forward_figures(),
@@ -247,6 +256,11 @@ class Daemon:
             )
             if new.config.logging != old.config.logging:
                 self._reconfigure_logging(new)
+            if self.ack is None and (needs := journal_needed(new.config)):
+                key, why = needs[0]
+                raise ConfigError(
+                    "configuration", key, f"{why}, and this daemon runs without the ack journal"
+                )
         except DcmrecvdError as exc:
             METRICS.reloads.labels("failed").inc()
             self.stats.last_reload = f"failed: {exc}"
@@ -360,8 +374,7 @@ def _describe(sock: socket.socket) -> str:
 
 
 def events_database(config: Config, environ: Mapping[str, str]) -> Path:
-    """events.database, or the state directory systemd gave us, or beside the output."""
+    """events.database, or in the state directory (never among the objects)."""
     if config.events.database:
         return Path(config.events.database)
-    # Hidden, so that nothing that watches the output directory takes it for an object.
-    return state_directory(config, environ) / ".dcmrecvd" / "events.sqlite"
+    return state_directory(config, environ) / "events.sqlite"

@@ -68,9 +68,12 @@ def per_file_config(tmp_path: Path) -> Path:
 
 
 def isolated_env(config_dir: Path, **extra: str) -> dict[str, str]:
-    """An environment whose config layers are the test's own, never /etc."""
+    """An environment whose config layers are the test's own, never /etc, and whose state
+    directories (one per output directory) are under the test's own directory."""
     env = dict(os.environ)
     env["DCMRECVD_CONFIG_DIR"] = str(config_dir)
+    env["XDG_STATE_HOME"] = str(config_dir.parent / "state")
+    env.pop("STATE_DIRECTORY", None)
     env.pop("NOTIFY_SOCKET", None)
     env.pop("LISTEN_FDS", None)
     env.pop("JOURNAL_STREAM", None)
@@ -212,6 +215,13 @@ def dcmrecvd(
         env=isolated_env(config_dir),
         cwd=cwd,
     )
+
+
+def state_of(output: Path, config_dir: Path) -> Path:
+    """The state directory a daemon started with ``isolated_env(config_dir)`` uses for ``output``."""
+    from dcmrecvd.store.state_directory import resolve
+
+    return resolve("", output, {"XDG_STATE_HOME": str(config_dir.parent / "state")})
 
 
 def need(tool: str) -> str:

@@ -63,7 +63,21 @@ def test_the_checkpoint_hides_done_records_and_recycles_their_segments(tmp_path:
     assert reopen(tmp_path)[1] == []
 
 
-def test_a_torn_batch_ends_the_replay_and_nothing_after_it_counts(tmp_path: Path) -> None:
+def test_a_torn_last_batch_ends_the_replay_quietly(tmp_path: Path) -> None:
+    j = journal(tmp_path)
+    for i in range(5):
+        j.commit([Record({"n": i}, b"z" * 500)])
+    j.close()
+    (segment,) = [p for p in tmp_path.glob("*.seg") if p.stat().st_size == SEGMENT][:1]
+    raw = bytearray(segment.read_bytes())
+    raw[BLOCK * 5 + 100] ^= 0xFF  # inside the last batch: what a crash mid-write leaves
+    segment.write_bytes(raw)
+    again, records = reopen(tmp_path)
+    assert [r.header["n"] for r in records] == [0, 1, 2, 3]
+    assert again.problems == []  # never acknowledged: nothing to report
+
+
+def test_corruption_inside_a_segment_is_reported_and_the_records_after_it_recovered(tmp_path: Path) -> None:
     j = journal(tmp_path)
     for i in range(5):
         j.commit([Record({"n": i}, b"z" * 500)])
@@ -72,8 +86,9 @@ def test_a_torn_batch_ends_the_replay_and_nothing_after_it_counts(tmp_path: Path
     raw = bytearray(segment.read_bytes())
     raw[BLOCK * 3 + 100] ^= 0xFF  # inside the third batch (segment head, batch 1, 2, 3...)
     segment.write_bytes(raw)
-    _, records = reopen(tmp_path)
-    assert [r.header["n"] for r in records] == [0, 1]
+    again, records = reopen(tmp_path)
+    assert [r.header["n"] for r in records] == [0, 1, 3, 4]
+    assert len(again.problems) == 1 and "do not check out" in again.problems[0]
 
 
 def test_the_old_content_of_a_recycled_segment_is_not_replayed(tmp_path: Path) -> None:
@@ -210,7 +225,15 @@ def test_replay_makes_what_is_missing_and_keeps_what_exists(tmp_path: Path) -> N
     again, records = reopen(tmp_path / "j")
     index = InstanceIndex(tmp_path / "index.sqlite")
     counts = Materialiser(again, index).replay(records)
-    assert counts == {"records": 3, "made": 2, "verified": 1, "missing": 0}
+    assert counts == {
+        "records": 3,
+        "made": 2,
+        "verified": 1,
+        "missing": 0,
+        "passed": 0,
+        "quarantined": 0,
+        "waiting": 0,
+    }
     for i in range(3):
         assert (out / f"f{i}").read_bytes() == b"META" + bytes([i]) * 20
     assert index.count() == 3

@@ -38,6 +38,7 @@ from dcmrecvd.store import journal_files, storage
 from dcmrecvd.store.file_ops import FileOps
 from dcmrecvd.store.instance_index import InstanceIndex
 from dcmrecvd.store.journal import Journal
+from dcmrecvd.store.making import Maker
 from dcmrecvd.store.materialiser import Materialiser
 from dcmrecvd.store.storage import Store
 from dcmrecvd.wire import pdu
@@ -86,8 +87,7 @@ def drain(materialiser: Materialiser) -> None:
     """One turn of the materialiser's thread, here and now (deterministic op order)."""
     with materialiser._cond:
         batch, materialiser._queue = materialiser._queue, []
-    materialiser.apply(batch)
-    materialiser._advance(batch)
+    materialiser._apply_and_account(batch)
     materialiser.checkpoint()
 
 
@@ -337,7 +337,7 @@ def mutate(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
             monkeypatch.setattr(journal_files, "checks_out", lambda raw, body, crc: True)
         elif which == "name-before-data-flush":
             monkeypatch.setattr(Store, "flush_data", lambda self, fd, directory: None)
-            monkeypatch.setattr(Materialiser, "_flush", lambda self, roots: None)
+            monkeypatch.setattr(Maker, "_flush", lambda self, roots: None)
         elif which == "recycled-before-directory-fsync":
             monkeypatch.setattr(Store, "sync_published", lambda self, path: None)
 

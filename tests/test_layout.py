@@ -20,6 +20,7 @@ TOP = {
     "__main__",
     "cli",
     "cli_forward",
+    "cli_journal",
     "lifecycle",
     "manpage",
     "errors",

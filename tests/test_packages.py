@@ -28,9 +28,9 @@ DIST = ROOT / "dist"
 
 
 def objects_under(top: str) -> tuple[str, ...]:
-    """find(1) for the received files under ``top``: not the ack journal and instance index
-    that live in its hidden .dcmrecvd/ (the state directory is the output directory here)."""
-    return ("find", top, "-type", "f", "-not", "-path", "*/.dcmrecvd/*")
+    """find(1) for the regular files under ``top`` (the packaged service keeps its state in
+    /var/lib/dcmrecvd/state, beside the objects in /var/lib/dcmrecvd/incoming, not among them)."""
+    return ("find", top, "-type", "f")
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 900, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -225,7 +225,8 @@ def test_install_starts_the_service(container: Container) -> None:
 def test_storescu_from_the_host_lands_in_var_lib(container: Container, sample: list[Path]) -> None:
     result = run([need("storescu"), "127.0.0.1", "104", *map(str, sample)])
     assert result.returncode == 0, result.stderr
-    listing = container.run(*objects_under("/var/lib/dcmrecvd"), "-printf", "%u %f\n").stdout.split("\n")
+    incoming = objects_under("/var/lib/dcmrecvd/incoming")
+    listing = container.run(*incoming, "-printf", "%u %f\n").stdout.split("\n")
     files = [line for line in listing if line.strip()]
     assert len(files) == 3
     assert all(line.startswith("dcmrecvd CT.") for line in files)
@@ -237,7 +238,7 @@ def test_journal_has_dicom_fields(container: Container) -> None:
     assert len(entries) == 3
     entry = entries[0]
     assert entry["DICOM_CALLING_AET"] == "STORESCU"
-    assert entry["DICOM_FILE"].startswith("/var/lib/dcmrecvd/CT.")
+    assert entry["DICOM_FILE"].startswith("/var/lib/dcmrecvd/incoming/CT.")
     assert entry["DICOM_STATUS"] == "0x0000"
     assert entry["SYSLOG_IDENTIFIER"] == "dcmrecvd"
     assert "DICOM_SOP_INSTANCE_UID" in entry and "DICOM_PEER" in entry
@@ -287,14 +288,16 @@ def test_second_receiver_from_the_template_units(container: Container, sample: l
     container.run(
         "sh",
         "-c",
-        f"printf '[output]\\ndirectory = \"/var/lib/dcmrecvd/{port}\"\\n' > "
+        f"printf '[output]\\ndirectory = \"/var/lib/dcmrecvd/{port}/incoming\"\\n' > "
         f"/etc/dcmrecvd/instances/{port}.toml",
     )
     container.run("systemctl", "enable", "--now", f"dcmrecvd@{port}.socket")
     assert run([need("storescu"), "127.0.0.1", str(port), str(sample[0])]).returncode == 0
     wait_for(lambda: container.active(f"dcmrecvd@{port}.service") == "active", timeout=30)
-    files = container.run(*objects_under(f"/var/lib/dcmrecvd/{port}")).stdout.split()
+    files = container.run(*objects_under(f"/var/lib/dcmrecvd/{port}/incoming")).stdout.split()
     assert len(files) == 1
+    state = container.run("ls", f"/var/lib/dcmrecvd/{port}/state").stdout.split()
+    assert "journal" in state and "output-directory" in state
     container.run("systemctl", "disable", "--now", f"dcmrecvd@{port}.socket", f"dcmrecvd@{port}.service")
     container.run("rm", "-rf", f"/var/lib/dcmrecvd/{port}")
 
@@ -304,7 +307,7 @@ def test_purge_keeps_received_images(container: Container) -> None:
     assert container.run("test", "-e", "/etc/dcmrecvd/dcmrecvd.toml", check=False).returncode != 0
     assert container.run("test", "-e", "/opt/venvs/dcmrecvd", check=False).returncode != 0
     assert container.run("test", "-e", "/usr/bin/dcmrecvd", check=False).returncode != 0
-    left = container.run(*objects_under("/var/lib/dcmrecvd")).stdout.split()
+    left = container.run(*objects_under("/var/lib/dcmrecvd/incoming")).stdout.split()
     assert len(left) == 3
     wait_for(lambda: not port_open(104), timeout=30)
 

@@ -262,15 +262,18 @@ class JournalConfig:
     )
     directory: str = _opt(
         "",
-        "Where the journal's segments live. Empty: .dcmrecvd/journal in $STATE_DIRECTORY under "
-        "systemd, else in output.directory. A separate fast device (NVMe) may hold it; it must "
-        "support O_DIRECT (not tmpfs), else dcmrecvd falls back to the per-file path and says so.",
+        "Where the journal's segments live. Empty: journal/ in daemon.state_directory. A separate "
+        "fast device (NVMe) may hold it; it must support O_DIRECT (not tmpfs). Where it cannot "
+        "be used, dcmrecvd falls back to the per-file path and says so, unless a setting needs "
+        "it (duplicate_identity = 'instance', [commitment], [[forward]]): then it refuses to start.",
     )
     segment_mib: int = _opt(16, "Size of one journal segment, in MiB.", minimum=1, maximum=1024)
     segments: int = _opt(
         32,
         "Segments at most (disk use: segments x segment_mib). When all hold objects not yet "
-        "materialised, new objects wait up to 10 s, then fail with 0xA700.",
+        "materialised, new objects wait up to 10 s, then fail with 0xA700. Fewer (or smaller) "
+        "segments are made when these would take more than a quarter of the free space of "
+        "their filesystem; journal.sized says so at start.",
         minimum=2,
         maximum=4096,
     )
@@ -398,6 +401,15 @@ class DaemonConfig:
         minimum=0,
     )
     pidfile: str = _opt("", "Pidfile for --daemon mode.")
+    state_directory: str = _opt(
+        "",
+        "Where the receiver keeps its state (the ack journal, the instance index, the event "
+        "outbox, Storage Commitment, the quarantine), never among the objects. Empty: "
+        "$STATE_DIRECTORY under systemd (the packaged service: /var/lib/dcmrecvd/state), else "
+        "$XDG_STATE_HOME/dcmrecvd/<output name>-<hash of the output path> (~/.local/state when "
+        "XDG_STATE_HOME is unset). It belongs to one output directory: another one is refused. "
+        "Needs a restart to change.",
+    )
 
 
 def check_amqp_url(url: str) -> str:
@@ -440,8 +452,8 @@ class EventsConfig:
 
     database: str = _opt(
         "",
-        "The SQLite event outbox. Empty: .dcmrecvd/events.sqlite in $STATE_DIRECTORY under "
-        "systemd, else in output.directory. Used when [[hooks]] are configured.",
+        "The SQLite event outbox. Empty: events.sqlite in daemon.state_directory. Used when "
+        "[[hooks]], [events.amqp] or [[forward]] are configured.",
     )
     stable_seconds: int = _opt(
         60,
@@ -474,6 +486,7 @@ EVENT_KINDS = (
     "commitment.reported",
     "commitment.undeliverable",
     "object.duplicate",
+    "object.quarantined",
 )
 #: Placeholders a hook's exec items may hold, e.g. {path}.
 EVENT_FIELDS = (
@@ -500,6 +513,8 @@ EVENT_FIELDS = (
     "policy",
     "outcome",
     "first_path",
+    "intended_path",
+    "quarantine",
 )
 
 
@@ -945,12 +960,12 @@ def _layout_conflict(output: OutputConfig) -> str:
     return ""
 
 
-def _duplicates_conflict(output: OutputConfig, journal: bool) -> tuple[str, str]:
+def _duplicates_conflict(output: OutputConfig) -> tuple[str, str]:
     """Why output's duplicate settings cannot work: (key, reason), or ("", "")."""
     if output.mode == "ignore":
         return "", ""
     if output.duplicate_identity == "instance":
-        if not (journal and output.fsync):
+        if not output.fsync:
             return "duplicate_identity", "'instance' looks instances up in the ack journal's index: " + (
                 "it needs journal.enabled = true and output.fsync = true"
             )
@@ -967,9 +982,37 @@ def _duplicates_conflict(output: OutputConfig, journal: bool) -> tuple[str, str]
     return "", ""
 
 
+def journal_needed(config: Config) -> list[tuple[str, str]]:
+    """The settings that rely on the ack journal, each with why: (key, reason).
+
+    One list for both refusals, so that a journal turned off (journal.enabled) and a
+    journal that cannot work where it is (tmpfs, no O_DIRECT) give the same error."""
+    needs: list[tuple[str, str]] = []
+    outputs = [("output", config.output)]
+    outputs += [(f"ae.{title}.output", receiver_tables(config, title)[1]) for title in config.ae]
+    for prefix, output in outputs:
+        if output.mode != "ignore" and output.duplicate_identity == "instance":
+            needs.append(
+                (f"{prefix}.duplicate_identity", "'instance' looks instances up in the ack journal's index")
+            )
+    if config.commitment.enabled:
+        needs.append(
+            ("commitment.enabled", "Storage Commitment answers from the ack journal's instance index")
+        )
+    if config.forward and config.output.fsync:
+        needs.append(
+            (
+                "forward",
+                "forwarding is at-least-once across a crash only when the object and its event are "
+                "durable together, in the ack journal (or set output.fsync = false)",
+            )
+        )
+    return needs
+
+
 def check_combinations(config: Config) -> None:
     """Rules that involve more than one key (dcmrecv checks them on its command line)."""
-    key, reason = _duplicates_conflict(config.output, config.journal.enabled)
+    key, reason = _duplicates_conflict(config.output)
     if key:
         raise ConfigError("configuration", f"output.{key}", reason)
     conflict = _layout_conflict(config.output)
@@ -986,13 +1029,16 @@ def check_combinations(config: Config) -> None:
         )
     if config.association.profile and not config.association.config_file:
         raise ConfigError("configuration", "association.config_file", "a profile needs a config_file")
-    if config.commitment.enabled and not (config.output.fsync and config.journal.enabled):
+    if config.commitment.enabled and not config.output.fsync:
         raise ConfigError(
             "configuration",
             "commitment.enabled",
             "Storage Commitment answers from the ack journal's instance index: it needs "
             "output.fsync = true and journal.enabled = true",
         )
+    if not config.journal.enabled:
+        for key, reason in journal_needed(config):
+            raise ConfigError("configuration", key, f"{reason}: it needs journal.enabled = true")
     for title in config.ae:
         association, output, _ = receiver_tables(config, title)
         if bit_preserving_conflict(output.mode, output.subdirectory):
@@ -1004,7 +1050,7 @@ def check_combinations(config: Config) -> None:
             raise ConfigError(
                 "configuration", f"ae.{title}.output.layout", f"output.{conflict} cannot be set with it"
             )
-        key, reason = _duplicates_conflict(output, config.journal.enabled)
+        key, reason = _duplicates_conflict(output)
         if key:
             raise ConfigError("configuration", f"ae.{title}.output.{key}", reason)
         if association.profile and not association.config_file:
@@ -1065,7 +1111,7 @@ def to_toml(config: Config) -> str:
 PACKAGE_SETTINGS: dict[str, dict[str, Any]] = {
     "network": {"port": 104},
     "association": {"config_file": "/etc/dcmrecvd/storescp.cfg", "profile": "Default"},
-    "output": {"directory": "/var/lib/dcmrecvd"},
+    "output": {"directory": "/var/lib/dcmrecvd/incoming"},
     # A service keeps a per-object audit trail in the journal; dcmrecv's own default
     # (warnings only) stays the default on the command line.
     "logging": {"level": "info"},

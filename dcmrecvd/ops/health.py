@@ -68,10 +68,20 @@ class Health:
     forward_waiting: int = 0
     forward_oldest: float = 0.0
     forward_paused: tuple[str, ...] = ()
+    #: Why acknowledged objects cannot be made into files now ("" when they can): new
+    #: objects are refused meanwhile, so the node is not ready.
+    failing: str = ""
 
     @property
     def ready(self) -> bool:
-        return self.alive and self.listening and not self.draining and self.usable and not self.disk_low
+        return (
+            self.alive
+            and self.listening
+            and not self.draining
+            and self.usable
+            and not self.disk_low
+            and not self.failing
+        )
 
     def why_not_ready(self) -> str:
         reasons = [
@@ -82,6 +92,7 @@ class Health:
                 (self.draining, "draining"),
                 (not self.usable, "output directory unusable"),
                 (self.disk_low, "output directory below output.min_free"),
+                (bool(self.failing), self.failing),
             )
             if bad
         ]
@@ -104,6 +115,8 @@ class Health:
         """
         if not self.usable:
             word = "maint"
+        elif self.failing:  # HAProxy shows the text after '#' as the check's description
+            word = "drain #" + " ".join(self.failing.split())
         elif self.draining or self.disk_low or not self.listening:
             word = "drain"
         else:

@@ -34,6 +34,10 @@ class LiveFigures:
     free_bytes: dict[str, int] = field(default_factory=dict)
     disk_low: bool = False
     draining: bool = False
+    #: Acknowledged objects that cannot be made into files now (0: none waits); the
+    #: quarantine's entries.
+    materialise_waiting: int = 0
+    materialise_failing: bool = False
     #: Outbox deliveries waiting (events not yet handled by a hook) and dead-lettered ones.
     events_pending: int = 0
     events_dead: int = 0
@@ -73,6 +77,16 @@ class _Live(Collector):
         )
         yield GaugeMetricFamily(
             "dcmrecvd_draining", "1 while SIGTERM drains associations in flight", value=int(now.draining)
+        )
+        yield GaugeMetricFamily(
+            "dcmrecvd_materialise_failing",
+            "1 while acknowledged objects cannot be made into files (new objects are refused)",
+            value=int(now.materialise_failing),
+        )
+        yield GaugeMetricFamily(
+            "dcmrecvd_journal_waiting",
+            "Acknowledged objects whose files are not made yet",
+            value=now.materialise_waiting,
         )
         yield GaugeMetricFamily(
             "dcmrecvd_events_pending", "Event deliveries waiting in the outbox", value=now.events_pending
@@ -162,6 +176,13 @@ class Metrics:
         )
         for outcome in ("replaced", "discarded", "rejected", "identical", "beside"):  # seen as 0 at once
             self.duplicates.labels(outcome)
+        self.quarantined = Counter(
+            "dcmrecvd_quarantined",
+            "Acknowledged objects whose files could not be made, set aside in the quarantine, by "
+            "reason (the errno's name, or invalid)",
+            ["reason"],
+            registry=r,
+        )
         self.reloads = Counter(
             "dcmrecvd_reloads", "Configuration reloads (SIGHUP), by result", ["result"], registry=r
         )

@@ -9,6 +9,7 @@ commit that precedes its ack, the wait for its file before A-RELEASE-RP).
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -20,11 +21,16 @@ from typing import Any
 
 import structlog
 
-from dcmrecvd.conf.config import Config, receiver_tables
+from dcmrecvd.conf.config import Config, journal_needed, receiver_tables
+from dcmrecvd.errors import ConfigError
 from dcmrecvd.ops.metrics import METRICS
+from dcmrecvd.store import state_directory as state_dir
 from dcmrecvd.store.instance_index import InstanceIndex
 from dcmrecvd.store.journal import Journal, JournalUnusable, Record
+from dcmrecvd.store.journal_files import Sizing, fit_to_disk
+from dcmrecvd.store.making import check_fits
 from dcmrecvd.store.materialiser import Materialiser
+from dcmrecvd.store.quarantine import Quarantine
 
 log = structlog.get_logger("dcmrecvd")
 
@@ -35,6 +41,13 @@ RESERVED_NAMES = 65536
 MAX_NAME_ATTEMPTS = 100
 #: How long A-RELEASE-RP waits for the association's objects to reach their final names.
 RELEASE_WAIT_SECONDS = 60.0
+
+
+class CannotMakeFiles(OSError):
+    """Objects are refused (0xA700) while acknowledged ones cannot be made into files."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 @dataclass
@@ -53,9 +66,12 @@ class AckJournal:
         """A name for an object made later: a default name as it is (it replaces), another
         scheme's first name that is neither on disk nor given to an object in flight."""
         if replace:
-            return names()
+            name = names()
+            check_fits(directory, name, replace=True)
+            return name
         for _attempt in range(MAX_NAME_ATTEMPTS):
             name = names()
+            check_fits(directory, name, replace=False)
             key = os.path.join(directory, name)
             with self._lock:
                 if key in self._reserved or os.path.lexists(key):
@@ -66,8 +82,23 @@ class AckJournal:
             return name
         raise FileExistsError(f"no free file name after {MAX_NAME_ATTEMPTS} attempts")
 
+    @property
+    def failing(self) -> str:
+        """Why acknowledged objects cannot be made into files now ("" when they can): while
+        it says something, no new object is acknowledged."""
+        failure = self.materialiser.failing
+        return f"cannot make files: {failure.reason}" if failure is not None else ""
+
+    def waiting(self) -> int:
+        """Acknowledged records whose files are not made yet."""
+        return max(self.journal.last_seq - self.materialiser.visible_through, 0)
+
     def commit(self, records: list[Record]) -> None:
-        """Durable when this returns (group commit with other threads); OSError otherwise."""
+        """Durable when this returns (group commit with other threads); OSError otherwise,
+        also while the materialiser cannot make files (the journal would only fill up)."""
+        failing = self.failing
+        if failing:
+            raise CannotMakeFiles(errno.EAGAIN, failing)
         self.journal.commit(records)
 
     def wait_visible(self, seq: int, timeout: float = RELEASE_WAIT_SECONDS) -> bool:
@@ -94,7 +125,7 @@ class AckJournal:
         """Replay what a crash left past the checkpoint (before serving and READY)."""
         started = time.monotonic()
         counts = self.materialiser.replay(records)
-        if records:
+        if records or self.journal.problems:
             log.warning(
                 "journal.recovered",
                 **counts,
@@ -113,8 +144,9 @@ class AckJournal:
 
 
 def state_directory(config: Config, environ: Mapping[str, str]) -> Path:
-    """$STATE_DIRECTORY under systemd, else the output directory: where .dcmrecvd/ goes."""
-    return Path(environ.get("STATE_DIRECTORY", "").split(":")[0] or config.output.directory)
+    """daemon.state_directory, $STATE_DIRECTORY under systemd, else one per output directory
+    (``store.state_directory``): the journal, the databases and the quarantine live there."""
+    return state_dir.resolve(config.daemon.state_directory, Path(config.output.directory), environ)
 
 
 def why_not(config: Config) -> str:
@@ -128,26 +160,50 @@ def why_not(config: Config) -> str:
     return ""
 
 
+def refuse_without(config: Config, reason: str) -> None:
+    """The journal cannot be used where it is: a setting that relies on it is the same
+    configuration error as with journal.enabled = false, never a silent change of meaning."""
+    for key, why in journal_needed(config):
+        raise ConfigError("configuration", key, f"{why}, and the ack journal cannot be used: {reason}")
+
+
 def open_ack_journal(
     config: Config, environ: Mapping[str, str]
 ) -> tuple[AckJournal | None, list[Record], str]:
-    """The journal, the records to replay, and why not when there is none (for daemon.ready)."""
+    """The journal, the records to replay, and why not when there is none (for daemon.ready).
+    Raises ConfigError when there is none and a setting needs one."""
     reason = why_not(config)
     if reason:
         return None, [], reason
     settings = config.journal
-    base = state_directory(config, environ) / ".dcmrecvd"
+    base = state_directory(config, environ)
     directory = Path(settings.directory) if settings.directory else base / "journal"
-    journal = Journal(directory, segment_size=settings.segment_mib << 20, segments=settings.segments)
+    try:
+        sizing = fit_to_disk(directory, settings.segment_mib << 20, settings.segments)
+    except OSError as exc:
+        sizing = Sizing(settings.segment_mib << 20, settings.segments)
+        log.warning("journal.sized", reason=f"free space unknown: {exc.strerror or exc}")
+    if sizing.note:
+        log.warning(
+            "journal.sized",
+            reason=sizing.note,
+            segment_kib=sizing.segment_size >> 10,
+            segments=sizing.segments,
+        )
+    journal = Journal(directory, segment_size=sizing.segment_size, segments=sizing.segments)
     try:
         records = journal.open()
     except JournalUnusable as exc:
         journal.close()
+        refuse_without(config, str(exc))
         log.warning("journal.unavailable", reason=str(exc), fallback="per-file")
         return None, [], str(exc)
+    for problem in journal.problems:
+        log.error("journal.corrupt", problem=problem, directory=str(directory))
     index = InstanceIndex(base / "instances.sqlite")
-    materialiser = Materialiser(journal, index)
+    materialiser = Materialiser(journal, index, quarantine=Quarantine(base / "quarantine"))
     materialiser.replaced = METRICS.duplicates.labels("replaced").inc
+    materialiser.quarantined = lambda reason: METRICS.quarantined.labels(reason).inc()
     journal.on_written = materialiser.written
     # An object in its record must fit a segment with room to spare (a quarter at most).
     inline_max = min(settings.inline_max_kib << 10, journal.segment_size // 4)

@@ -48,7 +48,8 @@ def decide(
     """Decide on ``raw`` (a whole A-ASSOCIATE-RQ PDU), log and count the outcome.
 
     ``take_slot`` is asked only once access is granted; a caller whose request is
-    then rejected (the disk) holds a slot it must give back.  Raises ProtocolError
+    then rejected (the disk, or ``stats.refusing``: acknowledged objects cannot be made into
+    files now) holds a slot it must give back.  Raises ProtocolError
     for a request that cannot be decoded or negotiated at all (an A-ABORT).
     """
     config = runtime.config.network
@@ -70,6 +71,9 @@ def decide(
         outcome = negotiation.reject(negotiation.REJECT_LOCAL_LIMIT)
     elif not rx.disk.has_room():
         why = DISK_LOW
+        outcome = negotiation.reject(negotiation.REJECT_LOCAL_LIMIT)
+    elif rx.mode != "ignore" and (refusing := stats.refusing()):
+        why = refusing
         outcome = negotiation.reject(negotiation.REJECT_LOCAL_LIMIT)
     else:
         try:

@@ -267,7 +267,7 @@ def open_commitment(
     if ack is None:
         log.warning("commitment.unavailable", reason="the ack journal is not in use (see daemon.ready)")
         return None
-    store = CommitmentStore(state_directory(config, environ) / ".dcmrecvd" / "commitment.sqlite")
+    store = CommitmentStore(state_directory(config, environ) / "commitment.sqlite")
     store.prune(time.time())
     reporter = Reporter(Commitment(store, ack, runtime), emit)
     reporter.start()

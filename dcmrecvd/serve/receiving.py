@@ -605,4 +605,6 @@ def sink_for(
         return Checked(command, transfer_syntax, log)
     if not destination.disk.has_room():
         return Drained(Status.OUT_OF_RESOURCES, DISK_LOW)
+    if destination.journal is not None and (failing := destination.journal.failing):
+        return Drained(Status.OUT_OF_RESOURCES, failing)  # acknowledged ones wait for the disk
     return Stored(command, transfer_syntax, log, destination)

@@ -104,6 +104,9 @@ class Stats:
     commitment_pending: int | None = None
     #: Objects waiting for a forward destination, all destinations together.
     forward_backlog: int = 0
+    #: Why new objects are refused now, from the ack journal ("" when they are not): read by
+    #: admission for every association, shown first on the STATUS line.
+    refusing: Callable[[], str] = field(default=lambda: "", repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **deltas: int) -> None:
@@ -131,6 +134,8 @@ class Stats:
             line += f"; commitment: {self.commitment_pending} reports pending"
         if self.forward_backlog:
             line += f"; forwarding: {self.forward_backlog} waiting"
+        if refusing := self.refusing():
+            line = f"{refusing}, refusing new objects; {line}"
         return "disk below output.min_free, refusing new objects; " + line if self.disk_low else line
 
 

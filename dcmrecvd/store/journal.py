@@ -48,8 +48,8 @@ from .journal_files import (
     BATCH_HEAD,
     BATCH_MAGIC,
     BLOCK,
-    CHECKPOINT,
-    CHECKPOINT_MAGIC,
+    CHECKPOINT_MADE,
+    CHECKPOINT_MAGIC_MADE,
     SEGMENT_HEAD,
     SEGMENT_MAGIC,
     SUFFIX,
@@ -126,6 +126,11 @@ class Journal:
         self._next_generation = 1
         #: Every record at or below this is done (durably, once ``checkpoint`` wrote it).
         self.done_through = 0
+        #: Every record at or below this has had its file made (or was quarantined): replay
+        #: makes none of them again, so a file a consumer took away stays away.
+        self.made_through = 0
+        #: What was wrong with the segments read at ``open`` (corruption read past).
+        self.problems: list[str] = []
         self._checkpoint_fd = -1
         self._lock_fd = -1
         self._checkpoint_counter = 0
@@ -157,7 +162,9 @@ class Journal:
             self._open_checkpoint()
             records: list[Record] = []
             for path in sorted(self.directory.glob(f"*{SUFFIX}")):
-                generation, found = scan_segment(path, self.segment_size)
+                scan = scan_segment(path, self.segment_size)
+                generation, found = scan.generation, scan.records
+                self.problems.extend(f"{path.name}: {problem}" for problem in scan.problems)
                 segment = _Segment(path, open_direct(self.ops, path), generation)
                 if found:
                     segment.last_seq = found[-1].seq
@@ -173,7 +180,7 @@ class Journal:
         records.sort(key=lambda r: r.seq)
         if records:
             self._next_seq = records[-1].seq + 1
-        self._next_seq = max(self._next_seq, self.done_through + 1)
+        self._next_seq = max(self._next_seq, self.done_through + 1, self.made_through + 1)
         return records
 
     def _open_checkpoint(self) -> None:
@@ -182,7 +189,7 @@ class Journal:
             self._checkpoint_fd = zero_file(self.ops, path, 2 * BLOCK)
             return
         self._checkpoint_fd = open_direct(self.ops, path)
-        self._checkpoint_counter, self.done_through = read_checkpoint(path)
+        self._checkpoint_counter, self.done_through, self.made_through = read_checkpoint(path)
 
     def prepare_spare(self) -> None:
         """Make a new segment ahead of need (off the ack path: the materialiser calls this),
@@ -342,20 +349,25 @@ class Journal:
 
     # ------------------------------------------------------------------ done and recycling
 
-    def checkpoint(self, done_through: int) -> None:
+    def checkpoint(self, done_through: int, made_through: int = 0) -> None:
         """Say durably that every record up to ``done_through`` is done (the caller has made
-        its files, index rows and events durable first); segments holding only such records
-        become spares."""
+        its files, index rows and events durable first), and up to ``made_through`` has its
+        file (or was quarantined); segments holding only done records become spares."""
         with self._checkpoint_lock:
-            if done_through <= self.done_through:
+            made_through = max(made_through, done_through, self.made_through)
+            done_through = max(done_through, self.done_through)
+            if done_through == self.done_through and made_through == self.made_through:
                 return
             counter = self._checkpoint_counter + 1
-            payload = struct.pack("<QQ", counter, done_through)
+            payload = struct.pack("<QQQ", counter, done_through, made_through)
             block = memoryview(self._checkpoint_block)
             block[:] = bytes(BLOCK)
-            CHECKPOINT.pack_into(block, 0, CHECKPOINT_MAGIC, zlib.crc32(payload), counter, done_through)
+            CHECKPOINT_MADE.pack_into(
+                block, 0, CHECKPOINT_MAGIC_MADE, zlib.crc32(payload), counter, done_through, made_through
+            )
             self._pwrite_all(self._checkpoint_fd, block, (counter % 2) * BLOCK)
             self._checkpoint_counter = counter
+            self.made_through = made_through
             with self._cond:
                 self.done_through = done_through
                 self._cond.notify_all()

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .file_ops import FileOps
 
@@ -30,6 +30,9 @@ SEGMENT_HEAD = struct.Struct("<4sQ")  # magic, generation
 BATCH_HEAD = struct.Struct("<4sIQQQ")  # magic, crc32, generation, length, first sequence number
 RECORD_HEAD = struct.Struct("<III")  # header length, data length, crc32 of the data
 CHECKPOINT = struct.Struct("<4sIQQ")  # magic, crc32, counter, done-through sequence number
+#: Since 0.9: the same, then made-through (every record up to it has its file, or is quarantined).
+CHECKPOINT_MAGIC_MADE = b"DRJM"
+CHECKPOINT_MADE = struct.Struct("<4sIQQQ")
 SUFFIX = ".seg"
 
 
@@ -49,6 +52,10 @@ class Record:
     crc: int | None = field(default=None, repr=False)
     #: The encoded head (lengths, the data's checksum, the JSON header), made once by ``commit``.
     head: bytes = field(default=b"", repr=False)
+    #: How far the materialiser got with it (in memory only; see ``materialiser``): "",
+    #: "made" (its file durable under its name), "refused" (cannot be made: to quarantine),
+    #: "quarantined", "finished" (its row and events handed on too).
+    state: str = field(default="", repr=False)
 
 
 def align(n: int) -> int:
@@ -92,13 +99,22 @@ def checks_out(raw_head: bytes, body: bytes, crc: int) -> bool:
 
 
 def decode_batch(body: bytes, first: int) -> Iterator[Record]:
+    """The records of a batch that checked out.  A header that does not decode to an
+    object (a writer's bug, never a torn write: the checksum covers it) still yields its
+    record, marked ``invalid``: the materialiser quarantines it with its bytes."""
     view = memoryview(body)
     pos = 0
     seq = first
     while pos < len(view):
         header_len, data_len, data_crc = RECORD_HEAD.unpack_from(view, pos)
         pos += RECORD_HEAD.size
-        header = json.loads(bytes(view[pos : pos + header_len]))
+        raw = bytes(view[pos : pos + header_len])
+        try:
+            header = json.loads(raw)
+        except ValueError as exc:
+            header = {"invalid": f"header is not JSON: {exc}", "raw": raw.decode("latin-1")}
+        if not isinstance(header, dict):
+            header = {"invalid": "header is not a JSON object", "raw": raw.decode("latin-1")}
         pos += header_len
         data = bytes(view[pos : pos + data_len])
         pos += data_len
@@ -106,41 +122,90 @@ def decode_batch(body: bytes, first: int) -> Iterator[Record]:
         seq += 1
 
 
-def scan_segment(path: Path, segment_size: int) -> tuple[int, list[Record]]:
+@dataclass
+class Scan:
+    """What one segment holds: its generation, its valid records, and what was wrong
+    with it (a batch that did not check out with a valid batch of its generation after
+    it is corruption, not the torn end a crash leaves: reported, and read past)."""
+
+    generation: int = 0
+    records: list[Record] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def scan_segment(path: Path, segment_size: int) -> Scan:
     """A segment's generation and valid records: batches until the first that does not
-    check out (a torn batch, or an older generation's left in a recycled segment)."""
+    check out (a torn batch, or an older generation's left in a recycled segment); then
+    any later batch of the same generation, which only corruption can leave behind."""
+    scan = Scan()
     with open(path, "rb") as f:
-        magic, generation = SEGMENT_HEAD.unpack_from(f.read(BLOCK))
+        head = f.read(BLOCK)
+        if len(head) < SEGMENT_HEAD.size:
+            scan.problems.append("shorter than its header")
+            return scan
+        magic, generation = SEGMENT_HEAD.unpack_from(head)
         if magic != SEGMENT_MAGIC:
-            return 0, []
-        records: list[Record] = []
+            if any(head):
+                scan.problems.append("its header is not a segment header")
+            return scan
+        scan.generation = generation
         offset = BLOCK
+        bad_at = 0
         while offset + BATCH_HEAD.size <= segment_size:
-            f.seek(offset)
-            raw = f.read(BATCH_HEAD.size)
-            magic, crc, gen, length, first = BATCH_HEAD.unpack(raw)
-            end = offset + BATCH_HEAD.size + length
-            if magic != BATCH_MAGIC or gen != generation or end > segment_size:
-                break
-            body = f.read(length)
-            if len(body) != length or not checks_out(raw, body, crc):
-                break  # torn: the crash cut this batch; nothing in it was acknowledged
-            records.extend(decode_batch(body, first))
+            batch = _read_batch(f, offset, generation, segment_size)
+            if batch is None:
+                if not bad_at:
+                    bad_at = offset
+                offset += BLOCK  # look further: a later batch of this generation means corruption
+                continue
+            records, end = batch
+            if bad_at:
+                scan.problems.append(f"bytes {bad_at}-{offset} do not check out; read past them")
+                bad_at = 0
+            scan.records.extend(records)
             offset = align(end)
-        return generation, records
+        return scan
 
 
-def read_checkpoint(path: Path) -> tuple[int, int]:
-    """(counter, done-through) of the newer valid slot; (0, 0) if neither is."""
-    best = (0, 0)
+def _read_batch(
+    f: BinaryIO, offset: int, generation: int, segment_size: int
+) -> tuple[list[Record], int] | None:
+    """The records of the batch at ``offset`` and where it ends, or None (no valid batch)."""
+    f.seek(offset)
+    raw = f.read(BATCH_HEAD.size)
+    if len(raw) < BATCH_HEAD.size:
+        return None
+    magic, crc, gen, length, first = BATCH_HEAD.unpack(raw)
+    end = offset + BATCH_HEAD.size + length
+    if magic != BATCH_MAGIC or gen != generation or end > segment_size:
+        return None
+    body = f.read(length)
+    if len(body) != length or not checks_out(raw, body, crc):
+        return None  # torn: the crash cut this batch; nothing in it was acknowledged
+    return list(decode_batch(body, first)), end
+
+
+def read_checkpoint(path: Path) -> tuple[int, int, int]:
+    """(counter, done-through, made-through) of the newer valid slot; zeros if neither is.
+    An older slot without made-through reads as made-through = done-through."""
+    best = (0, 0, 0)
     content = path.read_bytes()
     for slot in (0, 1):
-        raw = content[slot * BLOCK : slot * BLOCK + CHECKPOINT.size]
-        if len(raw) < CHECKPOINT.size:
+        raw = content[slot * BLOCK : slot * BLOCK + CHECKPOINT_MADE.size]
+        if len(raw) < CHECKPOINT_MADE.size:
             continue
-        magic, crc, counter, done = CHECKPOINT.unpack(raw)
-        if magic == CHECKPOINT_MAGIC and crc == zlib.crc32(raw[8:]) and counter > best[0]:
-            best = (counter, done)
+        if raw[:4] == CHECKPOINT_MAGIC_MADE:
+            _, crc, counter, done, made = CHECKPOINT_MADE.unpack(raw)
+        else:
+            _, crc, counter, done = CHECKPOINT.unpack(raw[: CHECKPOINT.size])
+            made = done
+            raw = raw[: CHECKPOINT.size]
+        if (
+            raw[:4] in (CHECKPOINT_MAGIC, CHECKPOINT_MAGIC_MADE)
+            and crc == zlib.crc32(raw[8:])
+            and counter > best[0]
+        ):
+            best = (counter, done, max(made, done))
     return best
 
 
@@ -198,3 +263,50 @@ def make_directory(ops: FileOps, directory: Path) -> None:
         with contextlib.suppress(FileExistsError):
             ops.mkdir(path, 0o750)
         ops.fsync_directory(path.parent)
+
+
+#: The share of its filesystem's free space (with its own segments counted as free) the
+#: journal may take; and the smallest segment it shrinks to before it gives up.
+JOURNAL_SHARE = 4
+MIN_SEGMENT = 256 << 10
+
+
+@dataclass(frozen=True)
+class Sizing:
+    segment_size: int
+    segments: int
+    #: Why it differs from what was configured ("" when it does not).
+    note: str = ""
+
+
+def fit_to_disk(directory: Path, segment_size: int, segments: int) -> Sizing:
+    """Segments sized against the free space of the filesystem that will hold them.
+
+    Why: two 16 MiB segments are made ahead of need, and a small disk (a 40 MB test
+    volume, an SD card) would lose most of its room to a journal nobody asked to be that
+    big.  Existing segments keep their size (their records are read back at it)."""
+    existing = sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else []
+    probe = next(p for p in (directory, *directory.parents) if p.is_dir())
+    stats = os.statvfs(probe)
+    held = sum(p.stat().st_size for p in existing)
+    budget = (stats.f_bavail * stats.f_frsize + held) // JOURNAL_SHARE
+    if existing:
+        size = existing[0].stat().st_size
+        count = max(len(existing), min(segments, budget // size))
+        note = (
+            ""
+            if count >= segments
+            else f"{count} segments of its {size >> 10} KiB fit 1/{JOURNAL_SHARE} of the free space"
+        )
+        return Sizing(size, max(count, 2), note)
+    if budget >= 2 * segment_size:
+        count = min(segments, budget // segment_size)
+        note = "" if count == segments else f"{count} segments fit 1/{JOURNAL_SHARE} of the free space"
+        return Sizing(segment_size, count, note)
+    size = max(MIN_SEGMENT, budget // 2 // (64 << 10) * (64 << 10))
+    return Sizing(
+        size,
+        2,
+        f"segments of {size >> 10} KiB (not {segment_size >> 20} MiB): "
+        f"1/{JOURNAL_SHARE} of the free space is {budget >> 10} KiB",
+    )

@@ -1,0 +1,233 @@
+"""Making a batch of journal records into files, one outcome per record.
+
+Why per record: a batch shares its flushes (one ``syncfs``, one fsync per
+directory), but not its fate.  A record that can never be made (its name too
+long, a file where its directory should be) is *refused* and the others go on;
+a failure of the disk (full, read-only, an I/O error) stops the batch at the
+record it hit, and every record before it that reached its name durably is
+*made* and stays made: a retry or a recovery never writes it again, so a file
+a consumer has already taken away does not come back.
+
+Order inside a batch: each file written to a temp file in its directory; one
+``syncfs`` per filesystem; each renamed (or linked without replacing); each
+directory fsynced once.  A final name only ever holds a complete, durable file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import structlog
+
+from .file_ops import FileOps
+from .journal_files import Record
+from .materialise_outcome import InvalidRecord, Outcome, classify
+from .storage import FILE_MODE, TEMP_PREFIX, TEMP_SUFFIX, Store, take_back
+
+log = structlog.get_logger("dcmrecvd")
+
+#: A name component and a whole path, as Linux allows them (NAME_MAX, PATH_MAX).
+NAME_MAX = 255
+PATH_MAX = 4095
+#: Room kept in a never-clobbering name for the ``.<seq>`` a taken name gets.
+SEQ_SUFFIX_ROOM = 21
+
+
+@dataclass
+class Batch:
+    """What became of a batch: records stopped at (and after) a transient failure are
+    ``rest``; ``failure`` says why.  Refused records carry their outcome in ``refused``."""
+
+    rest: list[Record] = field(default_factory=list)
+    failure: Outcome | None = None
+    refused: dict[int, Outcome] = field(default_factory=dict)
+
+
+def final_path(header: dict[str, Any]) -> Path:
+    """Where a record's file goes: ``root``/``dir``/``name`` (checked by ``check_header``)."""
+    return Path(header["root"]).joinpath(*PurePosixPath(header["dir"]).parts, header["name"])
+
+
+def check_header(header: dict[str, Any]) -> None:
+    """Raise InvalidRecord unless the header names a file we may make: an absolute root,
+    a relative directory that stays under it, a plain name."""
+    if "invalid" in header:
+        raise InvalidRecord(str(header["invalid"]))
+    root, directory, name = header.get("root"), header.get("dir"), header.get("name")
+    if not isinstance(root, str) or not os.path.isabs(root):
+        raise InvalidRecord(f"root is not an absolute path: {root!r}")
+    if not isinstance(directory, str) or PurePosixPath(directory).is_absolute():
+        raise InvalidRecord(f"dir is not a relative path: {directory!r}")
+    if ".." in PurePosixPath(directory).parts:
+        raise InvalidRecord(f"dir leaves the output directory: {directory!r}")
+    if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise InvalidRecord(f"not a file name: {name!r}")
+    index = header.get("index")
+    if index is not None and not (
+        isinstance(index, dict)
+        and all(isinstance(index.get(k), str) for k in ("called_aet", "sop_instance_uid", "sop_class_uid"))
+    ):
+        raise InvalidRecord("index is not a row's identifiers")
+
+
+def check_fits(directory: Path, name: str, *, replace: bool) -> None:
+    """Raise ENAMETOOLONG when a name (with the ``.<seq>`` a taken never-clobbering name
+    may get) or its path cannot exist on Linux: known before the ack, so the object is
+    refused there instead of being acknowledged and quarantined."""
+    room = 0 if replace else SEQ_SUFFIX_ROOM
+    for part in directory.parts[1:]:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, "directory name too long", part)
+    if len(os.fsencode(name)) + room > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "file name too long", name)
+    if len(os.fsencode(os.path.join(directory, name))) + room > PATH_MAX:
+        raise OSError(errno.ENAMETOOLONG, "path too long", str(directory / name))
+
+
+def write_temp(ops: FileOps, directory: Path, data: bytes | bytearray | memoryview) -> Path:
+    """A hidden temp file holding ``data`` (through the page cache: the batch's
+    ``syncfs`` writes it back and flushes it with the others)."""
+    while True:
+        temp = directory / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        try:
+            fd = ops.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+        except FileExistsError:
+            continue
+        break
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[ops.write(fd, view) :]
+    except BaseException:
+        ops.close(fd)
+        with contextlib.suppress(OSError):
+            ops.unlink(temp)
+        raise
+    ops.close(fd)
+    return temp
+
+
+def give_name(ops: FileOps, directory: Path, temp: Path, record: Record) -> Path:
+    """The final name: replacing (a default name) or never clobbering (someone else's
+    file under it after the ack keeps it; ours goes under ``<name>.<seq>``)."""
+    header = record.header
+    name: str = header["name"]
+    final = directory / name
+    if header.get("replace"):
+        replaced = os.path.lexists(final)
+        ops.replace(temp, final)
+        if replaced:
+            uid = (header.get("index") or {}).get("sop_instance_uid", "")
+            log.warning("store.replaced", path=str(final), sop_instance_uid=uid)
+            header["replaced"] = True
+        return final
+    try:
+        ops.link(temp, final)
+    except FileExistsError:
+        final = directory / f"{name}.{record.seq}"
+        ops.link(temp, final)
+    ops.unlink(temp)
+    return final
+
+
+class Maker:
+    """Makes batches of records into files on whatever filesystems their roots are."""
+
+    def __init__(self, ops: FileOps, store_for: Callable[[str], Store]) -> None:
+        self.ops = ops
+        self.store_for = store_for
+
+    def make(self, records: list[Record]) -> Batch:
+        """Make every record whose state is "" (in order); see the module docstring."""
+        batch = Batch()
+        written: list[tuple[Record, Store, Path, Path]] = []  # record, store, directory, temp
+        for record in records:
+            if record.state:
+                continue
+            try:
+                check_header(record.header)
+                if record.header.get("file"):  # a large object, durable under its name already
+                    record.state = "made"
+                    continue
+                store = self.store_for(record.header["root"])
+                directory = store.directory(PurePosixPath(record.header["dir"]))
+                written.append((record, store, directory, write_temp(self.ops, directory, record.data)))
+            except Exception as exc:
+                if not self._refused(batch, record, classify(exc)):
+                    break
+        try:
+            self._flush(dict.fromkeys(store.root for _, store, _, _ in written))
+        except OSError as exc:  # none of them is known durable: all are written again later
+            self._discard(temp for _, _, _, temp in written)
+            batch.failure = batch.failure or classify(exc)
+            written = []
+        named: list[tuple[Record, Store, Path, Path]] = []
+        for at, (record, store, directory, temp) in enumerate(written):
+            try:
+                final = give_name(self.ops, directory, temp, record)
+            except Exception as exc:
+                with contextlib.suppress(OSError):
+                    self.ops.unlink(temp)
+                if not self._refused(batch, record, classify(exc)):
+                    self._discard(t for _, _, _, t in written[at + 1 :])
+                    break
+                continue
+            record.header["path"] = str(final)
+            named.append((record, store, directory, final))
+        self._sync_directories(batch, named)
+        batch.rest = _from_first_unpassed(records)
+        return batch
+
+    def _flush(self, roots: Iterable[Path]) -> None:
+        """The batch's data and temp files durable: one ``syncfs`` per filesystem (one cache
+        flush for the batch, where the per-file path pays one per object)."""
+        for root in roots:
+            self.ops.syncfs(root)
+
+    def _refused(self, batch: Batch, record: Record, outcome: Outcome) -> bool:
+        """A record that failed: refused (True: go on with the others) or the batch stops."""
+        if outcome.permanent:
+            record.state = "refused"
+            batch.refused[record.seq] = outcome
+            return True
+        batch.failure = batch.failure or outcome
+        return False
+
+    def _sync_directories(self, batch: Batch, named: list[tuple[Record, Store, Path, Path]]) -> None:
+        """One fsync per directory; a name whose directory's fsync failed is taken back
+        (never retried as if a second fsync could succeed: the temp is written anew)."""
+        for store, directory in dict.fromkeys((s, d) for _, s, d, _ in named):
+            try:
+                store.sync_published(directory)
+                ok = True
+            except OSError as exc:
+                batch.failure = batch.failure or classify(exc)
+                ok = False
+            for record, s, d, final in named:
+                if (s, d) != (store, directory):
+                    continue
+                if ok:
+                    record.state = "made"
+                else:
+                    take_back(self.ops, final)
+                    record.header.pop("path", None)
+
+    def _discard(self, temps: Any) -> None:
+        for temp in temps:
+            with contextlib.suppress(OSError):
+                self.ops.unlink(temp)
+
+
+def _from_first_unpassed(records: list[Record]) -> list[Record]:
+    """The records from the first one neither made nor refused (in order) on."""
+    for at, record in enumerate(records):
+        if record.state not in ("made", "refused", "quarantined", "finished"):
+            return records[at:]
+    return []
