@@ -90,6 +90,8 @@ class Daemon:
     output: Path
     log_path: Path
     args: list[str] = field(default_factory=list)
+    #: Its state directory (journal, index, outbox, quarantine), away from ``output``.
+    state: Path = Path("/nonexistent")
 
     @property
     def pid(self) -> int:
@@ -169,7 +171,7 @@ class DaemonFactory:
                 env=env or isolated_env(self.config_dir, NO_COLOR="1"),
                 text=True,
             )
-        daemon = Daemon(proc, port, output, log_path, argv)
+        daemon = Daemon(proc, port, output, log_path, argv, state_of(output, self.config_dir))
         self.started.append(daemon)
         if wait:
             wait_for(lambda: port_open(port) or proc.poll() is not None, timeout=20)

@@ -84,6 +84,18 @@ class Recorder(FileOps):
         ``data``: for an object whose file is made after the ack, from the ack journal)."""
         self.ops.append(Op("ack", path=name, data=data))
 
+    def consume(self, name: str) -> None:
+        """A consumer takes the file under ``name`` away (and makes that durable): from now
+        on the name must stay free after any recovery; it is no longer an acknowledged file."""
+        path = self.root / name
+        self.ops.append(Op("consumed", path=name))  # no longer promised from here on...
+        super().unlink(path)
+        self._by_path.pop(name, None)
+        self.ops.append(Op("unlink", path=name))
+        super().fsync_directory(path.parent)
+        self.ops.append(Op("dirsync", path=self.rel(path.parent)))
+        self.ops.append(Op("gone", path=name))  # ...and, its deletion durable, never again
+
     def index_synced(self, snapshot: bytes) -> None:
         """The instance index is durable as ``snapshot`` (SQLite's own durability is trusted)."""
         self.ops.append(Op("indexsync", data=snapshot))
@@ -206,6 +218,8 @@ class CrashState:
     acked: dict[str, set[bytes]]
     #: The instance index as last made durable (b"": never).
     index: bytes = b""
+    #: Names a consumer took away after their files were made: they must stay away.
+    gone: frozenset[str] = frozenset()
 
 
 class Replay:
@@ -219,6 +233,7 @@ class Replay:
         self.durable_dirs: set[str] = {"."}
         self.pending: list[Op] = []  # namespace ops not yet durable, in order
         self.acked: dict[str, set[bytes]] = {}
+        self.gone: set[str] = set()
         #: name -> every complete content committed under it so far (allowed in a crash state).
         self.committed: dict[str, set[bytes]] = {}
         self.index = b""
@@ -271,6 +286,11 @@ class Replay:
                 self._dir_durable(op.path)
         elif kind == "ack":
             self.acked[op.path] = {op.data or bytes(self.inodes[self.names[op.path]].content)}
+            self.gone.discard(op.path)
+        elif kind == "consumed":
+            self.acked.pop(op.path, None)
+        elif kind == "gone":
+            self.gone.add(op.path)
 
     def _commit(self) -> None:
         """ORDERED: a journal commit (after a cache flush) makes every metadata op so far
@@ -328,7 +348,7 @@ class Replay:
             names = {p: i for p, i in names.items() if _reachable(p, dirs)}
             for data in self._data_variants(set(names.values()), committed_at):
                 files = {path: data[inode] for path, inode in names.items()}
-                yield CrashState(files, self.acked, self.index)
+                yield CrashState(files, self.acked, self.index, frozenset(self.gone))
 
     def _data_variants(self, inodes: set[int], committed_at: int) -> Iterator[dict[int, bytes]]:
         """Un-synced data: lost, torn (half of what is pending), or all there."""

@@ -60,6 +60,7 @@ min_free = "{MIN_FREE_MIB}MiB"
 
 [daemon]
 drain_timeout = 30
+state_directory = "{password_file.parent}/state"
 
 [events]
 stable_seconds = 2

@@ -131,7 +131,8 @@ def test_storescu_returns_with_every_file_and_index_row_in_place(
     for f in files:
         (match,) = [p for p in stored.values() if dataset_bytes(p) == dataset_bytes(f)]
         assert not match.name.startswith(".")
-    with sqlite3.connect(d.output / ".dcmrecvd" / "instances.sqlite") as db:
+    assert not (d.state / "journal").exists(), "nothing but objects in the output directory"
+    with sqlite3.connect(d.state / "instances.sqlite") as db:
         rows = dict(db.execute("SELECT path, size FROM instances").fetchall())
     assert set(rows) == {str(p) for p in stored.values()}
     assert all(rows[str(p)] == p.stat().st_size for p in stored.values())
@@ -157,7 +158,7 @@ def test_kill_9_mid_stream_keeps_every_acknowledged_object_and_its_row(
     restarted = daemons.start(output=output)
     wait_for(lambda: "daemon.ready" in restarted.log(), timeout=30)
     check_survivors(output, sent, acked)
-    with sqlite3.connect(output / ".dcmrecvd" / "instances.sqlite") as db:
+    with sqlite3.connect(restarted.state / "instances.sqlite") as db:
         indexed = {uid for (uid,) in db.execute("SELECT sop_instance_uid FROM instances")}
     assert set(acked) <= indexed
 
@@ -196,4 +197,4 @@ def test_no_journal_when_nothing_is_flushed_or_stored(
     d = daemons.start(*args)
     wait_for(lambda: "daemon.ready" in d.log())
     assert "ack=per-file" in d.log()
-    assert not (d.output / ".dcmrecvd").exists()
+    assert not (d.state / "journal").exists()

@@ -40,6 +40,7 @@ from dcmrecvd.store.instance_index import InstanceIndex
 from dcmrecvd.store.journal import Journal
 from dcmrecvd.store.making import Maker
 from dcmrecvd.store.materialiser import Materialiser
+from dcmrecvd.store.quarantine import Quarantine
 from dcmrecvd.store.storage import Store
 from dcmrecvd.wire import pdu
 from dcmrecvd.wire.status import Status
@@ -83,12 +84,21 @@ class Run:
     acked_keys: dict[str, str] = field(default_factory=dict)  # final name -> SOP Instance UID
 
 
-def drain(materialiser: Materialiser) -> None:
-    """One turn of the materialiser's thread, here and now (deterministic op order)."""
+def drain(materialiser: Materialiser, consume: Callable[[], None] = lambda: None) -> None:
+    """One turn of the materialiser's thread, here and now (deterministic op order);
+    ``consume``: a consumer takes files away between the files made and the checkpoint."""
     with materialiser._cond:
         batch, materialiser._queue = materialiser._queue, []
     materialiser._apply_and_account(batch)
+    consume()
     materialiser.checkpoint()
+
+
+#: The final name made unmakeable (a directory with a file in it is in its way) before its
+#: object arrives: the record is quarantined, and the quarantine must keep it across crashes.
+BLOCKED = "CT.1.2.3.7"
+#: The object a consumer deletes right after its file is made: it must never come back.
+CONSUMED_UID = "1.2.3.2"
 
 
 def journal_run(tmp_path: Path, model: str, pipelined: bool = False, **output: object) -> Run:
@@ -140,7 +150,9 @@ def journal_run(tmp_path: Path, model: str, pipelined: bool = False, **output: o
     ]
     message_id = 0
     seen: set[str] = set()
-    for group in groups:
+    for number, group in enumerate(groups):
+        if number == 2 and output.get("duplicates") != "keep-both":  # (keep-both goes beside it)
+            block(recorder, root / BLOCKED)
         streams = []
         expected = []
         for uid, size in group:
@@ -156,7 +168,11 @@ def journal_run(tmp_path: Path, model: str, pipelined: bool = False, **output: o
             for stream, status in zip(streams, expected, strict=True):
                 peer.send(stream, whole)
                 assert peer.status() == status
-        drain(materialiser)
+        if number == 0:
+            consumed = next(n for n, uid in run.acked_keys.items() if uid == CONSUMED_UID)
+            drain(materialiser, lambda name=consumed: recorder.consume(name))  # type: ignore[misc]
+        else:
+            drain(materialiser)
     peer.send(store(dataset("1.2.3.8", 30000), "1.2.3.8", fragment=16000)[:20000], whole)
     peer.send(bytes((7, 0, 0, 0, 0, 4, 0, 0, 0, 0)), whole)  # abort mid-object
     peer.finish()
@@ -167,6 +183,16 @@ def journal_run(tmp_path: Path, model: str, pipelined: bool = False, **output: o
         if op.kind == "ack":
             run.sent.setdefault(op.path, []).append(op.data)
     return run
+
+
+def block(recorder: Recorder, final: Path) -> None:
+    """A directory, with a file in it, where an object's file will want to go."""
+    import os
+
+    recorder.mkdir(final, 0o755)
+    recorder.close(recorder.open(final / "in-the-way", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    recorder.fsync_directory(final)
+    recorder.fsync_directory(final.parent)
 
 
 class NoSync(FileOps):
@@ -200,13 +226,20 @@ def recover(run: Run) -> None:
     storage.remove_stale_temp_files(run.root)
 
 
-def judge(run: Run, acked: dict[str, set[bytes]]) -> list[str]:
+def judge(run: Run, acked: dict[str, set[bytes]], gone: frozenset[str] = frozenset()) -> list[str]:
     """What is wrong after recovery (empty: the promise holds)."""
     wrong = []
     files = {
         str(p.relative_to(run.root)): p.read_bytes()
         for p in run.root.rglob("*")
-        if p.is_file() and ".dcmrecvd" not in p.relative_to(run.root).parts
+        if p.is_file()
+        and ".dcmrecvd" not in p.relative_to(run.root).parts
+        and BLOCKED not in p.relative_to(run.root).parts[:-1]
+    }
+    quarantined = {
+        e.header.get("name"): e.data_path.read_bytes()
+        for e in Quarantine(run.root / ".dcmrecvd" / "quarantine").entries()
+        if e.data_path is not None
     }
     rows = {}
     if run.index.exists():
@@ -217,6 +250,8 @@ def judge(run: Run, acked: dict[str, set[bytes]]) -> list[str]:
         # The acknowledged bytes, or those of the same object sent again later.
         later = {data for data in history[max(history.index(d) for d in allowed) :]}
         got = files.get(name)
+        if got is None and quarantined.get(name) in allowed:
+            continue  # set aside visibly, with the acknowledged bytes (no row: not a file)
         if got is None:
             wrong.append(f"acknowledged {name} is missing")
         elif got not in allowed | later:
@@ -228,15 +263,20 @@ def judge(run: Run, acked: dict[str, set[bytes]]) -> list[str]:
             len(copies) == 1 and rows.get(run.acked_keys[name]) != str(run.root / name)
         ):
             wrong.append(f"acknowledged {name} has no index row pointing at it")
+    for name in gone:
+        if name in files:
+            wrong.append(f"{name}, which a consumer deleted after it was made, came back")
     for path, data in files.items():
         if is_temp(path):
             wrong.append(f"start-up left {path}")
-        elif data not in run.sent.get(path, []):
+        elif data not in run.sent.get(path, []) and path != f"{BLOCKED}/in-the-way":
             wrong.append(f"{path} holds a partial or foreign file ({len(data)} bytes)")
     return wrong
 
 
-def states(run: Run, model: str) -> Iterator[tuple[Op, dict[str, bytes], bytes, dict[str, set[bytes]]]]:
+def states(
+    run: Run, model: str
+) -> Iterator[tuple[Op, dict[str, bytes], bytes, dict[str, set[bytes]], frozenset[str]]]:
     """Distinct crash states (files and index), each with the acknowledgements before it."""
     replay = Replay(model)
     seen: set[bytes] = set()
@@ -247,11 +287,11 @@ def states(run: Run, model: str) -> Iterator[tuple[Op, dict[str, bytes], bytes, 
             for path in sorted(state.files):
                 digest.update(path.encode() + b"\0" + hashlib.sha256(state.files[path]).digest())
             digest.update(hashlib.sha256(state.index).digest())
-            key = digest.digest() + repr(sorted(state.acked)).encode()
+            key = digest.digest() + repr(sorted(state.acked)).encode() + repr(sorted(state.gone)).encode()
             if key in seen:
                 continue
             seen.add(key)
-            yield op, state.files, state.index, {k: set(v) for k, v in state.acked.items()}
+            yield op, state.files, state.index, {k: set(v) for k, v in state.acked.items()}, state.gone
 
 
 def check_journal(
@@ -267,7 +307,7 @@ def check_journal(
         run.index.rename(live_index)
     checked = 0
     found: list[str] = []
-    for op, files, index, acked in states(run, model):
+    for op, files, index, acked, gone in states(run, model):
         checked += 1
         run.root.mkdir()
         from crash_model import CrashState
@@ -279,7 +319,7 @@ def check_journal(
             run.index.write_bytes(index)
         try:
             recover(run)
-            problems = judge(run, acked)
+            problems = judge(run, acked, gone)
         except Exception as exc:  # a recovery that cannot cope is a broken promise too
             problems = [f"recovery failed: {type(exc).__name__}: {exc}"]
         found.extend(f"after op {op.seq} ({op.kind} {op.path or op.inode}): {p}" for p in problems)
@@ -340,6 +380,24 @@ def mutate(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
             monkeypatch.setattr(Maker, "_flush", lambda self, roots: None)
         elif which == "recycled-before-directory-fsync":
             monkeypatch.setattr(Store, "sync_published", lambda self, path: None)
+        elif which == "progress-not-said":
+            # Files made, but the journal never told how far: recovery makes them all again.
+            real = Journal.checkpoint
+            monkeypatch.setattr(Journal, "checkpoint", lambda self, done, made=0: real(self, done, done))
+        elif which == "quarantine-entry-before-its-object":
+            # The entry's JSON may land before its object's bytes are durable under their name.
+            real_fsync = FileOps.fsync_directory
+
+            def put(self: Quarantine, seq: int, header: dict, data: bytes, reason: str) -> str:  # type: ignore[type-arg]
+                self.ops.fsync_directory = lambda path: None  # type: ignore[method-assign]
+                try:
+                    return real_put(self, seq, header, data, reason)
+                finally:
+                    del self.ops.fsync_directory
+                    real_fsync(self.ops, self.directory)
+
+            real_put = Quarantine.put
+            monkeypatch.setattr(Quarantine, "put", put)
 
     return apply
 
@@ -352,6 +410,8 @@ def mutate(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
         "checksum-not-checked",
         "name-before-data-flush",
         "recycled-before-directory-fsync",
+        "progress-not-said",
+        "quarantine-entry-before-its-object",
     ],
 )
 def test_the_checker_catches_a_broken_journal_path(tmp_path: Path, mutate, model: str, which: str) -> None:  # type: ignore[no-untyped-def]
@@ -365,6 +425,8 @@ def test_the_checker_catches_a_broken_journal_path(tmp_path: Path, mutate, model
         "checksum-not-checked": ("partial or foreign", "recovery failed"),  # a torn record taken
         "name-before-data-flush": ("partial or foreign",),
         "recycled-before-directory-fsync": ("is missing",),
+        "progress-not-said": ("came back",),
+        "quarantine-entry-before-its-object": ("CT.1.2.3.7 is missing",),
     }[which]
     assert any(reason in problem for problem in found for reason in expected), found[:3]
     if which == "name-before-data-flush":  # caught on a file the materialiser made, too

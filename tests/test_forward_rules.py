@@ -146,8 +146,7 @@ def test_a_transient_refusal_is_retried_and_a_warning_is_delivered(
 
 
 def _pending(d: object) -> int:
-    out = d.output  # type: ignore[attr-defined]
-    db = sqlite3.connect(out / ".dcmrecvd" / "events.sqlite")
+    db = sqlite3.connect(d.state / "events.sqlite")  # type: ignore[attr-defined]
     try:
         return int(
             db.execute("SELECT count(*) FROM deliveries WHERE consumer = 'forward/pacs'").fetchone()[0]

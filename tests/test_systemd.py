@@ -106,7 +106,7 @@ def test_unit_contract() -> None:
         "Type=notify",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "User=dcmrecvd",
-        "StateDirectory=dcmrecvd",
+        "StateDirectory=dcmrecvd/state dcmrecvd/incoming",
         "RestartPreventExitStatus=1 45 66 71",
         "WatchdogSec=",
     ):

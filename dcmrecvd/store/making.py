@@ -28,7 +28,7 @@ import structlog
 
 from .file_ops import FileOps
 from .journal_files import Record
-from .materialise_outcome import InvalidRecord, Outcome, classify
+from .materialise_outcome import InvalidRecord, Outcome, Row, classify
 from .storage import FILE_MODE, TEMP_PREFIX, TEMP_SUFFIX, Store, take_back
 
 log = structlog.get_logger("dcmrecvd")
@@ -157,16 +157,24 @@ class Maker:
                     record.state = "made"
                     continue
                 store = self.store_for(record.header["root"])
-                directory = store.directory(PurePosixPath(record.header["dir"]))
-                written.append((record, store, directory, write_temp(self.ops, directory, record.data)))
+                relative = PurePosixPath(record.header["dir"])
+                try:
+                    directory = store.directory(relative)
+                    temp = write_temp(self.ops, directory, record.data)
+                except FileNotFoundError:  # the directory vanished (a cleanup job): made again
+                    store.forget(store.root.joinpath(*relative.parts))
+                    directory = store.directory(relative)
+                    temp = write_temp(self.ops, directory, record.data)
+                written.append((record, store, directory, temp))
             except Exception as exc:
+                self._forget(record)
                 if not self._refused(batch, record, classify(exc)):
                     break
         try:
             self._flush(dict.fromkeys(store.root for _, store, _, _ in written))
         except OSError as exc:  # none of them is known durable: all are written again later
             self._discard(temp for _, _, _, temp in written)
-            batch.failure = batch.failure or classify(exc)
+            batch.failure = batch.failure or flush_failure(exc)
             written = []
         named: list[tuple[Record, Store, Path, Path]] = []
         for at, (record, store, directory, temp) in enumerate(written):
@@ -175,6 +183,7 @@ class Maker:
             except Exception as exc:
                 with contextlib.suppress(OSError):
                     self.ops.unlink(temp)
+                self._forget(record)
                 if not self._refused(batch, record, classify(exc)):
                     self._discard(t for _, _, _, t in written[at + 1 :])
                     break
@@ -184,6 +193,12 @@ class Maker:
         self._sync_directories(batch, named)
         batch.rest = _from_first_unpassed(records)
         return batch
+
+    def _forget(self, record: Record) -> None:
+        """A record failed: its directory is looked at anew on the next try."""
+        with contextlib.suppress(Exception):
+            store = self.store_for(record.header["root"])
+            store.forget(store.root.joinpath(*PurePosixPath(record.header["dir"]).parts))
 
     def _flush(self, roots: Iterable[Path]) -> None:
         """The batch's data and temp files durable: one ``syncfs`` per filesystem (one cache
@@ -208,7 +223,7 @@ class Maker:
                 store.sync_published(directory)
                 ok = True
             except OSError as exc:
-                batch.failure = batch.failure or classify(exc)
+                batch.failure = batch.failure or flush_failure(exc)
                 ok = False
             for record, s, d, final in named:
                 if (s, d) != (store, directory):
@@ -223,6 +238,12 @@ class Maker:
         for temp in temps:
             with contextlib.suppress(OSError):
                 self.ops.unlink(temp)
+
+
+def flush_failure(exc: OSError) -> Outcome:
+    """A flush that failed is the disk's trouble, never one record's: it waits, whatever
+    its errno (the files are written anew; a flush is never retried on the same file)."""
+    return Outcome(Row.TRANSIENT, classify(exc).reason, exc.errno or 0)
 
 
 def _from_first_unpassed(records: list[Record]) -> list[Record]:

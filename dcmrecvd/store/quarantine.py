@@ -69,8 +69,9 @@ class Quarantine:
         quarantine is the last place an acknowledged object can go, so it is never skipped)."""
         self._make_directory()
         entry = f"{seq:012d}-{secrets.token_hex(3)}"
-        if len(data):
+        if len(data):  # durable under its name before the JSON that makes the entry count
             self._write_durably(self.directory / f"{entry}.dcm", bytes(data))
+            self.ops.fsync_directory(self.directory)
         about = {"seq": seq, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "header": header}
         self._write_durably(self.directory / f"{entry}.json", json.dumps(about, indent=1).encode())
         self.ops.fsync_directory(self.directory)

@@ -303,6 +303,12 @@ class Store:
         self._traits(target)
         return target
 
+    def forget(self, directory: Path) -> None:
+        """Look at ``directory`` again next time (something failed in it: it may have
+        vanished, or been a file where a directory should be, and be fixed since)."""
+        with self._lock:
+            self._known_dirs.pop(directory, None)
+
     def open(self, relative: PurePosixPath) -> PendingFile:
         """A new hidden temp file in the target directory."""
         directory = self.directory(relative)
