@@ -131,7 +131,7 @@ def test_storescu_returns_with_every_file_and_index_row_in_place(
     for f in files:
         (match,) = [p for p in stored.values() if dataset_bytes(p) == dataset_bytes(f)]
         assert not match.name.startswith(".")
-    assert not (d.state / "journal").exists(), "nothing but objects in the output directory"
+    assert not (d.output / ".dcmrecvd").exists(), "nothing but objects in the output directory"
     with sqlite3.connect(d.state / "instances.sqlite") as db:
         rows = dict(db.execute("SELECT path, size FROM instances").fetchall())
     assert set(rows) == {str(p) for p in stored.values()}

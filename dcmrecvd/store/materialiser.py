@@ -182,6 +182,8 @@ class Materialiser:
                 if self._queue:
                     waits.append(self._next_try - now)
                 self._cond.wait(max(min(waits), 0.001))
+                if not self._queue:
+                    return [], False  # an idle turn: quarantine retries, a checkpoint due
             # Linger a little for more: each batch costs two cache flushes however
             # many files it holds, and they compete with the journal's for the disk.
             linger_until = time.monotonic() + LINGER_SECONDS
