@@ -123,9 +123,7 @@ def small_ext4(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("path", ["journal", "per-file"])
-def test_a_name_too_long_is_refused_before_the_ack_and_nothing_wedges(
-    daemons: DaemonFactory, tmp_path: Path, path: str
-) -> None:
+def test_a_name_too_long_is_refused_before_the_ack_and_nothing_wedges(daemons: DaemonFactory, path: str) -> None:
     lines = ['layout = "{PatientName}_{SOPInstanceUID}.dcm"', 'duplicates = "keep-both"']
     journal = "" if path == "journal" else "[journal]\nenabled = false\n"
     (daemons.config_dir / "dcmrecvd.toml").write_text("[output]\n" + "\n".join(lines) + "\n" + journal)
@@ -164,7 +162,7 @@ def test_an_unwritable_output_directory_refuses_new_objects_and_recovers(daemons
         answer = send_many(d.port, [(late, ct(late))])  # may be acknowledged: nothing knew yet
         assert answer is not None and answer[0][0] in (0x0000, 0xA700)
         wait_for(lambda: http(metrics, "/readyz")[0] == 503, timeout=10)
-        status, why = http(metrics, "/readyz")
+        _, why = http(metrics, "/readyz")
         assert "cannot make files" in why and "EPERM" in why
         assert gauge(metrics, "dcmrecvd_materialise_failing") == 1
         refused = generate_uid(prefix=None)
@@ -249,9 +247,7 @@ def test_a_full_disk_refuses_new_objects_and_deleted_files_never_come_back(
 # --------------------------------------------------------------------------- 4: the state directory
 
 
-def test_a_cleanup_job_deleting_every_file_loses_nothing_and_brings_nothing_back(
-    daemons: DaemonFactory, tmp_path: Path
-) -> None:
+def test_a_cleanup_job_deleting_every_file_loses_nothing_and_brings_nothing_back(daemons: DaemonFactory) -> None:
     """`find DIR -type f -delete`, over and over, while modalities store."""
     _, metrics = with_metrics(daemons)
     d = daemons.start()
@@ -380,7 +376,8 @@ def journal_cli(d: Daemon, daemons: DaemonFactory, *args: str) -> subprocess.Com
 def test_a_file_where_a_layout_directory_should_be_quarantines_and_the_admin_acts(
     daemons: DaemonFactory, tmp_path: Path
 ) -> None:
-    (daemons.config_dir / "dcmrecvd.toml").write_text('[output]\nlayout = "{PatientID}/{SOPInstanceUID}.dcm"\n')
+    layout = '[output]\nlayout = "{PatientID}/{SOPInstanceUID}.dcm"\n'
+    (daemons.config_dir / "dcmrecvd.toml").write_text(layout)
     d = daemons.start()
     (d.output / "PID1").write_text("someone's file, in the way")
     blocked, fine = generate_uid(prefix=None), generate_uid(prefix=None)
