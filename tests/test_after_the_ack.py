@@ -123,7 +123,9 @@ def small_ext4(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("path", ["journal", "per-file"])
-def test_a_name_too_long_is_refused_before_the_ack_and_nothing_wedges(daemons: DaemonFactory, path: str) -> None:
+def test_a_name_too_long_is_refused_before_the_ack_and_nothing_wedges(
+    daemons: DaemonFactory, path: str
+) -> None:
     lines = ['layout = "{PatientName}_{SOPInstanceUID}.dcm"', 'duplicates = "keep-both"']
     journal = "" if path == "journal" else "[journal]\nenabled = false\n"
     (daemons.config_dir / "dcmrecvd.toml").write_text("[output]\n" + "\n".join(lines) + "\n" + journal)
@@ -247,7 +249,9 @@ def test_a_full_disk_refuses_new_objects_and_deleted_files_never_come_back(
 # --------------------------------------------------------------------------- 4: the state directory
 
 
-def test_a_cleanup_job_deleting_every_file_loses_nothing_and_brings_nothing_back(daemons: DaemonFactory) -> None:
+def test_a_cleanup_job_deleting_every_file_loses_nothing_and_brings_nothing_back(
+    daemons: DaemonFactory,
+) -> None:
     """`find DIR -type f -delete`, over and over, while modalities store."""
     _, metrics = with_metrics(daemons)
     d = daemons.start()
