@@ -82,8 +82,9 @@ Stop accepting, let associations in flight finish for up to
 objects) and exit 0.
 .SH SYSTEMD
 Units: \\fBdcmrecvd.socket\\fR (port 104, FileDescriptorName=dicom) with
-\\fBdcmrecvd.service\\fR (Type=notify, runs as user dcmrecvd, stores under
-/var/lib/dcmrecvd); \\fBdcmrecvd@\\fIPORT\\fB.socket\\fR and
+\\fBdcmrecvd.service\\fR (Type=notify, runs as user dcmrecvd, stores objects under
+/var/lib/dcmrecvd/incoming and keeps its state in /var/lib/dcmrecvd/state);
+\\fBdcmrecvd@\\fIPORT\\fB.socket\\fR and
 \\fBdcmrecvd@\\fIPORT\\fB.service\\fR for more receivers, each reading
 /etc/dcmrecvd/instances/\\fIPORT\\fR.toml. READY=1 is sent once the listener
 is bound or adopted; STATUS= carries live figures; WATCHDOG=1 is sent at
@@ -129,6 +130,12 @@ def dcmrecvd_8() -> str:
         "\\fB\\-\\-list\\-dead\\fR [\\fIname\\fR...] | \\fB\\-\\-retry\\-dead\\fR \\fIname\\fR...",
         "[\\fB\\-\\-config\\fR \\fIfile\\fR] [\\fB\\-\\-config\\-dir\\fR \\fIdir\\fR]",
         "[\\fB\\-od\\fR \\fIdir\\fR]",
+        ".br",
+        ".B dcmrecvd journal",
+        "\\fB\\-\\-list\\-quarantine\\fR | \\fB\\-\\-export\\-quarantine\\fR \\fIdir\\fR [\\fIid\\fR...] |",
+        "\\fB\\-\\-retry\\-quarantine\\fR [\\fIid\\fR...]",
+        "[\\fB\\-\\-config\\fR \\fIfile\\fR] [\\fB\\-\\-config\\-dir\\fR \\fIdir\\fR]",
+        "[\\fB\\-od\\fR \\fIdir\\fR]",
         ".SH DESCRIPTION",
         DESCRIPTION.rstrip(),
         ".SH OPTIONS",
@@ -166,13 +173,36 @@ def dcmrecvd_8() -> str:
             "line) to find the outbox. Exit 0, or 1 for an unknown destination."
         ),
     ]
+    out += [
+        ".SH AFTER THE ACK",
+        _esc(
+            "An object acknowledged through the ack journal becomes a file or a quarantine entry, "
+            "never nothing. A transient failure to make files (ENOSPC, EDQUOT, EACCES, EPERM, "
+            "EROFS, EIO, a failed flush, any other error) keeps the records waiting, retried with "
+            "backoff, and meanwhile refuses new objects: associations rejected (transient), "
+            "objects in flight 0xA700, /readyz 503 and the agent drain, both saying why. A "
+            "permanent one for a record (ENAMETOOLONG, ENOTDIR, EISDIR, ELOOP, EEXIST, EINVAL, "
+            "EFBIG, a record that does not decode) quarantines it: its object and header go to "
+            "quarantine/ in the state directory and the records behind it go on "
+            "(journal.quarantined, the object.quarantined event, dcmrecvd_quarantined_total). "
+            "A file once made is never made again. dcmrecvd journal --list-quarantine prints each "
+            "entry, tab-separated: id, sequence number, time, SOP Instance UID, intended path, "
+            "reason. --export-quarantine DIR copies the entries' objects (<id>.dcm) and headers "
+            "(<id>.json) to DIR. --retry-quarantine asks the running daemon (or its next start) "
+            "to make the entries' files again, after the cause is fixed. All three take entry ids "
+            "or sequence numbers (default: all) and read the configuration as the daemon does. "
+            "Exit 0, or 1 for an unknown entry."
+        ),
+    ]
     out += [SECTIONS_8.rstrip(), ".TS", "l l."]
     out += [f"{event}\t{logs.message_id(event)}" for event in logs.EVENTS]
     out += [
         ".TE",
         ".SH FILES",
         "/etc/dcmrecvd/dcmrecvd.toml, /etc/dcmrecvd/dcmrecvd.toml.d/*.toml,",
-        "/etc/dcmrecvd/storescp.cfg, /var/lib/dcmrecvd",
+        "/etc/dcmrecvd/storescp.cfg, /var/lib/dcmrecvd/incoming (objects),",
+        "/var/lib/dcmrecvd/state (daemon.state_directory: journal/, instances.sqlite,",
+        "events.sqlite, commitment.sqlite, quarantine/, output-directory)",
         ".SH SEE ALSO",
         ".BR dcmrecvd.toml (5),",
         ".BR dcmrecv (1),",

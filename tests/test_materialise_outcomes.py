@@ -335,6 +335,31 @@ def test_recovery_leaves_what_waits_for_the_disk_queued_and_says_why(tmp_path: P
     again.close()
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.ENOTDIR], ids=["ENOSPC", "EIO", "ENOTDIR"])
+@pytest.mark.parametrize("call", CALLS)
+def test_a_fault_at_any_call_of_recovery_never_stops_the_start(tmp_path: Path, call: str, code: int) -> None:
+    rig = Rig(tmp_path)
+    rig.commit("s1")
+    rig.commit("s2", "s3", directory="sub")
+    rig.close()  # crash: nothing made
+    ops = Fails()
+    ops.arm(call, str(rig.out) if call == "syncfs" else str(rig.out / "sub"), code)
+    again = Rig(tmp_path, ops)
+    counts = again.m.replay(again.records)  # never raises
+    waiting = counts["waiting"]
+    if classify(OSError(code, "")).permanent and call not in ("syncfs", "dirsync"):
+        assert counts["quarantined"] == 2 and waiting == 0 and again.m.failing is None
+        assert (again.out / "s1").exists()
+    else:
+        assert waiting >= 2 and again.m.failing is not None
+        ops.disarm()
+        again.m.start()
+        wait_for(lambda: again.m.visible_through == 3, timeout=10)
+        again.m.stop()
+        assert (again.out / "sub" / "s2").exists() and (again.out / "sub" / "s3").exists()
+    again.close()
+
+
 def test_made_through_keeps_a_deleted_file_deleted_across_a_crash(tmp_path: Path) -> None:
     rig = Rig(tmp_path)
     rig.commit("m1", "m2")

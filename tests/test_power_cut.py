@@ -129,6 +129,12 @@ def stall_report(d: Daemon, sender: Sender) -> str:
     )
 
 
+def on_disk(daemons: DaemonFactory, top: Path) -> None:
+    """Objects in ``top``/incoming, the state in ``top``/state: one filesystem."""
+    (top / "incoming").mkdir(exist_ok=True)
+    (daemons.config_dir / "dcmrecvd.toml").write_text(f'[daemon]\nstate_directory = "{top}/state"\n')
+
+
 def cut_while_sending(
     daemons: DaemonFactory, outer: Path, tmp_path: Path, kind: str, *args: str
 ) -> tuple[dict[str, bytes], list[tuple[Path, list[str]]]]:
@@ -139,7 +145,10 @@ def cut_while_sending(
     sent = objects(OBJECTS, 60_000)
     cuts: list[tuple[Path, list[str]]] = []
     with mounted(disk, tmp_path / "live") as live:
-        d = daemons.start(*args, output=live)
+        # The objects and the receiver's state (journal, index) side by side on the one disk
+        # that is cut: both must come back from each clone.
+        on_disk(daemons, live)
+        d = daemons.start(*args, output=live / "incoming")
         try:
             wait_for(lambda: "daemon.ready" in d.log(), timeout=20)
             if not args:  # the durability mode this filesystem must get
@@ -182,19 +191,16 @@ def missing_after_the_cut(
     (a partial final name fails)."""
     repair(kind, image)
     with mounted(image, point):
-        d = daemons.start(output=point)
+        on_disk(daemons, point)
+        d = daemons.start(output=point / "incoming")
         try:
             wait_for(lambda: "daemon.ready" in d.log() or d.proc.poll() is not None, timeout=60)
             assert "daemon.ready" in d.log(), d.log()[-2000:]
         finally:
             assert d.stop() == 0
-        # Not ours: the journal and index (.dcmrecvd), and what fsck found with no name
-        # (lost+found: inodes whose directory entries never reached the disk).
-        files = [
-            p
-            for p in point.rglob("*")
-            if p.is_file() and not {".dcmrecvd", "lost+found"} & set(p.relative_to(point).parts)
-        ]
+        # Not ours: the state beside it, and what fsck found with no name (lost+found at the
+        # filesystem's root: inodes whose directory entries never reached the disk).
+        files = [p for p in (point / "incoming").rglob("*") if p.is_file()]
         held = {p.name[3:]: p for p in files if not p.name.startswith(TEMP_PREFIX)}
         for uid, path in held.items():
             assert dataset_bytes(path) == sent[uid], f"{kind}: {path.name} is not whole"
