@@ -77,6 +77,10 @@ class Fails(FileOps):
         self._check("syncfs", path)
         super().syncfs(path)
 
+    def journal_write(self, fd: int, data: Buffer, offset: int) -> int:
+        self._check("journal_write", fd)
+        return super().journal_write(fd, data, offset)
+
     def replace(self, source: Path, target: Path) -> None:
         self._check("rename", target)
         super().replace(source, target)
@@ -376,6 +380,43 @@ def test_made_through_keeps_a_deleted_file_deleted_across_a_crash(tmp_path: Path
     assert not (again.out / "m1").exists() and (again.out / "m2").exists()
     assert again.rows() == {"1.2.m1", "1.2.m2"}  # rows and events are redone, files are not
     again.close()
+
+
+def test_a_quarantine_that_cannot_be_written_makes_the_record_wait_never_drops_it(tmp_path: Path) -> None:
+    ops = Fails()
+    rig = Rig(tmp_path, ops)
+    (rig.out / "blocked").write_text("in the way")
+    ops.arm("open", "quarantine", errno.ENOSPC)  # the state disk is full too
+    rig.commit("w1", directory="blocked")
+    rig.commit("w2")
+    rig.turn()
+    assert rig.m.failing is not None and "ENOSPC" in rig.m.failing.reason
+    assert rig.m.visible_through == 0 and list(rig.quarantine.entries()) == []
+    ops.disarm()
+    rig.m._next_try = 0.0
+    rig.turn()
+    assert rig.m.failing is None and rig.m.visible_through == 2
+    assert [e.header["name"] for e in rig.quarantine.entries()] == ["w1"]
+    assert (rig.out / "w2").exists()
+    rig.close()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_tried_again_and_nothing_is_made_twice(
+    tmp_path: Path,
+) -> None:
+    ops = Fails()
+    rig = Rig(tmp_path, ops)
+    ops.arm("journal_write", "journal/checkpoint", errno.EIO)
+    rig.commit("k1")  # the journal's segment writes go on: only its checkpoint file fails
+    rig.turn()
+    assert (rig.out / "k1").exists() and rig.journal.done_through == 0
+    assert rig.m.failing is not None and "EIO" in rig.m.failing.reason  # nothing new is acked
+    (rig.out / "k1").unlink()
+    ops.disarm()
+    rig.turn()
+    assert rig.journal.done_through == 1 and not (rig.out / "k1").exists()
+    assert rig.m.failing is None
+    rig.close()
 
 
 # --------------------------------------------------------------------------- the quarantine

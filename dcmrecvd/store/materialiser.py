@@ -37,7 +37,7 @@ from .file_ops import REAL, FileOps
 from .instance_index import InstanceIndex
 from .journal import Journal, Record
 from .making import Maker, final_path, give_name, write_temp
-from .materialise_outcome import Outcome, backoff, classify
+from .materialise_outcome import Outcome, Row, backoff, classify
 from .quarantine import Quarantine
 from .recovery import replay_records
 from .storage import Store
@@ -100,11 +100,18 @@ class Materialiser:
         #: Threads in ``wait_visible``: while there are any, batches go at once.
         self._waiting = 0
         self._thread: threading.Thread | None = None
-        #: Why records cannot be made now (None: they can); read by the serving side.
-        self.failing: Outcome | None = None
+        #: Why records cannot be made now, or passed by the checkpoint (None: they can).
+        self._make_failure: Outcome | None = None
+        self._checkpoint_failure: Outcome | None = None
         self._failed_tries = 0
         self._failing_since = 0.0
         self._next_try = 0.0
+
+    @property
+    def failing(self) -> Outcome | None:
+        """Why acknowledged records cannot be made into files, or let go of, now (None: they
+        can): read by the serving side, which acknowledges nothing new meanwhile."""
+        return self._make_failure or self._checkpoint_failure
 
     # ------------------------------------------------------------------ intake
 
@@ -161,7 +168,8 @@ class Materialiser:
             # At most every CHECKPOINT_SECONDS, never per object: a lone sender leaves
             # the thread idle between objects, and each checkpoint costs fsyncs.
             due = now - last_checkpoint >= CHECKPOINT_SECONDS or stopping
-            if self.visible_through > self.journal.done_through and due and self._checkpoint_quietly():
+            if self.visible_through > self.journal.done_through and due:
+                self._checkpoint_quietly()  # a failed one is tried again a period later
                 last_checkpoint = now
             with self._cond:
                 if stopping and (not self._queue or self.failing is not None):
@@ -218,19 +226,19 @@ class Materialiser:
         """Enter, stay in or leave the failing state (under the lock)."""
         now = time.monotonic()
         if failure is None:
-            if self.failing is not None:
+            if self._make_failure is not None:
                 log.warning(
                     "journal.materialise_resumed",
                     after_seconds=round(now - self._failing_since, 3),
                     tries=self._failed_tries,
                 )
-            self.failing, self._failed_tries, self._next_try = None, 0, 0.0
+            self._make_failure, self._failed_tries, self._next_try = None, 0, 0.0
             return
         if self.failing is None:
             self._failing_since = now
-        if self.failing is None or self.failing.reason != failure.reason:
+        if self._make_failure is None or self._make_failure.reason != failure.reason:
             log.error("journal.materialise_failed", reason=failure.reason, waiting=len(self._queue))
-        self.failing = failure
+        self._make_failure = failure
         self._failed_tries += 1
         self._next_try = now + backoff(self._failed_tries)
 
@@ -246,8 +254,13 @@ class Materialiser:
             self.checkpoint()
         except Exception as exc:  # the index, the outbox or the journal's disk: tried again later
             outcome = classify(exc)
-            log.error("journal.materialise_failed", reason=outcome.reason, step="checkpoint")
+            if self._checkpoint_failure is None or self._checkpoint_failure.reason != outcome.reason:
+                log.error("journal.materialise_failed", reason=outcome.reason, step="checkpoint")
+            self._checkpoint_failure = Outcome(Row.TRANSIENT, outcome.reason, outcome.errno)
             return False
+        if self._checkpoint_failure is not None:
+            log.warning("journal.materialise_resumed", step="checkpoint")
+            self._checkpoint_failure = None
         return True
 
     def checkpoint(self) -> None:
