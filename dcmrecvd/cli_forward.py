@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from dcmrecvd import lifecycle
-from dcmrecvd.conf import config as config_mod
+from dcmrecvd.cli_subcommand import add_config_options, load_config
 from dcmrecvd.errors import ExitCode
 from dcmrecvd.events.event_store import EventStore
 
@@ -34,20 +33,13 @@ def parser() -> argparse.ArgumentParser:
         "--retry-dead", action="store_true", help="make the named destinations' dead letters due"
     )
     p.add_argument("names", nargs="*", metavar="NAME", help="destinations (default for --list-dead: all)")
-    p.add_argument("--config", "-c", type=Path, help="an extra config file (as for the daemon)")
-    p.add_argument("--config-dir", type=Path, help="the config directory (default /etc/dcmrecvd)")
-    p.add_argument(
-        "-od",
-        "--output-directory",
-        help="the daemon's output directory, when it is given on its command line (the outbox is there)",
-    )
+    add_config_options(p)
     return p
 
 
 def main(args: Sequence[str], env: Mapping[str, str]) -> int:
     opts = parser().parse_args(list(args))
-    overrides = {"output": {"directory": opts.output_directory}} if opts.output_directory else {}
-    config = config_mod.Loader(opts.config_dir, opts.config, overrides, env)()
+    config = load_config(opts, env)
     configured = [f.name for f in config.forward]
     names = opts.names or configured
     unknown = [n for n in names if n not in configured]

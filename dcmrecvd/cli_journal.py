@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dcmrecvd.conf import config as config_mod
+from dcmrecvd.cli_subcommand import add_config_options, load_config
 from dcmrecvd.errors import ExitCode
 from dcmrecvd.serve.ack_journal import state_directory
 from dcmrecvd.store.quarantine import Quarantine, export
@@ -48,20 +48,13 @@ def parser() -> argparse.ArgumentParser:
         help="ask the daemon to make the entries' files again (after the cause is fixed)",
     )
     p.add_argument("ids", nargs="*", metavar="ID", help="entries (an id or a sequence number; default: all)")
-    p.add_argument("--config", "-c", type=Path, help="an extra config file (as for the daemon)")
-    p.add_argument("--config-dir", type=Path, help="the config directory (default /etc/dcmrecvd)")
-    p.add_argument(
-        "-od",
-        "--output-directory",
-        help="the daemon's output directory, when it is given on its command line",
-    )
+    add_config_options(p)
     return p
 
 
 def main(args: Sequence[str], env: Mapping[str, str]) -> int:
     opts = parser().parse_args(list(args))
-    overrides = {"output": {"directory": opts.output_directory}} if opts.output_directory else {}
-    config = config_mod.Loader(opts.config_dir, opts.config, overrides, env)()
+    config = load_config(opts, env)
     quarantine = Quarantine(state_directory(config, env) / "quarantine")
     wanted = set(opts.ids)
     entries = [e for e in quarantine.entries() if not wanted or e.id in wanted or str(e.seq) in wanted]

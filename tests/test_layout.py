@@ -21,6 +21,7 @@ TOP = {
     "cli",
     "cli_forward",
     "cli_journal",
+    "cli_subcommand",
     "lifecycle",
     "manpage",
     "errors",
