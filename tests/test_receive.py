@@ -521,7 +521,9 @@ def test_disk_full_keeps_older_file(daemons: DaemonFactory, tmp_path: Path, smal
 def test_read_only_directory_fails_with_a700(
     daemons: DaemonFactory, tmp_path: Path, small_tmpfs: Path
 ) -> None:
-    d = daemons.start(output=small_tmpfs)
+    """The per-file path (through the journal, see test_after_the_ack: the first object after
+    the fault is acknowledged and made later, the next ones are refused)."""
+    d = daemons.start("--config", str(per_file_config(tmp_path)), output=small_tmpfs)
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     assert send_file(d.port, ct_file(tmp_path)) == 0xA700
     assert d.proc.poll() is None

@@ -35,18 +35,26 @@ LEGACY = ".dcmrecvd"
 
 
 def resolve(explicit: str, output: Path, environ: Mapping[str, str]) -> Path:
-    """daemon.state_directory, else $STATE_DIRECTORY (its first entry), else one per output
+    """daemon.state_directory, else $STATE_DIRECTORY (the entry for state), else one per output
     directory under $XDG_STATE_HOME (or ~/.local/state): never inside the output directory."""
     if explicit:
         return Path(explicit).absolute()
-    given = environ.get("STATE_DIRECTORY", "").split(":")[0]
+    given = [Path(p) for p in environ.get("STATE_DIRECTORY", "").split(":") if p]
     if given:
-        return Path(given)
+        return _from_systemd(given, Path(os.path.abspath(output)))
     base = environ.get("XDG_STATE_HOME") or os.path.join(_home(environ), ".local", "state")
     absolute = os.path.abspath(output)
     digest = hashlib.sha256(os.fsencode(absolute)).hexdigest()[:12]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in (os.path.basename(absolute) or "root"))
     return Path(base) / "dcmrecvd" / f"{name[:64]}-{digest}"
+
+
+def _from_systemd(given: list[Path], output: Path) -> Path:
+    """The state among StateDirectory='s entries (systemd lists them in its own order): one
+    named ``state``, else the first that is neither the output directory nor inside it."""
+    outside = [p for p in given if p != output and output not in p.parents]
+    named = [p for p in outside if p.name == "state"]
+    return (named or outside or given)[0]
 
 
 def _home(environ: Mapping[str, str]) -> str:
