@@ -89,6 +89,7 @@ def tool_env(nodelay: bool | None = None) -> dict[str, str]:
     """The environment of a DCMTK tool: TCP_NODELAY=1 unless ``nodelay`` is False (or the
     bench runs with ``--nagle``)."""
     env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}
+    env["XDG_STATE_HOME"] = str(STATE)  # dcmrecvd's state (journal, index) beside the runs
     if nodelay is None:
         return {**env, **NODELAY_ENV}
     return {**env, "TCP_NODELAY": "1"} if nodelay else env
@@ -120,6 +121,8 @@ def verify(folder: Path, out: Path) -> tuple[int, int]:
 
 
 RECEIVED = OUT / "received"
+#: dcmrecvd's state directories (one per output directory), on the same disk as the objects.
+STATE = OUT / "state"
 
 
 def fresh_output(after_deletions: bool) -> Path:
@@ -140,6 +143,7 @@ def fresh_output(after_deletions: bool) -> Path:
         return out
     RECEIVED.mkdir(parents=True, exist_ok=True)
     subprocess.run(["chattr", "+T", str(RECEIVED)], stderr=subprocess.DEVNULL, check=False)
+    shutil.rmtree(STATE, ignore_errors=True)  # the last run's receiver has exited: its state goes
     return Path(tempfile.mkdtemp(dir=RECEIVED, prefix="run-"))
 
 
