@@ -148,3 +148,52 @@ def test_kill_9_with_a_backlog_loses_nothing(daemons: DaemonFactory, destination
     d2 = daemons.start(output=d.output)
     wait_for(lambda: set(destination.uids()) == {str(ds.SOPInstanceUID) for ds in objects}, timeout=60)
     assert d2.proc.poll() is None
+
+
+def test_a_retried_dead_letter_renegotiates_and_its_reason_names_the_pair(daemons: DaemonFactory) -> None:
+    """#34 items 8 and 10: a dead letter for a refused pair names the SOP class and transfer
+    syntax, and a retry after the destination was fixed asks the destination again (an idle
+    association negotiated with its old process must not answer for the new one)."""
+    port = Destination().port
+    implicit_only = Destination(port=port, syntaxes=(ImplicitVRLittleEndian,))
+    implicit_only.start()
+    fixed = Destination(port=port)
+    try:
+        d = start(daemons, forward_toml(port, idle_close=600))
+        first, second = ct(generate_uid(prefix=None)), ct(generate_uid(prefix=None))
+        assert send(d.port, [second], syntax=ExplicitVRLittleEndian) == [0]  # nothing accepted
+        wait_for(lambda: "forward.dead" in d.log(), timeout=20)
+        assert send(d.port, [first]) == [0]  # Implicit: delivered, its association kept idle
+        wait_for(lambda: len(implicit_only.received) == 1, timeout=20)
+        listed = forward_cli(daemons, d, "--list-dead").stdout.splitlines()
+        assert len(listed) == 1
+        reason = listed[0].split("\t")[-1]
+        assert "1.2.840.10008.5.1.4.1.1.2" in reason and ExplicitVRLittleEndian in reason, reason
+        implicit_only.stop()
+        fixed.start()  # the same port, now taking every syntax
+        requeued = forward_cli(daemons, d, "--retry-dead", "pacs")
+        assert "1 dead letters re-queued" in requeued.stdout, requeued.stderr
+        wait_for(lambda: fixed.uids() == [str(second.SOPInstanceUID)], timeout=30)
+        assert forward_cli(daemons, d, "--list-dead").stdout == ""
+    finally:
+        implicit_only.stop()
+        fixed.stop()
+
+
+def test_give_up_after_counts_from_receipt_also_for_objects_never_tried(
+    daemons: DaemonFactory, destination: Destination
+) -> None:
+    """#34 item 11: a destination that is down rests and tries one object; the others were
+    never tried and must expire all the same, give_up_after seconds after their receipt."""
+    d = start(daemons, forward_toml(destination.port, give_up_after=3, backoff=1, backoff_max=1))
+    objects = studies(3, 2)
+    assert send(d.port, objects) == [0] * 6
+    wait_for(lambda: d.log().count("forward.dead") == 6, timeout=20)
+    listed = forward_cli(daemons, d, "--list-dead").stdout.splitlines()
+    assert len(listed) == 6
+    assert sum("never tried" in line for line in listed) >= 3, listed
+    assert all("gave up after" in line for line in listed)
+    destination.start()
+    requeued = forward_cli(daemons, d, "--retry-dead", "pacs")
+    assert "6 dead letters re-queued" in requeued.stdout  # counted anew from the re-queue
+    wait_for(lambda: len(destination.received) == 6, timeout=30)

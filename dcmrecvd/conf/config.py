@@ -171,7 +171,9 @@ DUPLICATE_POLICIES = ("overwrite", "keep", "reject", "reject-if-different", "kee
 
 def check_duplicate_status(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not is_failure_code(value):
-        raise ValueError("a C-STORE failure status: 0x0100-0x01FF, 0xA000-0xAFFF or 0xC000-0xCFFF")
+        raise ValueError(
+            "a C-STORE failure status: 0x01xx (but the warnings 0x0107 and 0x0116), 0x02xx, 0xAxxx or 0xCxxx"
+        )
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,8 @@ class OutputConfig:
     duplicate_status: int = _opt(
         0x0111,
         "The failure status a refused duplicate gets (0x0111: Duplicate SOP Instance); any "
-        "C-STORE failure code: 0x01xx, 0xAxxx or 0xCxxx (e.g. 0xA700 to have senders retry).",
+        "C-STORE failure code: 0x01xx (not the warnings 0x0107 and 0x0116), 0x02xx, 0xAxxx or "
+        "0xCxxx (e.g. 0xA700 to have senders retry).",
         parse=check_duplicate_status,
     )
     mode: str = _opt(

@@ -67,6 +67,9 @@ class EventStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        columns = {str(row[1]) for row in self.db.execute("PRAGMA table_info(deliveries)")}
+        if "since" not in columns:  # 0.9: a re-queued delivery's give_up_after counts from then
+            self.db.execute("ALTER TABLE deliveries ADD COLUMN since REAL NOT NULL DEFAULT 0")
         self.lock = threading.Lock()
         #: consumer name -> the event kinds it takes (set by the lifecycle from the config).
         self.consumers: dict[str, frozenset[str]] = {}
@@ -182,7 +185,9 @@ class EventStore:
         with self.lock:  # the bodies of the chosen ones only
             for event_id, key in chosen:
                 body, created = self.db.execute(
-                    "SELECT body, created FROM events WHERE id = ?", (event_id,)
+                    "SELECT e.body, max(e.created, d.since) FROM events e JOIN deliveries d"
+                    " ON d.event_id = e.id WHERE e.id = ? AND d.consumer = ?",
+                    (event_id, consumer),
                 ).fetchone()
                 out.append(Due(event_id, key, events.from_json(body), float(created)))
         return out, retry
@@ -193,7 +198,7 @@ class EventStore:
         now = self.clock()
         with self.lock:
             rows = self.db.execute(
-                "SELECT e.id, e.body, e.created, d.next_try FROM deliveries d JOIN events e"
+                "SELECT e.id, e.body, max(e.created, d.since), d.next_try FROM deliveries d JOIN events e"
                 " ON e.id = d.event_id WHERE d.consumer = ? AND d.dead = 0 AND e.study_key = ?"
                 " AND e.id > ? ORDER BY e.id LIMIT ?",
                 (consumer, study_key, after, limit),
@@ -238,6 +243,26 @@ class EventStore:
                 " WHERE event_id = ? AND consumer = ?",
                 (error[-500:], retry_at or 0.0, retry_at is None, event_id, consumer),
             )
+
+    def expire(self, consumer: str, before: float, why: str) -> list[tuple[int, str, Body]]:
+        """Dead-letter ``consumer``'s pending deliveries received (or re-queued) before
+        ``before``, tried or not (a destination down or paused tries none but one): (event
+        id, reason, body) of each."""
+        with self.lock, self.transaction():
+            rows = self.db.execute(
+                "SELECT d.event_id, d.error, e.body FROM deliveries d JOIN events e ON e.id = d.event_id"
+                " WHERE d.consumer = ? AND d.dead = 0 AND max(e.created, d.since) < ?",
+                (consumer, before),
+            ).fetchall()
+            expired = [
+                (int(i), f"{why}: {err or 'never tried (the destination was down or paused)'}", b)
+                for i, err, b in rows
+            ]
+            self.db.executemany(
+                "UPDATE deliveries SET dead = 1, error = ? WHERE event_id = ? AND consumer = ?",
+                [(reason[-500:], event_id, consumer) for event_id, reason, _ in expired],
+            )
+        return [(event_id, reason, events.from_json(body)) for event_id, reason, body in expired]
 
     def forget(self, consumers: Iterable[str]) -> None:
         """Consumers removed by a reload: their pending deliveries go."""
@@ -296,9 +321,9 @@ class EventStore:
         """Dead deliveries of ``consumer`` become due again, with their attempts reset."""
         with self.lock, self.transaction():
             cursor = self.db.execute(
-                "UPDATE deliveries SET dead = 0, attempts = 0, next_try = 0, error = ''"
+                "UPDATE deliveries SET dead = 0, attempts = 0, next_try = 0, error = '', since = ?"
                 " WHERE consumer = ? AND dead = 1",
-                (consumer,),
+                (self.clock(), consumer),
             )
         self.notify()
         return int(cursor.rowcount)

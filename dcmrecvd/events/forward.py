@@ -42,6 +42,8 @@ log = structlog.get_logger("dcmrecvd")
 
 #: Seconds a scheduler sleeps at most between looks at the outbox (events wake it sooner).
 IDLE_WAIT = 1.0
+#: How often, at most, undelivered objects past give_up_after are looked for.
+EXPIRE_EVERY = 10.0
 #: Objects in one STOW-RS batch at most (besides max_bytes).
 BATCH_LIMIT = 500
 
@@ -100,8 +102,12 @@ class Forwarder:
     # ------------------------------------------------------------------ scheduling
 
     def _schedule(self) -> None:
+        expire_at = 0.0
         while not self._stop.is_set():
             now = self.outbox.clock()
+            if now >= expire_at:  # counted from receipt, tried or not (#34)
+                self._expire(now)
+                expire_at = now + min(EXPIRE_EVERY, self.cfg.give_up_after / 4)
             gate = self._gate(now)
             retry: float | None = None
             due: list[Due] = []
@@ -119,6 +125,21 @@ class Forwarder:
             wake = min(x for x in (gate, retry, now + IDLE_WAIT) if x is not None)
             with self.outbox.changed:
                 self.outbox.changed.wait(max(0.01, min(IDLE_WAIT, wake - now)))
+
+    def _expire(self, now: float) -> None:
+        """Objects past ``give_up_after`` since receipt become dead letters, also those never
+        tried while the destination rested or was paused."""
+        why = f"gave up after {self.cfg.give_up_after} s without delivery"
+        for event_id, reason, body in self.outbox.expire(self.consumer, now - self.cfg.give_up_after, why):
+            METRICS.forward_objects.labels(self.name, "dead").inc()
+            log.error(
+                "forward.dead",
+                reason=reason,
+                destination=self.name,
+                sop_instance_uid=body.get("sop_instance_uid"),
+                path=body.get("path"),
+                event_id=event_id,
+            )
 
     def _gate(self, now: float) -> float | None:
         """When sending may start again (None: now)."""

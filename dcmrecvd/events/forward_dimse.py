@@ -15,6 +15,7 @@ other way, is re-encoded with pydicom (pixel data is not touched by that).
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,7 +41,8 @@ MAX_CONTEXTS = 128
 
 
 class _Stale(Exception):
-    """The association did not propose this object's pair: use a newer one."""
+    """The association did not propose this object's pair, or refused it before this
+    delivery began (the remote may have been fixed and restarted since): use a new one."""
 
 
 class DimseDestination:
@@ -116,18 +118,21 @@ class DimseDestination:
         wanted = [meta.transfer_syntax_uid]
         if self.cfg.transfer_syntax == "uncompressed-ok" and meta.transfer_syntax_uid in _OTHER:
             wanted.append(_OTHER[meta.transfer_syntax_uid])
+        began = time.monotonic()
+        pair = f"{meta.sop_class_uid} in {' or '.join(wanted)}"
         for _attempt in range(2):
             pool = self._pool(calling, wanted, meta.sop_class_uid)
             try:
                 with pool.association() as assoc:
-                    status, comment = self._store(assoc, path, meta, wanted)
+                    status, comment = self._store(assoc, path, meta, wanted, began)
             except _Stale:
+                pool.close()  # idle ones negotiated the same way: a new association decides
                 continue
             except NoContext as exc:
                 return outcome.no_context(str(exc))
-            except RemoteUnavailable as exc:
-                return outcome.of_association(exc.why, str(exc), exc.result)
-            except AssociationFailed as exc:
+            except (RemoteUnavailable, AssociationFailed) as exc:
+                if exc.why == "no-context":  # not one pair accepted: say which this object needed
+                    return outcome.no_context(f"{pair} (no presentation context accepted)")
                 return outcome.of_association(exc.why, str(exc), exc.result)
             return outcome.of_status(
                 status,
@@ -138,13 +143,15 @@ class DimseDestination:
         return outcome.no_context(f"{meta.sop_class_uid} in {meta.transfer_syntax_uid} was not proposed")
 
     def _store(
-        self, assoc: OutboundAssociation, path: Path, meta: part10.FileMeta, wanted: list[str]
+        self, assoc: OutboundAssociation, path: Path, meta: part10.FileMeta, wanted: list[str], began: float
     ) -> tuple[int, str]:
         syntax = next((s for s in wanted if assoc.accepts(meta.sop_class_uid, s)), None)
         if syntax is None:
-            if all(assoc.proposed(meta.sop_class_uid, s) for s in wanted):
+            if all(assoc.proposed(meta.sop_class_uid, s) for s in wanted) and assoc.opened >= began:
                 raise NoContext(f"{meta.sop_class_uid} in {' or '.join(wanted)}")
-            raise _Stale  # proposed less than we now know to ask for (the pool aborts it)
+            # Proposed less than we now know to ask for, or refused by a remote that may have
+            # been fixed since (a retried dead letter): the pool aborts it, a new one decides.
+            raise _Stale
         if syntax == meta.transfer_syntax_uid:
             response = assoc.store(path)
         else:

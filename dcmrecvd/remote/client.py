@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -56,6 +57,8 @@ class OutboundAssociation:
         self.chunk = max(room - 6, 1)
         self._message_id = 0
         self.is_aborted = False
+        #: When it was negotiated (monotonic): what it accepted is what the remote said then.
+        self.opened = time.monotonic()
 
     @classmethod
     def open(

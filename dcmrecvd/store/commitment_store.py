@@ -77,6 +77,13 @@ class Transaction:
 
 
 def digest(items: Iterable[tuple[str, str]]) -> str:
+    """What identifies a request's instances: the *set* of them (a modality that asks again
+    after a timeout may list them in another order, and it is the same transaction)."""
+    return _ordered_digest(sorted(set(items)))
+
+
+def _ordered_digest(items: Iterable[tuple[str, str]]) -> str:
+    """The digest before 0.9 (the items in request order): still matched for pending rows."""
     h = hashlib.sha256()
     for sop_class, sop_instance in items:
         h.update(f"{sop_class}\\{sop_instance}\n".encode())
@@ -114,7 +121,7 @@ class CommitmentStore:
                 (uid, calling_aet, PENDING),
             ).fetchone()
             if same is not None:
-                if same[1] != fingerprint:
+                if same[1] not in (fingerprint, _ordered_digest(items)):
                     raise Conflict(uid)
                 return int(same[0]), False
             pending = self.db.execute(

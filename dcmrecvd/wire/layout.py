@@ -47,6 +47,9 @@ PIXEL_DATA = 0x7FE00010
 MAX_VALUE = 64
 #: The longest path component Linux file systems take, in bytes.
 NAME_MAX = 255
+#: The longest file name a layout makes: room for a second copy's ``_NNNNN`` (keep-both) and
+#: the ``.<seq>`` a name taken by someone else gets after the ack, within NAME_MAX.
+FILE_NAME_MAX = NAME_MAX - 32
 _FIELD = re.compile(r"\{([^{}]*)\}")
 _SLICE = re.compile(r"\[(-?\d*):(-?\d*)\]")
 _TOKENS = re.compile(r"\[[^\]]*\]|[^:]+")
@@ -56,7 +59,6 @@ _ALLOWED = " -._@"
 #: Letters and digits (any script: ``\w`` less nothing else but "_", itself allowed) and _ALLOWED.
 _SAFE = re.compile(r"[\w .@-]*")
 _UNSAFE = re.compile(r"[^\w .@-]")
-_NOT_DIGIT = re.compile(r"[^0-9]")
 _DATE_VRS = {"DA", "DT", "TM"}
 
 
@@ -122,6 +124,7 @@ class Layout:
                 for p in level
             )
             out.extend(_component(piece, missing) for piece in text.split("/"))
+        out[-1] = _component(out[-1], missing, FILE_NAME_MAX)
         if any(part in ("", ".", "..") or "/" in part for part in out):  # cannot happen: checked
             raise LayoutError(f"{'/'.join(out)} would leave the output directory")
         return PurePosixPath("/".join(out))
@@ -146,8 +149,14 @@ def parse(template: str) -> Layout:
             parts.append(_literal(level[pos:]))
         levels.append(tuple(parts))
     last = levels[-1]
-    if not any(isinstance(p, Field) and p.name in ("SOPInstanceUID", "uuid") for p in last):
+    unique = [p for p in last if isinstance(p, Field) and p.name in ("SOPInstanceUID", "uuid")]
+    if not unique:
         raise LayoutError("the last level (the file name) must hold {SOPInstanceUID} or {uuid}")
+    if all(p.modifiers for p in unique):  # a slice or a short hash makes two instances one name
+        raise LayoutError(
+            "the last level (the file name) must hold {SOPInstanceUID} or {uuid} unmodified: "
+            f"{{{unique[0].name}:{':'.join(unique[0].modifiers)}}} does not keep names unique"
+        )
     layout = Layout(template, tuple(levels))
     if any(tag >= PIXEL_DATA for tag in layout.tags):
         raise LayoutError("an attribute at or after Pixel Data cannot name the file (it is read before)")
@@ -176,6 +185,10 @@ def _literal(text: str) -> str:
 
 def _field(spec: str) -> Field:
     name, _, rest = spec.partition(":")
+    if not name.strip():
+        raise LayoutError(
+            f"{{{spec}}}: an empty placeholder (an attribute keyword, a tag or a derived value)"
+        )
     modifiers = tuple(_TOKENS.findall(rest)) if rest else ()
     if name in DERIVED:
         tag, vr = 0, "DT" if name == "received" else "LO"
@@ -252,6 +265,8 @@ def _finish(field: Field, text: str, received: dt.datetime, missing: str) -> str
 
 
 def _modify(text: str, modifier: str, field: Field, received: dt.datetime) -> str:
+    if not text and field.name != "received":  # absent or empty stays so: output.layout_missing
+        return ""
     if modifier == "upper":
         return text.upper()
     if modifier == "lower":
@@ -266,25 +281,68 @@ def _modify(text: str, modifier: str, field: Field, received: dt.datetime) -> st
     if slice_:
         start, stop = (int(x) if x else None for x in slice_.groups())
         return text[start:stop]
-    when = received if field.name == "received" else _when(text, field.vr)
-    return when.strftime(modifier) if when is not None else ""
+    if field.name == "received":
+        return received.strftime(modifier)
+    parsed = _when(text, field.vr)
+    if parsed is None or _needs(modifier) > parsed[1]:
+        return ""  # unreadable, or less precise than the format asks: output.layout_missing
+    return parsed[0].strftime(modifier)
 
 
-def _when(text: str, vr: str) -> dt.datetime | None:
-    """A DA, DT or TM value as a datetime (None when it does not parse)."""
-    digits = _NOT_DIGIT.sub("", text.split("+")[0].split("-")[0] if vr == "DT" else text)
-    try:
-        if vr == "TM":
-            t = digits[:6].ljust(6, "0")
-            return dt.datetime(1900, 1, 1, int(t[0:2]), int(t[2:4]), int(t[4:6]))
-        if len(digits) < 8:
+#: strftime directives and the digits of a DICOM date-time they need (YYYYMMDDHHMMSS).
+_PRECISION = {
+    **dict.fromkeys("YyCGg", 4),
+    **dict.fromkeys("mbBh", 6),
+    **dict.fromkeys("djaAuwUWVex", 8),
+    **dict.fromkeys("HIpk", 10),
+    **dict.fromkeys("MR", 12),
+    **dict.fromkeys("STXcsf", 14),
+}
+_DIRECTIVE = re.compile(r"%(.)")
+
+
+def _needs(fmt: str) -> int:
+    """How many digits of YYYYMMDDHHMMSS a strftime format reads (time values count from HH)."""
+    return max((_PRECISION.get(d, 0) for d in _DIRECTIVE.findall(fmt)), default=0)
+
+
+def _when(text: str, vr: str) -> tuple[dt.datetime, int] | None:
+    """A DA, DT or TM value as a datetime, with how many digits of YYYYMMDDHHMMSS it gave
+    (None when it does not parse).  DT may stop after any component (PS3.5 6.2: ``2023``,
+    ``202301``); a time counts as given from HH on, its date as known."""
+    raw = text.strip()
+    if vr == "DT":
+        raw = re.split(r"[+-]", raw, maxsplit=1)[0]  # the UTC offset is not part of the value
+    digits = raw.split(".")[0] if vr != "DA" else raw
+    if not digits.isdigit():
+        return None
+    if vr == "TM":
+        if len(digits) < 2 or len(digits) % 2:
             return None
-        d = digits[:14].ljust(14, "0")
-        return dt.datetime(
-            int(d[0:4]), int(d[4:6]), int(d[6:8]), int(d[8:10]), int(d[10:12]), min(int(d[12:14]), 59)
+        given = 8 + len(digits[:6])
+        digits = "19000101" + digits[:6]
+    elif vr == "DA":
+        if len(digits) != 8:
+            return None
+        given = 8
+    else:
+        if len(digits) < 4 or len(digits) % 2:
+            return None
+        given = len(digits[:14])
+        digits = digits[:14]
+    padded = digits + "0101000000"[len(digits) - 4 :] if len(digits) < 14 else digits
+    try:
+        when = dt.datetime(
+            int(padded[0:4]),
+            int(padded[4:6]),
+            int(padded[6:8]),
+            int(padded[8:10]),
+            int(padded[10:12]),
+            min(int(padded[12:14]), 59),
         )
     except ValueError:
         return None
+    return when, given
 
 
 def safe(value: str, missing: str) -> str:
@@ -298,12 +356,12 @@ def safe(value: str, missing: str) -> str:
     return cleaned
 
 
-def _component(text: str, missing: str) -> str:
-    """One level of the rendered path: never empty, . or .., at most NAME_MAX bytes."""
+def _component(text: str, missing: str, limit: int = NAME_MAX) -> str:
+    """One level of the rendered path: never empty, . or .., at most ``limit`` bytes."""
     if text in ("", ".", ".."):
         return missing
-    if len(text.encode()) > NAME_MAX:
-        head = text.encode()[: NAME_MAX - 9].decode("utf-8", "ignore")
+    if len(text.encode()) > limit:
+        head = text.encode()[: limit - 9].decode("utf-8", "ignore")
         return head + "-" + _hash8(text)
     return text
 

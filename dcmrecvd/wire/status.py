@@ -42,9 +42,16 @@ class Status(IntEnum):
         return self is not Status.SUCCESS
 
 
+#: In the 01xx range but warnings (PS3.7 C.4): Attribute List Error, Attribute Value Out of
+#: Range. A sender reads them as "stored, with a remark": never a refusal.
+WARNING_01XX = frozenset({0x0107, 0x0116})
+
+
 def is_failure_code(value: int) -> bool:
-    """A DIMSE failure status (PS3.7 C.1.3): 01xx, Axxx or Cxxx."""
-    return 0x0100 <= value <= 0x01FF or 0xA000 <= value <= 0xAFFF or 0xC000 <= value <= 0xCFFF
+    """A DIMSE failure status (PS3.7 C.4): 01xx but 0107 and 0116, 02xx, Axxx or Cxxx."""
+    if value in WARNING_01XX:
+        return False
+    return 0x0100 <= value <= 0x02FF or 0xA000 <= value <= 0xAFFF or 0xC000 <= value <= 0xCFFF
 
 
 class Failure(Exception):
