@@ -199,7 +199,8 @@ class OutputConfig:
         "Placeholders: attribute keywords or tags (8 hex digits), calling_aet, called_aet, received, "
         "modality_prefix, uuid; modifiers: a strftime format (DA, DT, TM, received), upper, lower, "
         "[a:b], sha256, md5, hash8. Values are reduced to letters, digits, space and - . _ @. The "
-        "last level must hold {SOPInstanceUID} or {uuid}. Empty: dcmrecv's naming "
+        "last level must hold {SOPInstanceUID} or {uuid}, unmodified. A date the format asks more "
+        "of than the value gives (or an absent one) is layout_missing. Empty: dcmrecv's naming "
         "(subdirectory, filenames, extension), which cannot be set with it.",
         parse=check_layout,
     )

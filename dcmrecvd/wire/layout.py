@@ -13,8 +13,9 @@ a ``strftime`` format for DA, DT and TM attributes and for ``received``
 (``{StudyDate:%Y/%m}``, where ``/`` is a level of its own), ``upper``, ``lower``,
 a slice ``[a:b]``, and ``sha256`` / ``md5`` / ``hash8`` (hex; ``hash8`` is the
 first 8 digits of the SHA-256: never a 32-bit string hash).  The last level must
-hold ``{SOPInstanceUID}`` or ``{uuid}``, so two objects never share a name by
-accident.
+hold ``{SOPInstanceUID}`` or ``{uuid}`` unmodified, so two objects never share a name
+by accident.  A date format prints only what the value gives (PS3.5 lets a DT stop
+after its year): what it asks beyond that, like an absent value, is ``layout_missing``.
 
 Values made safe, by construction: decoded with the dataset's Specific
 Character Set; every character that is not a letter, a digit, a space or one of
