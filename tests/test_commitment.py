@@ -16,6 +16,7 @@ from commitment_peers import (
     MR,
     SC,
     Modality,
+    action_command,
     action_dataset,
     config_text,
     ct_dataset,
@@ -240,6 +241,33 @@ def test_a_disk_below_min_free_keeps_no_request(daemons: DaemonFactory, modality
     finally:
         client.close()
     assert "commitment.requested" not in d.log()
+
+
+def test_an_n_action_right_after_the_disk_went_low_is_refused(
+    daemons: DaemonFactory, modality: Modality, tmp_path: Path
+) -> None:
+    """#34 item 15: free space is sampled once a second; an N-ACTION reads it afresh."""
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        write_config(daemons.config_dir, config_text(modality.port) + '\n[output]\nmin_free = "1MiB"\n')
+        d = daemons.start(output=small)
+        wait_for(lambda: "daemon.ready" in d.log(), timeout=20)
+        client = RawClient(d.port)
+        try:
+            assert client.associate(SC, IMPLICIT, calling=MODALITY) == pdu.A_ASSOCIATE_AC  # room now
+            (small / "filler").write_bytes(bytes(3584 << 10))  # ...and none a moment later
+            client.send_pdv(action_command(has_dataset=True), command=True, last=True)
+            client.send_pdv(action_dataset(generate_uid(), [(CT, generate_uid())]), command=False, last=True)
+            assert status_of(client.response()) == 0x0213
+        finally:
+            client.close()
+        assert "commitment.requested" not in d.log()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_disabled_refuses_the_context_as_dcmrecv_does(daemons: DaemonFactory) -> None:

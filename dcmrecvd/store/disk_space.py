@@ -132,11 +132,15 @@ class DiskWatch:
             self._refresh()
             return max(self._free - self._since, 0)
 
-    def has_room(self, more: int = 0) -> bool:
-        """Is the directory above the line, with ``more`` bytes still to be written?"""
+    def has_room(self, more: int = 0, *, fresh: bool = False) -> bool:
+        """Is the directory above the line, with ``more`` bytes still to be written?
+        ``fresh``: read the free space now, not the sample of the last second (for a
+        promise that outlives the request, like a Storage Commitment transaction)."""
         if not self.watermark.enabled:
             return True
         with self._lock:
+            if fresh:
+                self._read_at = -1e18
             self._refresh()
             left = self._free - self._since - more
             line = self.watermark.threshold(self._total)

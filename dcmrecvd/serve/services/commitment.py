@@ -163,7 +163,7 @@ def _refusal(peer: Peer, call: Call) -> Drained | None:
     if commitment.peer(peer.calling) is None:
         peer.log.warning("commitment.unknown_peer", calling_aet=peer.calling)
         return Drained(Status.PROCESSING_FAILURE, f"AE '{peer.calling}' has no [[commitment.peer]] here")
-    if not peer.rx.disk.has_room():
+    if not peer.rx.disk.has_room(fresh=True):  # a promise: not on a sample a second old
         return Drained(Status.RESOURCE_LIMITATION, "disk below output.min_free")
     return None
 
