@@ -232,6 +232,9 @@ class Daemon:
     def _apply_commitment(self, runtime: Runtime) -> None:
         """Open Storage Commitment when a configuration first enables it (disabling it
         refuses new requests; reports already promised are still delivered)."""
+        if self.ack is not None:
+            settings = runtime.config.commitment
+            self.ack.digest_files = settings.enabled and settings.verify == "checksum"
         if self.reporter is None:
             self.reporter = open_commitment(runtime.config, self.environ, self.ack, self.current, self._emit)
             if self.reporter is not None and self.server is not None:

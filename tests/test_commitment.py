@@ -95,6 +95,30 @@ def test_all_committed_is_event_type_1(daemons: DaemonFactory, modality: Modalit
     assert modality.reports[0].event_type == 1 and modality.reports[0].committed == items
 
 
+def test_checksum_verification_on_both_sides_of_the_inline_limit(
+    daemons: DaemonFactory, modality: Modality
+) -> None:
+    """#34 item 13: an object larger than journal.inline_max_kib streams into its own file;
+    its CRC-32 is kept on the way, so checksum verification commits it, and catches a change."""
+    modality.start()
+    d = start(daemons, modality, verify="checksum")
+    small, large = ct_dataset(), ct_dataset()
+    large.PixelData = bytes(range(256)) * 512  # 128 KiB: over the 64 KiB of a journal record
+    assert store(d.port, [small, large]) == [0, 0]
+    items = [(CT, str(small.SOPInstanceUID)), (CT, str(large.SOPInstanceUID))]
+    assert status_of(n_action(d.port, action_dataset(generate_uid(), items))) == 0
+    wait_for(lambda: modality.reports, timeout=20)
+    assert modality.reports[0].event_type == 1 and modality.reports[0].committed == items
+    path = next(p for p in d.output.rglob("*") if str(large.SOPInstanceUID) in p.name)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # the same size, another content
+    path.write_bytes(bytes(data))
+    assert status_of(n_action(d.port, action_dataset(generate_uid(), items))) == 0
+    wait_for(lambda: len(modality.reports) == 2, timeout=20)
+    assert modality.reports[1].committed == items[:1]
+    assert modality.reports[1].failed == [(CT, str(large.SOPInstanceUID), 0x0110)]
+
+
 def test_a_file_deleted_behind_our_back_is_no_such_instance(
     daemons: DaemonFactory, modality: Modality
 ) -> None:

@@ -59,6 +59,9 @@ class AckJournal:
     index: InstanceIndex
     #: Objects up to this many bytes travel inside their record.
     inline_max: int
+    #: Keep a CRC-32 of each larger object while it streams into its file, for the index
+    #: (set while Storage Commitment verifies checksums: it costs the bandwidth path CPU).
+    digest_files: bool = False
     _reserved: OrderedDict[str, None] = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

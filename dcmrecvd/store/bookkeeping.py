@@ -37,7 +37,9 @@ def finish(m: Materialiser, records: list[Record], replayed: bool = False) -> No
         ident = header.get("index") or {}
         path = header.get("path") or str(final_path(header))
         if ident:
-            digest = header.get("digest") or f"crc32:{record.crc or 0:08x}"
+            # A large object's digest was kept on the way, or not at all (""): never the CRC of
+            # its record's empty data, which no file matches.
+            digest = header.get("digest", "") if header.get("file") else f"crc32:{record.crc or 0:08x}"
             rows.append(
                 Instance(
                     ident["called_aet"],
