@@ -181,3 +181,19 @@ def test_a_series_goes_in_one_request(daemons: DaemonFactory, server: StowServer
     assert first.parts == 8, "the waiting series went in one request"
     assert server.requests[-1].headers["Authorization"].startswith("Basic ")
     assert "s3cr3t-pw" not in d.log()
+
+
+def test_a_rotated_token_is_read_again_for_each_request(server: StowServer, tmp_path: Path) -> None:
+    """#34 item 9: a bearer token refreshed into its file by another tool is used from the
+    next request on (a paused destination's probe included); none is logged."""
+    items = stored(tmp_path, 1)
+    web = destination(server, tmp_path)
+    server.status = 401
+    assert [o.verdict for o in web.deliver(items)] == [Verdict.PAUSE]
+    (tmp_path / "token").write_text("n3w\n")
+    server.status = 200
+    assert [o.verdict for o in web.deliver(items)] == [Verdict.DELIVERED]
+    assert [r.headers["Authorization"] for r in server.requests] == ["Bearer t0ken", "Bearer n3w"]
+    (tmp_path / "token").unlink()  # mid-rotation: the last one read is kept
+    web.deliver(items)
+    assert server.requests[-1].headers["Authorization"] == "Bearer n3w"

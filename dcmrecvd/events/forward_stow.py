@@ -65,13 +65,11 @@ class StowDestination:
 
     def __init__(self, cfg: ForwardConfig, environ: Mapping[str, str]) -> None:
         self.cfg = cfg
-        secret = read_secret(cfg, environ)
+        self.environ = environ
+        #: The last secret read (its file is read again for each request: tokens are rotated
+        #: into their file by other tools; one that cannot be read now keeps the last).
+        self._secret = read_secret(cfg, environ)
         headers = {"Accept": "application/dicom+json"}
-        if cfg.username:
-            pair = f"{cfg.username}:{secret}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        elif secret:
-            headers["Authorization"] = f"Bearer {secret}"
         verify: ssl.SSLContext | bool = False
         if cfg.tls_verify:
             verify = ssl.create_default_context()
@@ -86,6 +84,17 @@ class StowDestination:
             limits=httpx.Limits(max_connections=cfg.max_associations),
             follow_redirects=False,
         )
+
+    def _authorization(self) -> dict[str, str]:
+        """The Authorization header, from the secret as its file says now."""
+        try:
+            self._secret = read_secret(self.cfg, self.environ)
+        except ConfigError:
+            pass  # being rewritten, or gone for a moment: the last one read
+        if self.cfg.username:
+            pair = f"{self.cfg.username}:{self._secret}".encode()
+            return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+        return {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
 
     def deliver(self, items: list[tuple[Path, Mapping[str, Any]]]) -> list[Outcome]:
         """POST the files as one multipart body; one verdict per file, in order."""
@@ -103,6 +112,7 @@ class StowDestination:
         headers = {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Content-Length": str(length),
+            **self._authorization(),
         }
         try:
             response = self.client.post(self.cfg.url, content=_body(paths, head, tail), headers=headers)
