@@ -16,6 +16,7 @@ from dcmrecvd.wire.layout import FILE_NAME_MAX, LayoutError
 
 pytestmark = pytest.mark.inprocess
 
+
 SOP_INSTANCE, STUDY_TIME, STUDY_DATE, ACQ_DATETIME = 0x00080018, 0x00080030, 0x00080020, 0x0008002A
 PATIENT_ID, IMAGE_TYPE = 0x00100020, 0x00080008
 
@@ -133,3 +134,26 @@ def test_duplicate_status_takes_any_failure_code(tmp_path: Path, status: int) ->
     toml = f'[output]\nduplicates = "reject"\nduplicate_status = {status}\n'
     (tmp_path / "dcmrecvd.toml").write_text(toml)
     assert config.load(config_dir=tmp_path, environ={}).output.duplicate_status == status
+
+
+def test_a_long_value_is_hashed_whole(daemons) -> None:  # type: ignore[no-untyped-def]
+    """#34 item 2: values longer than the walk's usual 1,024-byte capture are hashed whole
+    (two 2,000-character Patient IDs that share their first 1,100 characters differ)."""
+    from conftest import wait_for
+    from forward_peers import ct
+    from peers import storescu_send
+    from pydicom.uid import generate_uid
+
+    (daemons.config_dir / "dcmrecvd.toml").write_text(
+        '[output]\nlayout = "{PatientID:sha256}/{SOPInstanceUID}.dcm"\n'
+    )
+    d = daemons.start()
+    ids = ["A" * 1100 + "x" * 900, "A" * 1100 + "y" * 900]
+    datasets = []
+    for patient in ids:
+        ds = ct(generate_uid(prefix=None))
+        ds.PatientID = patient
+        datasets.append(ds)
+    assert storescu_send(d.port, datasets, "STORESCU", "") == [0, 0]
+    expected = {hashlib.sha256(p.encode()).hexdigest() for p in ids}
+    wait_for(lambda: {p.name for p in d.output.iterdir() if p.is_dir()} == expected, timeout=20)

@@ -45,6 +45,8 @@ from dcmrecvd.store.journal import Record
 from dcmrecvd.store.storage import PendingFile, Writer
 from dcmrecvd.wire import dimse, part10, uids
 from dcmrecvd.wire.dataset_walk import (
+    CAPTURE_LIMIT,
+    LAYOUT_CAPTURE_LIMIT,
     PATIENT_ID,
     SERIES_DATE,
     SERIES_INSTANCE_UID,
@@ -170,11 +172,12 @@ class Checked:
         transfer_syntax: str,
         log: FilteringBoundLogger,
         wanted: tuple[int, ...] = WANTED,
+        capture_limit: int = CAPTURE_LIMIT,
     ) -> None:
         self.command = command
         self.transfer_syntax = transfer_syntax
         self.log = log
-        self.walker = DatasetWalker(transfer_syntax, list(wanted))
+        self.walker = DatasetWalker(transfer_syntax, list(wanted), capture_limit)
         self.received = 0
         #: Set once the request has failed; the rest of the dataset is drained unread.
         self.failed: Outcome | None = None
@@ -280,7 +283,8 @@ class Stored(Checked):
         if layout is not None:  # the file's path needs these; held aside (MAX_PREFIX) until then
             self.open_after = layout.last_tag
         wanted = (*Checked.WANTED, *Stored.FOR_EVENTS, *(layout.tags if layout is not None else ()))
-        super().__init__(command, transfer_syntax, log, tuple(dict.fromkeys(wanted)))
+        limit = LAYOUT_CAPTURE_LIMIT if layout is not None else CAPTURE_LIMIT  # hashed whole
+        super().__init__(command, transfer_syntax, log, tuple(dict.fromkeys(wanted)), limit)
         self.to = destination
         #: The file name output.layout gave (None: dcmrecv's naming).
         self.layout_name: str | None = None

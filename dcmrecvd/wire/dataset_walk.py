@@ -54,6 +54,9 @@ VRS = frozenset(
 LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ UC UN UR UT SV UV".split())
 #: A captured value longer than this is kept only this far (UIDs and dates are short).
 CAPTURE_LIMIT = 1024
+#: ...and for output.layout, whose values are hashed whole: an LT's 10,240 characters in
+#: UTF-8 fit, and a longer value (none a path is sensibly made of) is read this far.
+LAYOUT_CAPTURE_LIMIT = 64 * 1024
 #: Inflate at most this much at a time, so a deflate bomb costs time, not memory.
 INFLATE_PIECE = 256 * 1024
 
@@ -89,7 +92,9 @@ class DatasetWalker:
     top level, i.e. whether its value (if any) is known by now.
     """
 
-    def __init__(self, transfer_syntax: str, capture: Iterable[int] = ()) -> None:
+    def __init__(
+        self, transfer_syntax: str, capture: Iterable[int] = (), capture_limit: int = CAPTURE_LIMIT
+    ) -> None:
         little = transfer_syntax != uids.EXPLICIT_BE
         self.explicit = transfer_syntax != uids.IMPLICIT_LE
         self._inflater = zlib.decompressobj(-15) if transfer_syntax == uids.DEFLATED_LE else None
@@ -98,6 +103,7 @@ class DatasetWalker:
         self._plain = struct.Struct(order + "HHI")  # implicit, items, delimiters: tag, 32-bit length
         self._long = struct.Struct(order + "I")
         self._capture = frozenset(capture)
+        self._capture_limit = capture_limit
         self.captured: dict[int, bytes] = {}
         self.pos = 0  # absolute offset (in the inflated stream) of the next fed byte
         self.top_tag = -1  # the last top-level tag whose header was read
@@ -164,7 +170,7 @@ class DatasetWalker:
             if self._skip:
                 k = min(self._skip, n - i)
                 if self._capturing:
-                    room = CAPTURE_LIMIT - len(self._captured_bytes)
+                    room = self._capture_limit - len(self._captured_bytes)
                     if room > 0:
                         self._captured_bytes += data[i : i + min(k, room)]
                 i += k
