@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS events(
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, created REAL NOT NULL,
     study_key TEXT NOT NULL, path TEXT, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_path ON events(path);
+CREATE INDEX IF NOT EXISTS events_study ON events(study_key, id);
 CREATE TABLE IF NOT EXISTS deliveries(
     event_id INTEGER NOT NULL, consumer TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     next_try REAL NOT NULL DEFAULT 0, dead INTEGER NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '',
@@ -76,8 +77,11 @@ class EventStore:
         #: consumer name -> kinds whose deliveries are held (``dead = 2``) until ``release``:
         #: a forward destination sending whole series or studies holds their objects.
         self.held: dict[str, frozenset[str]] = {}
-        #: Notified after each write: consumers wait on it instead of polling the database.
+        #: Notified after each write: consumers wait on it instead of polling the database;
+        #: ``generation`` counts the notifications (a waiter that read it before looking
+        #: at the database waits only if nothing happened since: no lost wake-up).
         self.changed = threading.Condition()
+        self.generation = 0
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -94,6 +98,7 @@ class EventStore:
 
     def notify(self) -> None:
         with self.changed:
+            self.generation += 1
             self.changed.notify_all()
 
     def meta(self, key: str) -> str | None:

@@ -15,7 +15,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from dcmrecvd.remote.peers import Remote
@@ -25,6 +25,10 @@ from dcmrecvd.wire.requestor import Proposal, Requestor
 from dcmrecvd.wire.upper_layer import ProtocolError
 
 VERIFICATION = "1.2.840.10008.1.1"
+#: Datasets up to this size are read once and sent gathered (see ``_send_dataset``).
+GATHER_MAX = 8 << 20
+#: Buffers per sendmsg (Linux's IOV_MAX is 1024).
+IOV_BATCH = 512
 #: Dataset bytes per PDU when the remote sets no limit.
 UNLIMITED_PDU = 1 << 20
 
@@ -237,9 +241,16 @@ class OutboundAssociation:
         )
 
     def _send_dataset(self, context_id: int, fd: int, offset: int, size: int) -> None:
-        """The dataset in PDUs the remote accepts: on plain TCP each PDU's header is queued
-        (MSG_MORE) and its data follows from the file by sendfile, in the same segments."""
+        """The dataset in PDUs the remote accepts.  On plain TCP a dataset up to
+        ``GATHER_MAX`` is read once and its PDUs (headers and slices of it) go out in one
+        gathered ``sendmsg``: a 0.5 MB CT in 16 KiB PDUs is 64 writes otherwise, whose
+        per-call cost was a third of the forwarder's CPU; a larger one: each PDU's header
+        queued (MSG_MORE), its data by ``sendfile`` from the file."""
         plain = not isinstance(self.sock, ssl.SSLSocket)
+        if plain and size - offset <= GATHER_MAX:
+            data = memoryview(os.pread(fd, size - offset, offset))
+            self._sendmsg_all(list(self._pdus(context_id, data)))
+            return
         while True:
             n = min(self.chunk, size - offset)
             last = offset + n >= size
@@ -252,6 +263,28 @@ class OutboundAssociation:
             offset += n
             if last:
                 return
+
+    def _pdus(self, context_id: int, data: memoryview) -> Iterator[bytes | memoryview]:
+        """Header, piece, header, piece... of ``data`` in P-DATA-TF PDUs."""
+        pos = 0
+        while True:
+            n = min(self.chunk, len(data) - pos)
+            last = pos + n >= len(data)
+            yield requestor.data_pdu_header(context_id, n, command=False, last=last)
+            yield data[pos : pos + n]
+            pos += n
+            if last:
+                return
+
+    def _sendmsg_all(self, parts: list[bytes | memoryview]) -> None:
+        """Every byte of ``parts``, gathered (at most ``IOV_BATCH`` buffers a call)."""
+        while parts:
+            sent = self.sock.sendmsg(parts[:IOV_BATCH])
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts[0])
+                parts.pop(0)
+            if sent:
+                parts[0] = memoryview(parts[0])[sent:]
 
     def _sendfile(self, fd: int, offset: int, n: int) -> None:
         while n > 0:
