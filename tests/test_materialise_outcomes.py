@@ -144,7 +144,7 @@ class Rig:
             batch, self.m._queue = self.m._queue, []
         if batch:
             self.m._apply_and_account(batch)
-        self.m._checkpoint_quietly()
+        self.m.try_checkpoint()
 
     def close(self) -> None:
         self.journal.close()

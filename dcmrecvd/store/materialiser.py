@@ -169,7 +169,7 @@ class Materialiser:
             # the thread idle between objects, and each checkpoint costs fsyncs.
             due = now - last_checkpoint >= CHECKPOINT_SECONDS or stopping
             if self.visible_through > self.journal.done_through and due:
-                self._checkpoint_quietly()  # a failed one is tried again a period later
+                self.try_checkpoint()  # a failed one is tried again a period later
                 last_checkpoint = now
             with self._cond:
                 if stopping and (not self._queue or self.failing is not None):
@@ -249,7 +249,8 @@ class Materialiser:
             self._done.discard(through)
         self.visible_through = through
 
-    def _checkpoint_quietly(self) -> bool:
+    def try_checkpoint(self) -> bool:
+        """``checkpoint``, its failure said and counted as failing, not raised (True: done)."""
         try:
             self.checkpoint()
         except Exception as exc:  # the index, the outbox or the journal's disk: tried again later

@@ -63,7 +63,7 @@ def replay_records(
     counts["quarantined"] += sum(1 for r in to_make if r.state == "quarantined")
     m.settle_replayed(records, rest)
     if records and m.visible_through > m.journal.done_through:
-        m._checkpoint_quietly()
+        m.try_checkpoint()
     return counts, rest, failure
 
 
