@@ -29,7 +29,7 @@ import structlog
 from .file_ops import FileOps
 from .journal_files import Record
 from .materialise_outcome import InvalidRecord, Outcome, Row, classify
-from .storage import FILE_MODE, TEMP_PREFIX, TEMP_SUFFIX, Store, take_back
+from .storage import FILE_MODE, REPLACE_LOCK, TEMP_PREFIX, TEMP_SUFFIX, Store, take_back
 
 log = structlog.get_logger("dcmrecvd")
 
@@ -121,8 +121,9 @@ def give_name(ops: FileOps, directory: Path, temp: Path, record: Record) -> Path
     name: str = header["name"]
     final = directory / name
     if header.get("replace"):
-        replaced = os.path.lexists(final)
-        ops.replace(temp, final)
+        with REPLACE_LOCK:  # against an association renaming a large copy of it at once
+            replaced = os.path.lexists(final)
+            ops.replace(temp, final)
         if replaced:
             uid = (header.get("index") or {}).get("sop_instance_uid", "")
             log.warning("store.replaced", path=str(final), sop_instance_uid=uid)

@@ -128,8 +128,9 @@ class PendingFile:
         replaced = False
         ops = self.store.ops
         if replace:
-            replaced = os.path.lexists(final)
-            ops.replace(self.temp_path, final)
+            with REPLACE_LOCK:  # the look and the rename as one: two copies racing both see it
+                replaced = os.path.lexists(final)
+                ops.replace(self.temp_path, final)
         else:
             try:
                 ops.link(self.temp_path, final)
@@ -158,6 +159,12 @@ class PendingFile:
             ops.unlink(self.temp_path)
         except OSError:
             pass
+
+
+#: Whether a rename replaced a file is looked at and done under one lock (per process: one
+#: daemon per output directory), so that of several copies of one name renamed at once
+#: (associations, the materialiser) all but the first say they replaced one.
+REPLACE_LOCK = threading.Lock()
 
 
 def take_back(ops: FileOps, final: Path) -> None:
