@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dcmrecvd.events import body
 from dcmrecvd.store.file_ops import FileOps
 from dcmrecvd.store.instance_index import InstanceIndex
 from dcmrecvd.store.journal import BLOCK, Journal, JournalFull, JournalUnusable, Record
@@ -199,7 +200,9 @@ def test_the_materialiser_makes_files_rows_and_events_then_checkpoints(tmp_path:
     j = journal(tmp_path / "j")
     index = InstanceIndex(tmp_path / "index.sqlite")
     events: list[dict[str, object]] = []
-    m = Materialiser(j, index, events=lambda bodies, replayed: events.extend(bodies))
+    m = Materialiser(
+        j, index, events=lambda settled, replayed: events.extend(b for s in settled for b in body.settled(s))
+    )
     j.on_written = m.written
     m.start()
     j.commit([Record(header(out, f"f{i}", f"1.2.{i}"), b"META" + bytes([i]) * 50) for i in range(5)])

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from conftest import wait_for
 
+from dcmrecvd.events import body
 from dcmrecvd.store import materialise_outcome as outcome_table
 from dcmrecvd.store.file_ops import Buffer, FileOps
 from dcmrecvd.store.instance_index import InstanceIndex
@@ -126,7 +127,7 @@ class Rig:
         self.m = Materialiser(
             self.journal,
             self.index,
-            events=lambda bodies, replayed: self.events.extend(bodies),
+            events=lambda settled, replayed: self.events.extend(b for s in settled for b in body.settled(s)),
             ops=self.ops,
             quarantine=self.quarantine,
         )

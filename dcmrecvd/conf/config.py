@@ -494,6 +494,7 @@ EVENT_KINDS = (
 )
 #: Placeholders a hook's exec items may hold, e.g. {path}.
 EVENT_FIELDS = (
+    "version",
     "event",
     "called_aet",
     "calling_aet",

@@ -1,5 +1,11 @@
 """What happened after the ack, as plain data: event bodies, and how a hook sees them.
 
+Every body is built here, one constructor per kind, so that a consumer (a
+hook, AMQP, the outbox) sees one contract: ``version`` (``BODY_VERSION``; it
+changes only when a field's meaning or format does), ``event`` (the kind),
+and ``time`` always in one format (``stamp``: local time with its UTC
+offset, to the microsecond, e.g. ``2026-12-08T09:30:00.123456+01:00``).
+
 An event is a flat mapping of strings and integers (``config.EVENT_FIELDS``),
 the same for the outbox (JSON), a hook's stdin (JSON), its environment
 (``DCMRECVD_<FIELD>``) and its argv placeholders (``{field}``).  Values from
@@ -16,18 +22,141 @@ the exact value, escaped as JSON escapes it (``\u0000``).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dcmrecvd.conf.config import EVENT_FIELDS
+from dcmrecvd.store.object_record import Settled
+
+#: The version of the bodies' contract (README "Event bodies", dcmrecvd(8) EVENTS).
+BODY_VERSION = 1
 
 #: The kind of an acknowledged object's event; the others (config.EVENT_KINDS) are
 #: "<series|study>.<complete|updated>", made by the outbox's completion.
 OBJECT_STORED = "object.stored"
 
 Body = dict[str, Any]
+
+
+def stamp(when: dt.datetime | float) -> str:
+    """The one time format of every body (a naive datetime is local time)."""
+    if not isinstance(when, dt.datetime):
+        when = dt.datetime.fromtimestamp(when)
+    return when.astimezone().isoformat(timespec="microseconds")
+
+
+def object_stored(
+    *,
+    called: str,
+    calling: str,
+    peer: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    tags: Mapping[str, str],
+    path: str,
+    size: int,
+    transfer_syntax: str,
+    when: dt.datetime,
+) -> Body:
+    """An acknowledged object (``tags``: its study, series and patient)."""
+    return {
+        "version": BODY_VERSION,
+        "event": OBJECT_STORED,
+        "called_aet": called,
+        "calling_aet": calling,
+        "peer": peer,
+        "sop_class_uid": sop_class_uid,
+        "sop_instance_uid": sop_instance_uid,
+        **tags,
+        "path": path,
+        "directory": os.path.dirname(path),
+        "size": size,
+        "transfer_syntax": transfer_syntax,
+        "time": stamp(when),
+    }
+
+
+def object_duplicate(
+    stored: Mapping[str, Any], policy: str, first_path: str, outcome: str, path: str | None = None
+) -> Body:
+    """A second copy of an instance, from its own ``object.stored`` body: ``path`` is where
+    the instance now is (the new copy's, or the first copy's when the new one was not kept)."""
+    where = str(stored.get("path", "")) if path is None else path
+    return {
+        **stored,
+        "version": BODY_VERSION,
+        "event": "object.duplicate",
+        "policy": policy,
+        "outcome": outcome,
+        "first_path": first_path,
+        "path": where,
+        "directory": os.path.dirname(where),
+    }
+
+
+def object_quarantined(stored: Mapping[str, Any], intended_path: str, reason: str, entry: str) -> Body:
+    """An acknowledged object whose file cannot be made, kept in the quarantine."""
+    return {
+        **stored,
+        "version": BODY_VERSION,
+        "event": "object.quarantined",
+        "path": "",
+        "directory": "",
+        "intended_path": intended_path,
+        "reason": reason,
+        "quarantine": entry,
+    }
+
+
+def settled(what: Settled) -> list[Body]:
+    """The bodies of what became of an acknowledged object (``store.object_record``)."""
+    if what.quarantine:
+        return [object_quarantined(what.event, what.intended_path, what.reason, what.quarantine)]
+    stored = at_path(what.event, what.path)
+    if what.duplicate is not None:  # a second copy stored (known before the ack)
+        return [stored, at_path(what.duplicate, what.path)]
+    if what.replaced:  # overwrite by path: the rename found the name taken
+        return [stored, object_duplicate(stored, "overwrite", what.path, "replaced")]
+    return [stored]
+
+
+def at_path(body: Mapping[str, Any], path: str) -> Body:
+    """A body with the path its object finally got (``<name>.<seq>`` when its own was taken)."""
+    return {**body, "path": path, "directory": os.path.dirname(path)}
+
+
+def group(kind: str, last: Mapping[str, Any], objects: int, when: float) -> Body:
+    """``series.*``/``study.*``: the group's last ``object.stored`` body, counted and stamped."""
+    return {**last, "version": BODY_VERSION, "event": kind, "objects": objects, "time": stamp(when)}
+
+
+def commitment(
+    kind: str,
+    *,
+    called: str,
+    calling: str,
+    peer: str,
+    transaction_uid: str,
+    items: int,
+    when: dt.datetime | None = None,
+    **extra: Any,
+) -> Body:
+    """``commitment.requested``/``reported``/``undeliverable`` (``extra``: failed, reason...)."""
+    return {
+        "version": BODY_VERSION,
+        "event": kind,
+        "called_aet": called,
+        "calling_aet": calling,
+        "peer": peer,
+        "transaction_uid": transaction_uid,
+        "items": items,
+        "time": stamp(when or dt.datetime.now()),
+        **extra,
+    }
 
 
 def study_key(body: Mapping[str, Any]) -> str:

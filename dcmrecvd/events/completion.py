@@ -11,8 +11,6 @@ completions survive a restart.
 
 from __future__ import annotations
 
-import time
-
 from dcmrecvd.events import body as events
 from dcmrecvd.events.body import Body
 from dcmrecvd.events.event_store import EventStore
@@ -76,7 +74,7 @@ class Completion:
             ).fetchall()  # series before their study ("series" sorts before "study")
             for key, level, body, objects, state in rows:
                 kind = f"{level}.{'complete' if state == 'open' else 'updated'}"
-                store.insert({**events.from_json(body), "event": kind, "objects": objects, "time": iso(now)})
+                store.insert(events.group(kind, events.from_json(body), objects, now))
                 store.db.execute("UPDATE groups SET state = 'complete', objects = 0 WHERE key = ?", (key,))
         if rows:
             store.notify()
@@ -89,8 +87,3 @@ class Completion:
             "DELETE FROM groups WHERE state = 'complete' AND last < ?",
             (self.store.clock() - KEEP_GROUPS_SECONDS,),
         )
-
-
-def iso(t: float) -> str:
-    """Local time with microseconds, as event bodies carry it."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int((t % 1) * 1e6):06d}"

@@ -23,6 +23,7 @@ import structlog
 
 from dcmrecvd.conf.config import Config, journal_needed, receiver_tables
 from dcmrecvd.errors import ConfigError
+from dcmrecvd.events import body as events
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.store import state_directory as state_dir
 from dcmrecvd.store.instance_index import InstanceIndex
@@ -30,6 +31,7 @@ from dcmrecvd.store.journal import Journal, JournalUnusable, Record
 from dcmrecvd.store.journal_files import Sizing, fit_to_disk
 from dcmrecvd.store.making import check_fits
 from dcmrecvd.store.materialiser import Materialiser
+from dcmrecvd.store.object_record import ObjectRecord, Settled
 from dcmrecvd.store.quarantine import Quarantine
 
 log = structlog.get_logger("dcmrecvd")
@@ -96,13 +98,17 @@ class AckJournal:
         """Acknowledged records whose files are not made yet."""
         return max(self.journal.last_seq - self.materialiser.visible_through, 0)
 
-    def commit(self, records: list[Record]) -> None:
-        """Durable when this returns (group commit with other threads); OSError otherwise,
-        also while the materialiser cannot make files (the journal would only fill up)."""
+    def commit(self, objects: list[ObjectRecord]) -> None:
+        """Durable when this returns (group commit with other threads), each given its
+        sequence number; OSError otherwise, also while the materialiser cannot make files
+        (the journal would only fill up)."""
         failing = self.failing
         if failing:
             raise CannotMakeFiles(errno.EAGAIN, failing)
+        records = [o.to_record() for o in objects]
         self.journal.commit(records)
+        for obj, record in zip(objects, records, strict=True):
+            obj.seq = record.seq
 
     def wait_visible(self, seq: int, timeout: float = RELEASE_WAIT_SECONDS) -> bool:
         return self.materialiser.wait_visible(seq, timeout)
@@ -113,13 +119,14 @@ class AckJournal:
         persist: Callable[[], None],
         known: Callable[[dict[str, Any]], bool],
     ) -> None:
-        """Hand ``object.stored`` bodies to the outbox from now on; a replayed one only if
-        the outbox does not hold it already (after kill -9 it mostly does)."""
+        """Hand the events of what became of acknowledged objects to the outbox from now on;
+        a replayed one only if the outbox does not hold it already (after kill -9 it mostly does)."""
 
-        def hand_on(bodies: list[dict[str, Any]], replayed: bool) -> None:
-            for body in bodies:
-                if not (replayed and known(body)):
-                    record(body)
+        def hand_on(settled: list[Settled], replayed: bool) -> None:
+            for what in settled:
+                for body in events.settled(what):
+                    if not (replayed and known(body)):
+                        record(body)
 
         self.materialiser.events = hand_on
         self.materialiser.persist_events = persist

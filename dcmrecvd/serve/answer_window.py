@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Generic, TypeVar
 
 from structlog.typing import FilteringBoundLogger
@@ -120,11 +119,8 @@ class AnswerWindow(Generic[R]):
             for record in records:
                 # A file that replaced another copy of its name stays: it is complete and durable,
                 # and taking it back would leave no copy at all.
-                if record.header.get("file") and not record.header.get("replace"):
-                    take_back(
-                        journal.journal.ops,
-                        Path(record.header["root"], record.header["dir"], record.header["name"]),
-                    )
+                if record.large and not record.replace:
+                    take_back(journal.journal.ops, record.final_path)
             failed = Outcome(status_for_error(exc), str(exc))
             return [
                 (r, failed if o.record is not None and o.status == Status.SUCCESS else o) for r, o in waiting

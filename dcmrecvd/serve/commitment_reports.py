@@ -16,7 +16,6 @@ until ``give_up_after`` seconds after the N-ACTION.  The transactions are in
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ import structlog
 
 from dcmrecvd.conf.commitment import CommitmentPeerConfig
 from dcmrecvd.conf.config import Config
+from dcmrecvd.events import body
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.remote.client import AssociationFailed, NoContext, OutboundAssociation
 from dcmrecvd.remote.client_tls import client_context
@@ -231,16 +231,15 @@ class Reporter:
         if self.emit is None:
             return
         self.emit(
-            {
-                "event": kind,
-                "called_aet": tx.called_aet,
-                "calling_aet": tx.calling_aet,
-                "peer": tx.host,
-                "transaction_uid": tx.uid,
-                "items": tx.items,
-                "time": dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
+            body.commitment(
+                kind,
+                called=tx.called_aet,
+                calling=tx.calling_aet,
+                peer=tx.host,
+                transaction_uid=tx.uid,
+                items=tx.items,
                 **extra,
-            }
+            )
         )
 
     def figures(self) -> tuple[int, float]:

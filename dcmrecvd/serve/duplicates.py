@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.naming import NamingScheme
@@ -206,23 +205,6 @@ def placement(
         name = own.name if own is not None else names()
         return Placement(directory, beside_names(name, scheme.file_extension), False, first, "beside")
     return "discarded" if policy.policy == "keep" else "rejected"
-
-
-def duplicate_body(
-    stored: dict[str, Any], policy: DuplicatePolicy, first: Path | None, label: str, path: str | None = None
-) -> dict[str, Any]:
-    """The ``object.duplicate`` body, from the copy's ``object.stored`` one: ``path`` is where
-    the instance now is (the new copy's, or the first copy's when the new one was not stored)."""
-    where = stored["path"] if path is None else path
-    return {
-        **stored,
-        "event": "object.duplicate",
-        "policy": policy.policy,
-        "outcome": label,
-        "first_path": str(first or ""),
-        "path": where,
-        "directory": os.path.dirname(where),
-    }
 
 
 def beside(name: str, n: int, extension: str) -> str:

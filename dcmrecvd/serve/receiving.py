@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
-import os
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -28,21 +26,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
+from dcmrecvd.events import body as events
 from dcmrecvd.serve import naming
 from dcmrecvd.serve.duplicates import (
     CLAIMS,
     Claim,
     DuplicatePolicy,
     Placement,
-    duplicate_body,
     first_copy,
     identity_key,
     placement,
-    same_dataset,
 )
+from dcmrecvd.serve.object_body import Body, FileBody, Landed, MemoryBody
 from dcmrecvd.store.disk_space import DiskWatch
-from dcmrecvd.store.journal import Record
-from dcmrecvd.store.storage import PendingFile, Writer
+from dcmrecvd.store.object_record import Identity, ObjectRecord
+from dcmrecvd.store.storage import Writer
 from dcmrecvd.wire import dimse, part10, uids
 from dcmrecvd.wire.dataset_walk import (
     CAPTURE_LIMIT,
@@ -91,7 +89,7 @@ class Outcome:
     #: The ``object.stored`` body, for the outbox once the object is acknowledged.
     event: dict[str, Any] | None = None
     #: Its ack-journal record (committed before the answer; the journal then owns the event).
-    record: Record | None = None
+    record: ObjectRecord | None = None
     #: Its hold on its identity (``duplicates``), released once its work is durable or failed.
     claim: Claim | None = None
     #: The ``object.duplicate`` body when it was a second copy of an instance.
@@ -262,10 +260,11 @@ class Checked:
 
 
 class Stored(Checked):
-    """An object to store.  It must probe its first bytes before it has a file: the
-    dataset's SOP UIDs go into the file meta, and under ``+ssd`` its Series Date
-    picks the directory.  Until then those bytes are held aside (bounded by
-    ``MAX_PREFIX``); from then on views are queued and written by ``flush``.
+    """An object to store.  It must probe its first bytes before it has a body: the
+    dataset's SOP UIDs go into the file meta, and under ``+ssd`` or ``output.layout``
+    its tags pick the directory.  Until then those bytes are held aside (bounded by
+    ``MAX_PREFIX``); from then on views are queued and appended to its body by
+    ``flush`` (``object_body``: in memory for its journal record, or a file).
     """
 
     #: Read on the way for the events after the ack (and the +ssd directory): no decoding.
@@ -290,17 +289,10 @@ class Stored(Checked):
         self.layout_name: str | None = None
         self.prefix = bytearray()
         self.pending: list[memoryview] = []
-        self.file: PendingFile | None = None
+        self.body: Body | None = None
         self.directory = PurePosixPath(".")
         #: Bytes of this object counted against the free-space watermark on their way.
         self.disk_counted = 0
-        #: Journal path: the object (file meta and dataset) gathered in memory while it
-        #: stays under ``inline_max``; None once it has its own file.
-        self.inline: bytearray | None = None
-        self.meta_len = 0
-        #: CRC-32 of ``inline`` so far, for its journal record: kept as the pieces arrive,
-        #: while the sender is still sending, rather than at the commit.
-        self.crc = 0
         #: Its hold on its identity from completion until its outcome takes it over.
         self.claim: Claim | None = None
 
@@ -312,7 +304,7 @@ class Stored(Checked):
             if not disk.has_room():  # this object would take the disk below output.min_free
                 raise OSError(errno.ENOSPC, DISK_LOW)
         super()._take(chunk)
-        if self.file is not None or self.inline is not None:
+        if self.body is not None:
             self.pending.append(chunk)
             return
         walker = self.walker
@@ -324,12 +316,23 @@ class Stored(Checked):
                 Status.CANNOT_UNDERSTAND,
                 f"no SOP Instance UID in the first {MAX_PREFIX} bytes of the dataset",
             )
-        self._open()
+        self.body = self._open()
         self.pending.append(chunk)
 
-    def _open(self) -> None:
-        """Start the object: its file (in its +ssd directory), or its record in memory."""
+    def _open(self) -> Body:
+        """Start the object's body: its file meta and the bytes held aside, in its directory."""
         sop_class, instance = self.dataset_uids()
+        self._choose_directory(sop_class)
+        meta = part10.meta_header(sop_class, instance, self.transfer_syntax, self.to.calling, self.to.called)
+        head, self.prefix = bytearray(meta) + self.prefix, bytearray()
+        journal = self.to.journal
+        if journal is None:
+            return FileBody.open(self.to.writer, self.directory, head, len(meta), None)
+        memory = MemoryBody(journal, self.to.writer.store.root, head, len(meta), self._spill)
+        return memory.append([])  # a head bigger than a record spills at once
+
+    def _choose_directory(self, sop_class: str) -> None:
+        """Its directory (and name, under output.layout) from the tags held aside."""
         layout = self.to.scheme.layout
         if layout is not None:
             path = layout.render(
@@ -343,73 +346,47 @@ class Stored(Checked):
         elif self.open_after == SERIES_DATE:
             series_date = text_value(self.walker.captured.get(SERIES_DATE))
             self.directory = naming.directory_for(self.to.scheme, series_date, self.to.clock().date())
-        meta = part10.meta_header(sop_class, instance, self.transfer_syntax, self.to.calling, self.to.called)
-        self.meta_len = len(meta)
-        if self.to.journal is not None:
-            self.inline = bytearray(meta)
-            self.inline += self.prefix
-            self.crc = zlib.crc32(self.inline)
-            self.prefix = bytearray()
-            self._maybe_spill()
-            return
-        self.file = self.to.writer.open(self.directory)
-        self.file.write(meta)
-        if self.prefix:
-            self.file.write(self.prefix)
-            self.prefix = bytearray()
 
-    def _maybe_spill(self) -> None:
-        """An object that outgrows its record gets its own file, streamed as on the per-file path."""
-        inline, journal = self.inline, self.to.journal
-        if inline is None or journal is None or len(inline) <= journal.inline_max:
-            return
-        self.inline = None
-        self.file = self.to.writer.open(self.directory)
-        self.file.write(inline)
+    def _spill(self, data: bytearray, crc: int) -> Body:
+        """An object that outgrows its record gets its own file, streamed as on the per-file
+        path (its CRC goes on only when the index keeps a digest of files)."""
+        assert self.to.journal is not None
+        digest = crc if self.to.journal.digest_files else None
+        assert self.body is not None
+        return FileBody.open(self.to.writer, self.directory, data, self.body.meta_len, digest)
 
     def flush(self) -> None:
         if not self.pending:
             return
         chunks, self.pending = self.pending, []
-        if self.failed is not None:
+        if self.failed is not None or self.body is None:
             return
         try:
-            if self.inline is not None:
-                crc = self.crc
-                for chunk in chunks:
-                    self.inline += chunk
-                    crc = zlib.crc32(chunk, crc)
-                self.crc = crc
-                self._maybe_spill()
-            elif self.file is not None:
-                self.file.writev(chunks)
-                if self.to.journal is not None and self.to.journal.digest_files:
-                    for chunk in chunks:  # the index's digest of a large object (verify = checksum)
-                        self.crc = zlib.crc32(chunk, self.crc)
+            self.body = self.body.append(chunks)
         except Exception as exc:
             self._fail(exc)
 
     def _complete(self) -> Outcome:
         self._end_walk()
-        if self.file is None and self.inline is None:
-            self._open()  # a dataset that ended before the tags we wait for
+        if self.body is None:
+            self.body = self._open()  # a dataset that ended before the tags we wait for
         self.flush()
         if self.failed is not None:
             return self.failed
         place = self._place()
         if isinstance(place, Outcome):  # a second copy that is not stored
             return place
-        outcome = self._journaled(place) if self.inline is not None else self._staged(place)
+        outcome = self._land(place)
         label, first = place.label, place.first
         if not label and outcome.replaced:  # overwrite by path: the rename found the name taken
             label, first = "replaced", Path(outcome.path)
         if label:  # (on the journal path the materialiser finds that, off the ack path)
             outcome.replaced = label == "replaced"
-            outcome.duplicate = duplicate_body(
-                outcome.event or self._event(outcome), self.to.duplicates, first, label
-            )
+            assert outcome.event is not None
+            policy = self.to.duplicates.policy
+            outcome.duplicate = events.object_duplicate(outcome.event, policy, str(first or ""), label)
             if outcome.record is not None:  # handed on with the object's own event, its path final
-                outcome.record.header["duplicate"] = outcome.duplicate
+                outcome.record.duplicate = outcome.duplicate
         outcome.claim, self.claim = self.claim, None
         return outcome
 
@@ -433,107 +410,89 @@ class Stored(Checked):
         place = placement(policy, first, own, root, self.directory, names, scheme)
         if isinstance(place, Placement):
             return place
-        assert first is not None
-        if place == "rejected" and policy.policy == "reject-if-different" and self._same_as(first):
+        assert first is not None and self.body is not None
+        if place == "rejected" and policy.policy == "reject-if-different" and self.body.same_dataset(first):
             place = "identical"
         return self._not_stored(first, place)
-
-    def _same_as(self, first: Path) -> bool:
-        """Does the new object hold the same dataset bytes as ``first``?"""
-        if self.file is not None:
-            self.file.flush()  # its bytes readable from the temp file
-        temp = self.file.temp_path if self.file is not None else None
-        return same_dataset(first, self.inline, temp, self.meta_len)
 
     def _not_stored(self, first: Path, label: str) -> Outcome:
         """A second copy received in full and not kept: success or the policy's status."""
         self.discard()  # its temp file or record gone; the claim released (nothing to wait for)
-        rejected = label == "rejected"
-        outcome = (
-            Outcome(Status(self.to.duplicates.status), DUPLICATE_COMMENT)
-            if rejected
-            else Outcome(Status.SUCCESS)
+        if label == "rejected":
+            outcome = Outcome(Status(self.to.duplicates.status), DUPLICATE_COMMENT)
+        else:
+            outcome = Outcome(Status.SUCCESS, path=str(first))
+        outcome.tags = event_tags(self.walker.captured)
+        outcome.size = self.received
+        stored = self._event(outcome)
+        outcome.duplicate = events.object_duplicate(
+            stored, self.to.duplicates.policy, str(first), label, str(first)
         )
-        outcome.path, outcome.tags, outcome.size = (
-            "" if rejected else str(first),
-            event_tags(self.walker.captured),
-            self.received,
-        )
-        outcome.duplicate = duplicate_body(self._event(outcome), self.to.duplicates, first, label, str(first))
         return outcome
 
-    def _staged(self, place: Placement) -> Outcome:
-        """A file of its own (the per-file path, or an object too big for its record):
-        flushed and named now, durable at the window's sync."""
-        assert self.file is not None
-        command = self.command
-        size = self.file.size
+    def _land(self, place: Placement) -> Outcome:
+        """Its name given: a file flushed and named (durable at the window's sync), or a
+        record's name chosen (made after the ack); with the journal, its record."""
+        assert self.body is not None
         started = time.monotonic()
-        if place.directory != self.directory:  # over a first copy in another directory
-            self.file.directory = self.to.writer.store.directory(place.directory)
-        committed = self.to.writer.stage(self.file, place.directory, place.names, replace=place.replace)
-        self.file = None
-        if self.to.writer.spare_error:
+        landed = self.body.land(place)
+        self.body = None
+        if landed.replaced:
+            uid = self.command.affected_sop_instance_uid
+            self.log.warning("store.replaced", path=str(landed.path), sop_instance_uid=uid)
+        if landed.large and self.to.writer.spare_error:
             self.log.debug("store.spare_failed", reason=self.to.writer.spare_error)
-        if committed.replaced:
-            self.log.warning(
-                "store.replaced", path=str(committed.path), sop_instance_uid=command.affected_sop_instance_uid
-            )
         outcome = Outcome(
             Status.SUCCESS,
-            path=str(committed.path),
-            replaced=committed.replaced,
+            path=str(landed.path),
+            replaced=landed.replaced,
             commit_started=started,
-            size=size,
+            size=landed.size,
             tags=event_tags(self.walker.captured),
         )
         outcome.event = self._event(outcome)
-        if self.to.journal is not None:  # its record only names the file, made durable already
-            header = journal_header(
-                self.to, self.command, committed.path.parent, committed.path.name, size, outcome.event, place
-            )
-            header["file"] = True
-            # Kept on the way only when Storage Commitment verifies checksums: it costs the
-            # bandwidth path CPU (a spilled object's CRC covers what was inline before too).
-            header["digest"] = f"crc32:{self.crc:08x}" if self.to.journal.digest_files else ""
-            outcome.record = Record(header)
+        if self.to.journal is not None:
+            outcome.record = self._record(landed, place.replace, outcome.event)
         return outcome
 
-    def _journaled(self, place: Placement) -> Outcome:
-        """An object small enough to travel in its record: named now, made after the ack."""
-        assert self.inline is not None and self.to.journal is not None
-        directory = self.to.writer.store.root.joinpath(*place.directory.parts)
-        name = self.to.journal.choose_name(directory, place.names, replace=place.replace)
-        data, self.inline = self.inline, None
-        outcome = Outcome(
-            Status.SUCCESS,
-            path=str(directory / name),
-            commit_started=time.monotonic(),
-            size=len(data),
-            tags=event_tags(self.walker.captured),
+    def _record(self, landed: Landed, replace: bool, event: dict[str, Any]) -> ObjectRecord:
+        """Its ack-journal record: its bytes, or (a large object) the name of its file."""
+        root = self.to.writer.store.root
+        command = self.command
+        return ObjectRecord(
+            str(root),
+            str(landed.path.parent.relative_to(root)),
+            landed.path.name,
+            replace=replace,
+            size=landed.size,
+            large=landed.large,
+            digest=landed.digest,
+            identity=Identity(
+                self.to.called,
+                command.affected_sop_instance_uid,
+                command.affected_sop_class_uid,
+                event["time"],
+            ),
+            event=event,
+            data=landed.data,
+            crc=landed.crc,
         )
-        outcome.event = self._event(outcome)
-        header = journal_header(self.to, self.command, directory, name, len(data), outcome.event, place)
-        outcome.record = Record(header, data, crc=self.crc)
-        return outcome
 
     def _event(self, outcome: Outcome) -> dict[str, Any]:
         """The ``object.stored`` body of this object."""
         command = self.command
-        return {
-            "event": "object.stored",
-            "called_aet": self.to.called,
-            "calling_aet": self.to.calling,
-            "peer": self.to.peer,
-            "sop_class_uid": command.affected_sop_class_uid,
-            "sop_instance_uid": command.affected_sop_instance_uid,
-            **outcome.tags,
-            "path": outcome.path,
-            "directory": os.path.dirname(outcome.path),
-            "size": outcome.size,
-            "transfer_syntax": self.transfer_syntax,
-            "time": self.to.clock().isoformat(timespec="microseconds"),
-        }
+        return events.object_stored(
+            called=self.to.called,
+            calling=self.to.calling,
+            peer=self.to.peer,
+            sop_class_uid=command.affected_sop_class_uid,
+            sop_instance_uid=command.affected_sop_instance_uid,
+            tags=outcome.tags,
+            path=outcome.path,
+            size=outcome.size,
+            transfer_syntax=self.transfer_syntax,
+            when=self.to.clock(),
+        )
 
     def discard(self) -> None:
         if self.claim is not None:  # nothing of this object will be durable
@@ -541,40 +500,12 @@ class Stored(Checked):
             self.claim = None
         self.pending = []
         self.prefix = bytearray()
-        self.inline = None
         if self.disk_counted:  # the object will not reach the disk
             self.to.disk.received(-self.disk_counted)
             self.disk_counted = 0
-        if self.file is not None:
-            self.file.discard()
-            self.file = None
-
-
-def journal_header(
-    to: Destination,
-    command: dimse.Command,
-    directory: Path,
-    name: str,
-    size: int,
-    event: dict[str, Any],
-    place: Placement,
-) -> dict[str, Any]:
-    """A stored object's journal record header (see ``store.materialiser``)."""
-    root = to.writer.store.root
-    return {
-        "root": str(root),
-        "dir": str(directory.relative_to(root)),
-        "name": name,
-        "replace": place.replace,
-        "size": size,
-        "index": {
-            "called_aet": to.called,
-            "sop_instance_uid": command.affected_sop_instance_uid,
-            "sop_class_uid": command.affected_sop_class_uid,
-            "stored": event["time"],
-        },
-        "event": event,
-    }
+        if self.body is not None:
+            self.body.discard()
+            self.body = None
 
 
 def event_tags(captured: Mapping[int, bytes]) -> dict[str, str]:

@@ -2,24 +2,24 @@
 
 Why apart from the thread that makes files: the materialiser decides *when*
 (in order, per batch, with backoff); this says *what* each outcome writes.  A
-made record gets its instance-index row and its ``object.stored`` (and
-``object.duplicate``) bodies; a refused one its quarantine entry, a
-``journal.quarantined`` log line and an ``object.quarantined`` event; an entry
+made record gets its instance-index row and is handed on as ``Settled`` (where
+it is, whether it replaced a file); a refused one gets its quarantine entry, a
+``journal.quarantined`` log line and is handed on as set aside (the events
+layer makes ``object.stored``, ``object.duplicate`` and ``object.quarantined``
+of those: the store builds no DICOM event); an entry
 an admin asked to retry is made through the same maker, or kept with its new
 reason.
 """
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from .instance_index import Instance
-from .journal_files import Record
-from .making import final_path
 from .materialise_outcome import Outcome, classify
+from .object_record import ObjectRecord, Settled
 
 if TYPE_CHECKING:
     from .materialiser import Materialiser
@@ -27,89 +27,66 @@ if TYPE_CHECKING:
 log = structlog.get_logger("dcmrecvd")
 
 
-def finish(m: Materialiser, records: list[Record], replayed: bool = False) -> None:
-    """Made records: their rows written and their events handed on (``replayed``: perhaps
-    handed on before a crash already; the outbox drops what it holds)."""
+def finish(m: Materialiser, records: list[ObjectRecord], replayed: bool = False) -> None:
+    """Made records: their rows written and what became of them handed on (``replayed``:
+    perhaps handed on before a crash already; the outbox drops what it holds)."""
     rows = []
-    bodies = []
+    settled = []
     for record in records:
-        header = record.header
-        ident = header.get("index") or {}
-        path = header.get("path") or str(final_path(header))
-        if ident:
+        path = record.path or str(record.final_path)
+        ident = record.identity
+        if ident is not None:
             # A large object's digest was kept on the way, or not at all (""): never the CRC of
             # its record's empty data, which no file matches.
-            digest = header.get("digest", "") if header.get("file") else f"crc32:{record.crc or 0:08x}"
+            digest = record.digest if record.large else f"crc32:{record.crc or 0:08x}"
+            size = record.size or len(record.data)
             rows.append(
                 Instance(
-                    ident["called_aet"],
-                    ident["sop_instance_uid"],
-                    ident["sop_class_uid"],
+                    ident.called_aet,
+                    ident.sop_instance_uid,
+                    ident.sop_class_uid,
                     path,
-                    int(header.get("size") or len(record.data)),
+                    size,
                     digest,
-                    ident.get("stored", ""),
+                    ident.stored,
                 )
             )
-        if header.get("replaced") and "duplicate" not in header:
+        if record.replaced and record.duplicate is None:
             m.replaced()  # output.duplicates = "overwrite" by path: found only now
-            if header.get("event") is not None:
-                header["duplicate"] = {
-                    **header["event"],
-                    "event": "object.duplicate",
-                    "policy": "overwrite",
-                    "outcome": "replaced",
-                    "first_path": path,
-                }
-        for kind in ("event", "duplicate"):  # object.stored, then object.duplicate if a copy
-            event = header.get(kind)
-            if event is not None:
-                event["path"] = path
-                event["directory"] = os.path.dirname(path)
-                bodies.append(event)
+        if record.event is not None:
+            settled.append(Settled(record.event, path, record.duplicate, record.replaced))
     m.index.put(rows)
-    if bodies and m.events is not None:
-        m.events(bodies, replayed)
+    if settled and m.events is not None:
+        m.events(settled, replayed)
     for record in records:
         record.state = "finished"
 
 
-def quarantine(m: Materialiser, record: Record, outcome: Outcome) -> None:
+def quarantine(m: Materialiser, record: ObjectRecord, outcome: Outcome) -> None:
     """Set a record that cannot be made aside, durably and visibly."""
-    entry = m.quarantine.put(record.seq, record.header, record.data, outcome.reason)
+    entry = m.quarantine.put(record.seq, record.as_kept(), record.data, outcome.reason)
     record.state = "quarantined"
-    header = record.header
-    intended = (
-        str(final_path(header)) if "invalid" not in header and isinstance(header.get("root"), str) else ""
-    )
-    event: dict[str, Any] = header["event"] if isinstance(header.get("event"), dict) else {}
+    intended = record.intended_path
     log.error(
         "journal.quarantined",
         seq=record.seq,
         reason=outcome.reason,
         entry=entry,
         path=intended,
-        sop_instance_uid=event.get("sop_instance_uid", ""),
+        sop_instance_uid=record.sop_instance_uid,
     )
     m.quarantined(_short(outcome))
-    if m.events is not None and event:
-        body = {
-            **event,
-            "event": "object.quarantined",
-            "path": "",
-            "directory": "",
-            "intended_path": intended,
-            "reason": outcome.reason,
-            "quarantine": entry,
-        }
-        m.events([body], False)
+    if m.events is not None and record.event:
+        m.events(
+            [Settled(record.event, quarantine=entry, intended_path=intended, reason=outcome.reason)], False
+        )
 
 
 def retry_quarantined(m: Materialiser) -> None:
     """Entries an admin asked to try again (``dcmrecvd journal --retry-quarantine``)."""
     for entry in m.quarantine.retry_requested():
         data = entry.data_path.read_bytes() if entry.data_path is not None else b""
-        record = Record(dict(entry.header), data, entry.seq)
+        record = ObjectRecord.from_header(dict(entry.header), data, entry.seq)
         result = m.maker.make([record])
         try:
             if record.state == "made":
@@ -117,7 +94,7 @@ def retry_quarantined(m: Materialiser) -> None:
                 m.index.sync()
                 m.persist_events()
                 m.quarantine.release(entry)
-                log.warning("journal.quarantine_released", entry=entry.id, path=record.header.get("path", ""))
+                log.warning("journal.quarantine_released", entry=entry.id, path=record.path)
             elif record.state == "refused":
                 m.quarantine.keep(entry, result.refused[record.seq].reason)
                 log.error("journal.quarantine_kept", entry=entry.id, reason=result.refused[record.seq].reason)

@@ -52,10 +52,6 @@ class Record:
     crc: int | None = field(default=None, repr=False)
     #: The encoded head (lengths, the data's checksum, the JSON header), made once by ``commit``.
     head: bytes = field(default=b"", repr=False)
-    #: How far the materialiser got with it (in memory only; see ``materialiser``): "",
-    #: "made" (its file durable under its name), "refused" (cannot be made: to quarantine),
-    #: "quarantined", "finished" (its row and events handed on too).
-    state: str = field(default="", repr=False)
 
 
 def align(n: int) -> int:

@@ -27,8 +27,8 @@ from typing import Any
 import structlog
 
 from .file_ops import FileOps
-from .journal_files import Record
-from .materialise_outcome import InvalidRecord, Outcome, Row, classify
+from .materialise_outcome import Outcome, Row, classify
+from .object_record import ObjectRecord
 from .storage import FILE_MODE, REPLACE_LOCK, TEMP_PREFIX, TEMP_SUFFIX, Store, take_back
 
 log = structlog.get_logger("dcmrecvd")
@@ -45,36 +45,9 @@ class Batch:
     """What became of a batch: records stopped at (and after) a transient failure are
     ``rest``; ``failure`` says why.  Refused records carry their outcome in ``refused``."""
 
-    rest: list[Record] = field(default_factory=list)
+    rest: list[ObjectRecord] = field(default_factory=list)
     failure: Outcome | None = None
     refused: dict[int, Outcome] = field(default_factory=dict)
-
-
-def final_path(header: dict[str, Any]) -> Path:
-    """Where a record's file goes: ``root``/``dir``/``name`` (checked by ``check_header``)."""
-    return Path(header["root"]).joinpath(*PurePosixPath(header["dir"]).parts, header["name"])
-
-
-def check_header(header: dict[str, Any]) -> None:
-    """Raise InvalidRecord unless the header names a file we may make: an absolute root,
-    a relative directory that stays under it, a plain name."""
-    if "invalid" in header:
-        raise InvalidRecord(str(header["invalid"]))
-    root, directory, name = header.get("root"), header.get("dir"), header.get("name")
-    if not isinstance(root, str) or not os.path.isabs(root):
-        raise InvalidRecord(f"root is not an absolute path: {root!r}")
-    if not isinstance(directory, str) or PurePosixPath(directory).is_absolute():
-        raise InvalidRecord(f"dir is not a relative path: {directory!r}")
-    if ".." in PurePosixPath(directory).parts:
-        raise InvalidRecord(f"dir leaves the output directory: {directory!r}")
-    if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or "\0" in name:
-        raise InvalidRecord(f"not a file name: {name!r}")
-    index = header.get("index")
-    if index is not None and not (
-        isinstance(index, dict)
-        and all(isinstance(index.get(k), str) for k in ("called_aet", "sop_instance_uid", "sop_class_uid"))
-    ):
-        raise InvalidRecord("index is not a row's identifiers")
 
 
 def check_fits(directory: Path, name: str, *, replace: bool) -> None:
@@ -114,20 +87,18 @@ def write_temp(ops: FileOps, directory: Path, data: bytes | bytearray | memoryvi
     return temp
 
 
-def give_name(ops: FileOps, directory: Path, temp: Path, record: Record) -> Path:
+def give_name(ops: FileOps, directory: Path, temp: Path, record: ObjectRecord) -> Path:
     """The final name: replacing (a default name) or never clobbering (someone else's
     file under it after the ack keeps it; ours goes under ``<name>.<seq>``)."""
-    header = record.header
-    name: str = header["name"]
+    name = record.name
     final = directory / name
-    if header.get("replace"):
+    if record.replace:
         with REPLACE_LOCK:  # against an association renaming a large copy of it at once
             replaced = os.path.lexists(final)
             ops.replace(temp, final)
         if replaced:
-            uid = (header.get("index") or {}).get("sop_instance_uid", "")
-            log.warning("store.replaced", path=str(final), sop_instance_uid=uid)
-            header["replaced"] = True
+            log.warning("store.replaced", path=str(final), sop_instance_uid=record.sop_instance_uid)
+            record.replaced = True
         return final
     try:
         ops.link(temp, final)
@@ -145,20 +116,20 @@ class Maker:
         self.ops = ops
         self.store_for = store_for
 
-    def make(self, records: list[Record]) -> Batch:
+    def make(self, records: list[ObjectRecord]) -> Batch:
         """Make every record whose state is "" (in order); see the module docstring."""
         batch = Batch()
-        written: list[tuple[Record, Store, Path, Path]] = []  # record, store, directory, temp
+        written: list[tuple[ObjectRecord, Store, Path, Path]] = []  # record, store, directory, temp
         for record in records:
             if record.state:
                 continue
             try:
-                check_header(record.header)
-                if record.header.get("file"):  # a large object, durable under its name already
+                record.check()
+                if record.large:  # durable under its name already
                     record.state = "made"
                     continue
-                store = self.store_for(record.header["root"])
-                relative = PurePosixPath(record.header["dir"])
+                store = self.store_for(record.root)
+                relative = PurePosixPath(record.directory)
                 try:
                     directory = store.directory(relative)
                     temp = write_temp(self.ops, directory, record.data)
@@ -177,7 +148,7 @@ class Maker:
             self._discard(temp for _, _, _, temp in written)
             batch.failure = batch.failure or flush_failure(exc)
             written = []
-        named: list[tuple[Record, Store, Path, Path]] = []
+        named: list[tuple[ObjectRecord, Store, Path, Path]] = []
         for at, (record, store, directory, temp) in enumerate(written):
             try:
                 final = give_name(self.ops, directory, temp, record)
@@ -189,17 +160,17 @@ class Maker:
                     self._discard(t for _, _, _, t in written[at + 1 :])
                     break
                 continue
-            record.header["path"] = str(final)
+            record.path = str(final)
             named.append((record, store, directory, final))
         self._sync_directories(batch, named)
         batch.rest = _from_first_unpassed(records)
         return batch
 
-    def _forget(self, record: Record) -> None:
+    def _forget(self, record: ObjectRecord) -> None:
         """A record failed: its directory is looked at anew on the next try."""
         with contextlib.suppress(Exception):
-            store = self.store_for(record.header["root"])
-            store.forget(store.root.joinpath(*PurePosixPath(record.header["dir"]).parts))
+            store = self.store_for(record.root)
+            store.forget(store.root.joinpath(*PurePosixPath(record.directory).parts))
 
     def _flush(self, roots: Iterable[Path]) -> None:
         """The batch's data and temp files durable: one ``syncfs`` per filesystem (one cache
@@ -207,7 +178,7 @@ class Maker:
         for root in roots:
             self.ops.syncfs(root)
 
-    def _refused(self, batch: Batch, record: Record, outcome: Outcome) -> bool:
+    def _refused(self, batch: Batch, record: ObjectRecord, outcome: Outcome) -> bool:
         """A record that failed: refused (True: go on with the others) or the batch stops."""
         if outcome.permanent:
             record.state = "refused"
@@ -216,7 +187,7 @@ class Maker:
         batch.failure = batch.failure or outcome
         return False
 
-    def _sync_directories(self, batch: Batch, named: list[tuple[Record, Store, Path, Path]]) -> None:
+    def _sync_directories(self, batch: Batch, named: list[tuple[ObjectRecord, Store, Path, Path]]) -> None:
         """One fsync per directory; a name whose directory's fsync failed is taken back
         (never retried as if a second fsync could succeed: the temp is written anew)."""
         for store, directory in dict.fromkeys((s, d) for _, s, d, _ in named):
@@ -233,7 +204,7 @@ class Maker:
                     record.state = "made"
                 else:
                     take_back(self.ops, final)
-                    record.header.pop("path", None)
+                    record.path = ""
 
     def _discard(self, temps: Any) -> None:
         for temp in temps:
@@ -247,7 +218,7 @@ def flush_failure(exc: OSError) -> Outcome:
     return Outcome(Row.TRANSIENT, classify(exc).reason, exc.errno or 0)
 
 
-def _from_first_unpassed(records: list[Record]) -> list[Record]:
+def _from_first_unpassed(records: list[ObjectRecord]) -> list[ObjectRecord]:
     """The records from the first one neither made nor refused (in order) on."""
     for at, record in enumerate(records):
         if record.state not in ("made", "refused", "quarantined", "finished"):

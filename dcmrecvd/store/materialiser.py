@@ -14,12 +14,10 @@ record, what was made before it stays made, and the rest is tried again with
 backoff; meanwhile ``failing`` says why, and the serving side acknowledges no
 new object (the journal never fills with objects that cannot land).
 
-A record's header (made by the serving side; nothing here knows DICOM):
-``root``, ``dir``, ``name``, ``replace`` (a default name replaces an older
-file), ``file`` (a large object already durable under its name: only its row
-and events are left; with its ``digest``), ``size``, ``index`` (the row's
-identifiers), ``event`` (the body of ``object.stored``, if wanted) and
-``duplicate`` (the body of ``object.duplicate`` of a second copy stored).
+A record's header is made by the serving side and read by ``object_record``
+only: each record is parsed once, here when the journal hands it over, or at
+replay.  Nothing here knows DICOM: what became of each object goes to
+``events`` as ``Settled`` facts, and the events layer builds the bodies.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -36,13 +33,14 @@ from . import bookkeeping
 from .file_ops import REAL, FileOps
 from .instance_index import InstanceIndex
 from .journal import Journal, Record
-from .making import Maker, final_path, give_name, write_temp
+from .making import Maker, give_name, write_temp
 from .materialise_outcome import Outcome, Row, backoff, classify
+from .object_record import ObjectRecord, Settled
 from .quarantine import Quarantine
 from .recovery import replay_records
 from .storage import Store
 
-__all__ = ["Materialiser", "final_path", "give_name", "write_temp"]
+__all__ = ["Materialiser", "give_name", "write_temp"]
 
 log = structlog.get_logger("dcmrecvd")
 
@@ -57,8 +55,8 @@ CHECKPOINT_SECONDS = 0.25
 LINGER_SECONDS = 0.02
 LINGER_RECORDS = 64
 
-#: Takes ``object.stored`` bodies; the flag says they come from a replay (maybe handed on before).
-Events = Callable[[list[dict[str, Any]], bool], None]
+#: Takes what became of objects; the flag says they come from a replay (maybe handed on before).
+Events = Callable[[list[Settled], bool], None]
 
 
 class Materialiser:
@@ -77,7 +75,7 @@ class Materialiser:
     ) -> None:
         self.journal = journal
         self.index = index
-        #: Where ``object.stored`` bodies go (the outbox), and how it makes them durable.
+        #: Where what became of each object goes (the outbox), and how it makes that durable.
         self.events = events
         self.persist_events = persist_events
         #: Told of each file that replaced an older one of its name (a second copy, counted).
@@ -91,7 +89,7 @@ class Materialiser:
         self.maker = Maker(ops, self._store)
         self.quarantine = quarantine or Quarantine(journal.directory.parent / "quarantine", ops)
         self._cond = threading.Condition()
-        self._queue: list[Record] = []
+        self._queue: list[ObjectRecord] = []
         #: Every record at or below this is under its final name (and has its row and events).
         self.visible_through = journal.done_through
         #: Sequence numbers done beyond ``visible_through`` (a gap before them is not).
@@ -119,7 +117,7 @@ class Materialiser:
         """The journal wrote (``ok``) or failed to write these records, in sequence order."""
         with self._cond:
             if ok:
-                self._queue.extend(records)
+                self._queue.extend(ObjectRecord.of(r) for r in records)
             else:  # never acknowledged, never to be made: their numbers are simply done
                 self._done.update(r.seq for r in records)
                 self._advance_locked()
@@ -175,7 +173,7 @@ class Materialiser:
                 if stopping and (not self._queue or self.failing is not None):
                     return
 
-    def _next_batch(self, last_checkpoint: float) -> tuple[list[Record], bool]:
+    def _next_batch(self, last_checkpoint: float) -> tuple[list[ObjectRecord], bool]:
         """Wait for records (or a checkpoint due, or the next try after a failure)."""
         with self._cond:
             while not self._stop:
@@ -207,7 +205,7 @@ class Materialiser:
             batch, self._queue = self._queue, []
             return batch, self._stop
 
-    def _apply_and_account(self, batch: list[Record]) -> None:
+    def _apply_and_account(self, batch: list[ObjectRecord]) -> None:
         rest, failure = self.apply(batch)
         passed = batch[: len(batch) - len(rest)]
         with self._cond:
@@ -274,7 +272,9 @@ class Materialiser:
 
     # ------------------------------------------------------------------ making files
 
-    def apply(self, batch: list[Record], replayed: bool = False) -> tuple[list[Record], Outcome | None]:
+    def apply(
+        self, batch: list[ObjectRecord], replayed: bool = False
+    ) -> tuple[list[ObjectRecord], Outcome | None]:
         """Make what the batch still needs; return the records from the first one that
         could not pass (a transient failure, said in the second value) on."""
         result = self.maker.make(batch)
@@ -308,14 +308,14 @@ class Materialiser:
         """At start: make what a crash left undone, verify what exists; counts for the log.
         Never raises for a record: what cannot be made is quarantined, what waits for the
         disk is left queued for the thread (and ``failing`` says why)."""
-        counts, rest, failure = replay_records(self, records)
+        counts, rest, failure = replay_records(self, [ObjectRecord.of(r) for r in records])
         with self._cond:
             self._queue[:0] = rest
             self._note_failure(failure)
         counts["waiting"] = len(rest)
         return counts
 
-    def settle_replayed(self, records: list[Record], rest: list[Record]) -> None:
+    def settle_replayed(self, records: list[ObjectRecord], rest: list[ObjectRecord]) -> None:
         """Recovery's bookkeeping: everything before ``rest`` passed, numbers missing from
         the journal (lost to corruption, reported) are passed too, so none blocks progress."""
         first_waiting = rest[0].seq if rest else None
@@ -329,7 +329,7 @@ class Materialiser:
             self._advance_locked()
 
 
-def _first(batch: list[Record], subset: list[Record]) -> int:
+def _first(batch: list[ObjectRecord], subset: list[ObjectRecord]) -> int:
     """Where the first record of ``subset`` is in ``batch`` (len(batch) for none)."""
     if not subset:
         return len(batch)

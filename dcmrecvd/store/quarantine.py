@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .file_ops import REAL, FileOps
+from .object_record import ObjectRecord
 
 ENTRY_MODE = 0o640
 
@@ -44,16 +45,17 @@ class Entry:
     data_path: Path | None
 
     @property
+    def record(self) -> ObjectRecord:
+        """The record it holds, as its header describes it (its bytes are not read)."""
+        return ObjectRecord.from_header(self.header, seq=self.seq)
+
+    @property
     def intended_path(self) -> str:
-        header = self.header
-        if not all(isinstance(header.get(k), str) for k in ("root", "dir", "name")):
-            return ""
-        return os.path.join(str(header["root"]), str(header["dir"]), str(header["name"]))
+        return self.record.intended_path
 
     @property
     def sop_instance_uid(self) -> str:
-        index = self.header.get("index")
-        return str(index.get("sop_instance_uid", "")) if isinstance(index, dict) else ""
+        return self.record.sop_instance_uid
 
 
 class Quarantine:

@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from .journal_files import Record
-from .making import check_header, final_path
 from .materialise_outcome import Outcome
+from .object_record import ObjectRecord
 
 if TYPE_CHECKING:
     from .materialiser import Materialiser
@@ -33,16 +32,16 @@ REPLAY_BATCH = 256
 
 
 def replay_records(
-    m: Materialiser, records: list[Record]
-) -> tuple[dict[str, int], list[Record], Outcome | None]:
+    m: Materialiser, records: list[ObjectRecord]
+) -> tuple[dict[str, int], list[ObjectRecord], Outcome | None]:
     """Counts for the log, the records left waiting, and why they wait."""
     counts = {"records": len(records), "made": 0, "verified": 0, "missing": 0, "passed": 0, "quarantined": 0}
     made_through = m.journal.made_through
     last_for: dict[Path, int] = {}
     for record in records:
-        if _valid(record) and record.header.get("replace") and not record.header.get("file"):
-            last_for[final_path(record.header)] = record.seq
-    to_make: list[Record] = []
+        if not record.invalid and record.replace and not record.large:
+            last_for[record.final_path] = record.seq
+    to_make: list[ObjectRecord] = []
     held = m.quarantine.held_seqs()
     for record in records:
         label = _decide(record, made_through, last_for, held)
@@ -50,7 +49,7 @@ def replay_records(
             to_make.append(record)
         else:
             counts[label] += 1
-    rest: list[Record] = []
+    rest: list[ObjectRecord] = []
     failure: Outcome | None = None
     for start in range(0, len(records), REPLAY_BATCH):
         chunk = records[start : start + REPLAY_BATCH]
@@ -67,41 +66,32 @@ def replay_records(
     return counts, rest, failure
 
 
-def _valid(record: Record) -> bool:
-    try:
-        check_header(record.header)
-    except ValueError:
-        return False
-    return True
-
-
-def _decide(record: Record, made_through: int, last_for: dict[Path, int], held: set[int]) -> str:
+def _decide(record: ObjectRecord, made_through: int, last_for: dict[Path, int], held: set[int]) -> str:
     """What recovery does with one record: a count's name, or "make"."""
     if record.seq in held:
         record.state = "finished"  # nothing of it is made, counted, or said again
         return "quarantined"
-    if not _valid(record):
+    if record.invalid:
         return "make"  # the maker refuses it: quarantined with its bytes
-    header = record.header
-    final = final_path(header)
+    final = record.final_path
     if record.seq <= made_through:
-        header["path"] = str(_where(final, record))
+        record.path = str(_where(final, record))
         record.state = "made"
         return "passed"
-    if header.get("replace") and not header.get("file") and last_for.get(final) != record.seq:
-        header["path"] = str(final)  # superseded by a later object under its name
+    if record.replace and not record.large and last_for.get(final) != record.seq:
+        record.path = str(final)  # superseded by a later object under its name
         record.state = "made"
         return "verified"
-    if header.get("file"):
+    if record.large:
         record.state = "made"
-        if final.is_file() and final.stat().st_size == header.get("size", -1):
+        if final.is_file() and final.stat().st_size == record.size:
             return "verified"
         log.error("journal.file_missing", path=str(final), seq=record.seq)
         return "missing"
     for candidate in (final, final.with_name(f"{final.name}.{record.seq}")):
         try:
             if candidate.read_bytes() == record.data:
-                header["path"] = str(candidate)
+                record.path = str(candidate)
                 record.state = "made"
                 return "verified"
         except OSError:
@@ -109,9 +99,9 @@ def _decide(record: Record, made_through: int, last_for: dict[Path, int], held: 
     return "make"
 
 
-def _where(final: Path, record: Record) -> Path:
+def _where(final: Path, record: ObjectRecord) -> Path:
     """The name a made record's file got (``<name>.<seq>`` when its own was taken)."""
-    if not record.header.get("replace"):
+    if not record.replace:
         beside = final.with_name(f"{final.name}.{record.seq}")
         if beside.exists() and not final.exists():
             return beside

@@ -20,6 +20,7 @@ import sqlite3
 import time
 from typing import Any
 
+from dcmrecvd.events import body
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.serve.commitment import Commitment
 from dcmrecvd.serve.receiving import Drained, Outcome, Sink
@@ -169,15 +170,15 @@ def _refusal(peer: Peer, call: Call) -> Drained | None:
 
 
 def _event(peer: Peer, request: codec.ActionRequest) -> dict[str, Any]:
-    return {
-        "event": "commitment.requested",
-        "called_aet": peer.called,
-        "calling_aet": peer.calling,
-        "peer": peer.host,
-        "transaction_uid": request.transaction_uid,
-        "items": len(request.items),
-        "time": peer.clock().astimezone().isoformat(timespec="milliseconds"),
-    }
+    return body.commitment(
+        "commitment.requested",
+        called=peer.called,
+        calling=peer.calling,
+        peer=peer.host,
+        transaction_uid=request.transaction_uid,
+        items=len(request.items),
+        when=peer.clock(),
+    )
 
 
 SERVICE = StorageCommitment()
