@@ -76,7 +76,7 @@ def config(listener: Listener) -> Path:
     path.write_text(
         f'[journal]\ndirectory = "{OUT / "journal"}"\n\n'
         "[commitment]\nenabled = true\nretry_initial = 1\n\n"
-        f'[[commitment.peer]]\naet = "{MODALITY}"\nhost = "127.0.0.1"\nport = {listener.port}\n'
+        f'[[commitment.peer]]\nae_title = "{MODALITY}"\nhost = "127.0.0.1"\nport = {listener.port}\n'
     )
     return path
 

@@ -120,7 +120,7 @@ def with_dcmrecvd(ns: Namespace, folder: Path, count: int) -> float:
     cfg = OUT / "forward-orthanc.toml"
     cfg.write_text(
         f'[journal]\ndirectory = "{OUT / "journal"}"\n\n[[forward]]\nname = "orthanc"\nhost = "127.0.0.1"\n'
-        f'port = {dicom}\ncalled_aet = "ORTHANC"\nbackoff = 1\nbackoff_max = 1\n'
+        f'port = {dicom}\nae_title = "ORTHANC"\nbackoff = 1\nbackoff_max = 1\n'
         f"max_associations = {ASSOCIATIONS[0]}\n"
     )
     daemon = subprocess.Popen(
@@ -187,7 +187,7 @@ def receiving_costs(reps: int) -> None:
         path = OUT / f"forward-{mode.split()[0]}.toml"
         path.write_text(
             f'[journal]\ndirectory = "{OUT / "journal"}"\n\n[[forward]]\nname = "sink"\nhost = "127.0.0.1"\n'
-            f'port = {port}\ncalled_aet = "ANY-SCP"\n'
+            f'port = {port}\nae_title = "ANY-SCP"\n'
         )
         configs[mode] = path
     configs["alone"] = OUT / "forward-alone.toml"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from dcmrecvd.conf.config import Config, journal_needed
+from dcmrecvd.conf.config import Config, journal_needed, restart_keys
 from dcmrecvd.errors import ConfigError, DcmrecvdError
 from dcmrecvd.events.consumers import EventConsumers
 from dcmrecvd.events.outbox import Outbox
@@ -37,21 +37,6 @@ from dcmrecvd.store import state_directory as state_dir
 from dcmrecvd.store import storage
 
 log = structlog.get_logger("dcmrecvd")
-
-#: Settings a reload cannot apply to a bound socket.
-RESTART_KEYS = (
-    ("network", "port"),
-    ("network", "address"),
-    ("metrics", "listen"),
-    ("metrics", "agent_listen"),
-    ("events", "database"),
-    ("journal", "enabled"),
-    ("journal", "directory"),
-    ("journal", "segment_mib"),
-    ("journal", "segments"),
-    ("journal", "inline_max_kib"),
-    ("output", "fsync"),
-)
 
 
 @dataclass
@@ -270,7 +255,7 @@ class Daemon:
             log.error("reload.rejected", reason=str(exc))
             self.notifier.ready(self.stats.status_line())
             return False
-        for section, key in RESTART_KEYS:
+        for section, key in restart_keys():  # declared restart=True in the schema
             before = getattr(getattr(old.config, section), key)
             after = getattr(getattr(new.config, section), key)
             if before != after:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 from dcmrecvd import __version__
 from dcmrecvd.conf import config, flags
-from dcmrecvd.conf.commitment import CommitmentPeerConfig
-from dcmrecvd.conf.forward import ForwardConfig
+from dcmrecvd.conf.options import describe
 from dcmrecvd.ops import logs
 from dcmrecvd.serve import tls
 
@@ -74,7 +74,8 @@ SECTIONS_8 = """\
 Re\\-read every configuration layer, association profile and TLS file; swap
 them in at once if all are valid (associations in flight keep the old
 settings), else keep serving with the old ones and log why
-(\\fBreload.rejected\\fR). The listening address and port need a restart.
+(\\fBreload.rejected\\fR). Settings marked "Needs a restart" in
+\\fBdcmrecvd.toml\\fR(5) keep their running value (\\fBreload.needs_restart\\fR).
 .TP
 .BR SIGTERM ", " SIGINT
 Stop accepting, let associations in flight finish for up to
@@ -237,7 +238,7 @@ def dcmrecvd_toml_5() -> str:
             out += [
                 ".TP",
                 f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})",
-                _esc(f.metadata["doc"] + choices),
+                _esc(describe(f) + choices),
             ]
     out += [
         ".SH [ae.\\fITITLE\\fR]",
@@ -249,62 +250,11 @@ def dcmrecvd_toml_5() -> str:
             "called title without a table goes to the default AE, which rejects it (reason 7) "
             "when network.ae_title is set. Each AE's output directory is checked at start (exit 45)."
         ),
-        ".SH [events.amqp]",
-        _esc(
-            "Every event (the kinds above) published to a RabbitMQ topic exchange as a persistent "
-            "JSON message, with publisher confirms: an event leaves the outbox only when the "
-            "broker confirmed it. While the broker is down events wait in the outbox (STATUS "
-            "counts them) and receiving goes on. The password is read from password_file or a "
-            "systemd credential and never shown; a URL with a password is refused."
-        ),
     ]
-    out += _keys(config.AmqpConfig())
-    out += [
-        ".SH [[hooks]]",
-        _esc(
-            "Programs run after the ack, off the receiving path, one table per program. Each "
-            "acknowledged object becomes an object.stored event in the outbox (events.database); "
-            "a series or study is complete after events.stable_seconds without a new object "
-            "(events.max_seconds at the latest), and an object after that makes an update event "
-            f"instead of a second completion. Event kinds: {', '.join(config.EVENT_KINDS)}. "
-            "At least once: an object's event is part of its ack-journal record, and after a "
-            "crash the records past the journal's checkpoint hand theirs on again, so "
-            "duplicates are possible and none is missing (on the per-file path an event not "
-            "yet written when the process dies is lost). "
-            "exec is run without a shell; its items may hold placeholders "
-            f"({', '.join('{' + n + '}' for n in config.EVENT_FIELDS)}), each replaced within "
-            "its item; the event is also on stdin as JSON and in DCMRECVD_<FIELD> variables. "
-            "Events of one study run in order; a failed run is retried (backoff doubling), "
-            "then dead-lettered (hook.failed, STATUS, dcmrecvd_events_dead)."
-        ),
-    ]
-    out += _keys(config.HookConfig())
-    out += [
-        ".SH [[commitment.peer]]",
-        _esc(
-            "An AE that may ask for Storage Commitment (the calling AE of its N-ACTION), and where "
-            "its report (N-EVENT-REPORT, on an association dcmrecvd opens) goes. An N-ACTION from "
-            "an AE without a table is refused 0x0110 with an Error Comment."
-        ),
-    ]
-    out += _keys(CommitmentPeerConfig())
-    out += [
-        ".SH [[forward]]",
-        _esc(
-            "A destination every acknowledged object (or those match selects) is delivered to by "
-            "C-STORE, after the ack, from the stored file as it is. A consumer of the event outbox: "
-            "at least once across kill -9, power loss and outages, duplicates possible, a local "
-            "file never deleted. Per (called AE, calling AE, study) in receive order; studies in "
-            "parallel up to max_associations. Outcomes: 0x0000 and warnings delivered; 0x0111 per "
-            "duplicate_status; 0xA7xx, 0x0213, 0x0110, refused or reset connections, transient "
-            "rejections, aborts and timeouts retried with backoff (a connection failure rests the "
-            "whole destination), then a dead letter after give_up_after; 0xA9xx, 0xCxxx, 0x0122, "
-            "other failures and an unaccepted SOP class or transfer syntax a dead letter for that "
-            "object; a permanent rejection or 0x0124 pauses the destination (probed every "
-            "backoff_max). See dcmrecvd forward in dcmrecvd(8)."
-        ),
-    ]
-    out += _keys(ForwardConfig())
+    for sub in config.SUB_TABLES:
+        heading = f"[[{sub.path}]]" if sub.array else f"[{sub.path}]"
+        out += [f".SH {heading}", _esc(sub.about)]
+        out += _keys(sub.schema(), sub.documented_fields())
     out += [
         ".SH SEE ALSO",
         ".BR dcmrecvd (8)",
@@ -312,15 +262,15 @@ def dcmrecvd_toml_5() -> str:
     return "\n".join(out) + "\n"
 
 
-def _keys(table: object) -> list[str]:
+def _keys(table: object, fields: list[dataclasses.Field[Any]]) -> list[str]:
     """One .TP entry per key of a table that is not a top-level section ([events.amqp], [[hooks]])."""
     out = []
-    for f in dataclasses.fields(table):  # type: ignore[arg-type]
+    for f in fields:
         default = getattr(table, f.name)
         shown = f'"{default}"' if isinstance(default, str) else str(default).lower()
         if isinstance(default, tuple):  # a table of its own (match)
             shown = "{}"
-        out += [".TP", f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})", _esc(f.metadata["doc"])]
+        out += [".TP", f"\\fB{_esc(f.name)}\\fR (default {_esc(shown)})", _esc(describe(f))]
     return out
 
 

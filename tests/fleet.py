@@ -76,7 +76,7 @@ queue = "{QUEUE}"
 name = "archive"
 host = "{ARCHIVE}"
 port = {ORTHANC_DICOM}
-called_aet = "ORTHANC"
+ae_title = "ORTHANC"
 backoff = 1
 backoff_max = 2
 """

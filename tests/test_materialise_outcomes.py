@@ -191,7 +191,7 @@ def test_an_invalid_record_is_permanent_and_unknown_exceptions_wait() -> None:
 
 
 def test_backoff_grows_and_is_capped() -> None:
-    waits = [outcome_table.backoff(n) for n in range(1, 12)]
+    waits = [outcome_table.retry_delay(n) for n in range(1, 12)]
     assert waits == sorted(waits) and waits[0] == outcome_table.BACKOFF_FIRST
     assert waits[-1] == outcome_table.BACKOFF_CAP
 

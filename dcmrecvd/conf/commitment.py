@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dcmrecvd.conf.options import opt
+from dcmrecvd.conf.remote import RemoteAEConfig, check_remote_ae
 
 VERIFY_CHOICES = ("exists", "size", "checksum")
 
@@ -60,28 +61,11 @@ class CommitmentConfig:
 
 
 @dataclass(frozen=True)
-class CommitmentPeerConfig:
-    """One ``[[commitment.peer]]``: an AE that may ask for commitment, and where its report goes."""
-
-    aet: str = opt("", "The requesting AE's title (the calling AE of its N-ACTION).")
-    host: str = opt("", "Where its report goes. Empty: the address the N-ACTION came from (PROXY-aware).")
-    port: int = opt(104, "The port its report goes to.", minimum=1, maximum=65535)
-    local_aet: str = opt("", "The calling AE of the report. Empty: the AE title the N-ACTION called.")
-    tls: bool = opt(False, "Deliver its report over TLS.")
-    tls_certificate: str = opt("", "Our client certificate (PEM). Empty: [tls] certificate, if any.")
-    tls_private_key: str = opt("", "Its private key (PEM). Empty: [tls] private_key, if any.")
-    tls_ca_files: list[str] = opt([], "Certificates trusted for the peer. Empty: the system's trust store.")
-    tls_server_name: str = opt(
-        "", "The name the peer's certificate must carry. Empty: the chain is verified, not the name."
-    )
+class CommitmentPeerConfig(RemoteAEConfig):
+    """One ``[[commitment.peer]]``: an AE that may ask for commitment (its ``ae_title`` is the
+    calling AE of its N-ACTION), and where its report goes (the keys of ``RemoteAEConfig``)."""
 
 
 def check_peer(table: dict[str, object]) -> str:
     """What is wrong with one validated peer table ("" when nothing)."""
-    aet = str(table.get("aet", ""))
-    if not (0 < len(aet) <= 16 and aet == aet.strip() and aet.isprintable() and "\\" not in aet):
-        return "aet: not an AE title (1-16 characters, no backslash)"
-    local = str(table.get("local_aet", ""))
-    if local and not (len(local) <= 16 and local.isprintable() and "\\" not in local):
-        return "local_aet: not an AE title"
-    return ""
+    return check_remote_ae(table, required=True)

@@ -10,8 +10,6 @@ in the systemd order: built-in defaults < main file < sorted drop-ins <
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -25,7 +23,10 @@ from pydicom.datadict import tag_for_keyword
 from dcmrecvd.conf.access import check_network, check_rules
 from dcmrecvd.conf.commitment import CommitmentConfig, CommitmentPeerConfig, check_peer
 from dcmrecvd.conf.forward import ForwardConfig, check_destination, parse_match
+from dcmrecvd.conf.options import describe
 from dcmrecvd.conf.options import opt as _opt
+from dcmrecvd.conf.sub_tables import SubTable
+from dcmrecvd.conf.validation import suggest, validate_table
 from dcmrecvd.errors import ConfigError
 from dcmrecvd.store.disk_space import parse_min_free
 from dcmrecvd.wire import layout
@@ -81,8 +82,11 @@ class NetworkConfig:
         "then the port must come from the command line or from socket activation.",
         minimum=0,
         maximum=65535,
+        restart=True,
     )
-    address: str = _opt("", "Address to bind; empty binds every IPv4 interface, as dcmrecv does.")
+    address: str = _opt(
+        "", "Address to bind; empty binds every IPv4 interface, as dcmrecv does.", restart=True
+    )
     ae_title: str = _opt(
         "",
         "Our AE title (-aet). When set, associations whose called AE title differs are "
@@ -243,6 +247,7 @@ class OutputConfig:
         True,
         "Flush each object (and its directory) to disk before acknowledging it. Turning "
         "this off breaks the promise that an acknowledged object survives a power cut.",
+        restart=True,
     )
     min_free: str = _opt(
         "",
@@ -263,6 +268,7 @@ class JournalConfig:
         "and make its file off the ack path. Off: each object's own file, data flush, rename "
         "and directory fsync before its ack (the per-file path). Without output.fsync there "
         "is no journal either way.",
+        restart=True,
     )
     directory: str = _opt(
         "",
@@ -270,8 +276,9 @@ class JournalConfig:
         "fast device (NVMe) may hold it; it must support O_DIRECT (not tmpfs). Where it cannot "
         "be used, dcmrecvd falls back to the per-file path and says so, unless a setting needs "
         "it (duplicate_identity = 'instance', [commitment], [[forward]]): then it refuses to start.",
+        restart=True,
     )
-    segment_mib: int = _opt(16, "Size of one journal segment, in MiB.", minimum=1, maximum=1024)
+    segment_mib: int = _opt(16, "Size of one journal segment, in MiB.", minimum=1, maximum=1024, restart=True)
     segments: int = _opt(
         32,
         "Segments at most (disk use: segments x segment_mib). When all hold objects not yet "
@@ -280,6 +287,7 @@ class JournalConfig:
         "their filesystem; journal.sized says so at start.",
         minimum=2,
         maximum=4096,
+        restart=True,
     )
     inline_max_kib: int = _opt(
         64,
@@ -289,6 +297,7 @@ class JournalConfig:
         "objects +37 % through the journal, 0.5 MB objects faster through their own file.",
         minimum=4,
         maximum=65536,
+        restart=True,
     )
 
 
@@ -372,15 +381,15 @@ class MetricsConfig:
 
     listen: str = _opt(
         "",
-        "host:port of the HTTP listener for /metrics (Prometheus), /livez and /readyz; "
-        "empty: off. Needs a restart to change.",
+        "host:port of the HTTP listener for /metrics (Prometheus), /livez and /readyz; empty: off.",
         parse=_listen_or_empty,
+        restart=True,
     )
     agent_listen: str = _opt(
         "",
-        "host:port of the HAProxy agent-check responder (up, drain, maint); empty: off. "
-        "Needs a restart to change.",
+        "host:port of the HAProxy agent-check responder (up, drain, maint); empty: off.",
         parse=_listen_or_empty,
+        restart=True,
     )
     agent_weight: bool = _opt(
         False, "Append a weight (NN%) from the free association slots to the agent's 'up'."
@@ -411,8 +420,8 @@ class DaemonConfig:
         "outbox, Storage Commitment, the quarantine), never among the objects. Empty: "
         "$STATE_DIRECTORY under systemd (the packaged service: /var/lib/dcmrecvd/state), else "
         "$XDG_STATE_HOME/dcmrecvd/<output name>-<hash of the output path> (~/.local/state when "
-        "XDG_STATE_HOME is unset). It belongs to one output directory: another one is refused. "
-        "Needs a restart to change.",
+        "XDG_STATE_HOME is unset). It belongs to one output directory: another one is refused.",
+        restart=True,
     )
 
 
@@ -458,6 +467,7 @@ class EventsConfig:
         "",
         "The SQLite event outbox. Empty: events.sqlite in daemon.state_directory. Used when "
         "[[hooks]], [events.amqp] or [[forward]] are configured.",
+        restart=True,
     )
     stable_seconds: int = _opt(
         60,
@@ -598,6 +608,8 @@ class Config:
     #: Which file set each dotted key (for messages such as "rule 2 of 10-access.toml");
     #: not a table, not compared.
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={"table": False})
+    #: Keys read under an old name ("forward[1].called_aet -> ae_title"), warned about at start.
+    renamed: tuple[str, ...] = field(default=(), compare=False, metadata={"table": False})
 
 
 def receiver_tables(config: Config, title: str) -> tuple[AssociationConfig, OutputConfig, AccessConfig]:
@@ -608,6 +620,119 @@ def receiver_tables(config: Config, title: str) -> tuple[AssociationConfig, Outp
         dataclasses.replace(config.output, **overrides.get("output", {})),
         dataclasses.replace(config.access, **overrides.get("access", {})),
     )
+
+
+#: The tables below the top level, in documentation order (see ``sub_tables``).
+SUB_TABLES: tuple[SubTable, ...] = (
+    SubTable(
+        "events.amqp",
+        "amqp",
+        AmqpConfig,
+        array=False,
+        about=(
+            "Every event (the kinds above) published to a RabbitMQ topic exchange as a persistent "
+            "JSON message, with publisher confirms: an event leaves the outbox only when the "
+            "broker confirmed it. While the broker is down events wait in the outbox (STATUS "
+            "counts them) and receiving goes on. The password is read from password_file or a "
+            "systemd credential and never shown; a URL with a password is refused."
+        ),
+    ),
+    SubTable(
+        "commitment.peer",
+        "commitment_peers",
+        CommitmentPeerConfig,
+        array=True,
+        about=(
+            "An AE that may ask for Storage Commitment (ae_title: the calling AE of its N-ACTION), "
+            "and where its report (N-EVENT-REPORT, on an association dcmrecvd opens) goes. An "
+            "N-ACTION from an AE without a table is refused 0x0110 with an Error Comment. The "
+            "first keys are those of every remote AE, as in [[forward]]."
+        ),
+        intro=(
+            "# [[commitment.peer]]: an AE that may ask for Storage Commitment, and where its",
+            "# report goes (one table per AE; none by default: every N-ACTION is refused 0x0110).",
+        ),
+        example=CommitmentPeerConfig(ae_title="MODALITY1", host="192.0.2.10", port=104),
+        unique="ae_title",
+        check=check_peer,
+    ),
+    SubTable(
+        "forward",
+        "forward",
+        ForwardConfig,
+        array=True,
+        about=(
+            "A destination every acknowledged object (or those match selects) is delivered to by "
+            "C-STORE, after the ack, from the stored file as it is. A consumer of the event outbox: "
+            "at least once across kill -9, power loss and outages, duplicates possible, a local "
+            "file never deleted. Per (called AE, calling AE, study) in receive order; studies in "
+            "parallel up to max_associations. Outcomes: 0x0000 and warnings delivered; 0x0111 per "
+            "duplicate_status; 0xA7xx, 0x0213, 0x0110, refused or reset connections, transient "
+            "rejections, aborts and timeouts retried with backoff (a connection failure rests the "
+            "whole destination), then a dead letter after give_up_after; 0xA9xx, 0xCxxx, 0x0122, "
+            "other failures and an unaccepted SOP class or transfer syntax a dead letter for that "
+            "object; a permanent rejection or 0x0124 pauses the destination (probed every "
+            "backoff_max). See dcmrecvd forward in dcmrecvd(8)."
+        ),
+        intro=(
+            "# [[forward]]: a destination acknowledged objects are delivered to, after the ack,",
+            "# with retries, dead letters and pauses (none by default; see dcmrecvd.toml(5)).",
+        ),
+        example=ForwardConfig(name="pacs", host="pacs.example", port=104, ae_title="PACS"),
+        unique="name",
+        check=check_destination,
+        parsers={"match": lambda value: parse_match(value, lambda k: tag_for_keyword(k) is not None)},
+        shown={"match": '#match = { Modality = ["CT", "MR"], calling_aet = "CT*" }'},
+        lead=("name", "on", "type", "match"),
+    ),
+    SubTable(
+        "hooks",
+        "hooks",
+        HookConfig,
+        array=True,
+        about=(
+            "Programs run after the ack, off the receiving path, one table per program. Each "
+            "acknowledged object becomes an object.stored event in the outbox (events.database); "
+            "a series or study is complete after events.stable_seconds without a new object "
+            "(events.max_seconds at the latest), and an object after that makes an update event "
+            f"instead of a second completion. Event kinds: {', '.join(EVENT_KINDS)}. "
+            "At least once: an object's event is part of its ack-journal record, and after a "
+            "crash the records past the journal's checkpoint hand theirs on again, so "
+            "duplicates are possible and none is missing (on the per-file path an event not "
+            "yet written when the process dies is lost). "
+            "exec is run without a shell; its items may hold placeholders "
+            f"({', '.join('{' + n + '}' for n in EVENT_FIELDS)}), each replaced within "
+            "its item; the event is also on stdin as JSON and in DCMRECVD_<FIELD> variables. "
+            "Events of one study run in order; a failed run is retried (backoff doubling), "
+            "then dead-lettered (hook.failed, STATUS, dcmrecvd_events_dead). Every body has "
+            "version (the contract's, now 1) and time in one format: local time with its UTC "
+            "offset, to the microsecond (2026-12-08T09:30:00.123456+01:00)."
+        ),
+        intro=(
+            "# [[hooks]]: a program run for each event of the kinds in `on` (none by default).",
+            f"# Kinds: {', '.join(EVENT_KINDS)}.",
+            f"# Placeholders in exec: {', '.join('{' + name + '}' for name in EVENT_FIELDS)}.",
+            "# The event is also on stdin (JSON) and in DCMRECVD_* variables. No shell is involved.",
+        ),
+        example=HookConfig(on=["object.stored"], exec=["/usr/bin/dcmsend", "pacs.example", "104", "{path}"]),
+        check=lambda row: (
+            ""
+            if row.get("exec") and row["exec"][0]
+            else 'exec: names no program (exec = ["/path/to/program", ...])'
+        ),
+        complete=lambda i, row: row if row.get("name") else {**row, "name": f"hook{i}"},
+    ),
+)
+
+
+def restart_keys() -> list[tuple[str, str]]:
+    """(table, key) of every setting declared ``restart=True``: a reload keeps its running value."""
+    return [
+        (section, f.name)
+        for section, cls in sections().items()
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("restart")
+    ]
 
 
 def sections() -> dict[str, type]:
@@ -705,69 +830,38 @@ def build(layers: Iterable[Layer]) -> Config:
     """Validate each layer against the schema, merge in order, freeze."""
     merged: dict[str, dict[str, Any]] = {}
     aes: dict[str, dict[str, dict[str, Any]]] = {}
-    hooks: list[dict[str, Any]] = []
-    peers: list[dict[str, Any]] = []
-    forward: list[dict[str, Any]] = []
+    subs: dict[str, Any] = {}
     origins: dict[str, str] = {}
+    notes: list[str] = []
+    declared = {t.path: t for t in SUB_TABLES}
     for layer in layers:
-        for section, values in validate_layer(layer).items():
-            if section == "commitment.peer":
-                peers = list(values)  # type: ignore[arg-type]
-                origins["commitment.peer"] = layer.source
-                continue
-            if section == "forward":
-                forward = list(values)  # type: ignore[arg-type]
-                origins["forward"] = layer.source
-                continue
-            if section == "hooks":  # an array: the later file's list replaces the earlier one
-                hooks = list(values)  # type: ignore[arg-type]
-                origins["hooks"] = layer.source
+        for section, values in validate_layer(layer, notes).items():
+            table = declared.get(section)
+            if table is not None and table.array:  # an array: the later file's list replaces
+                subs[section] = values
+                origins[section] = layer.source
                 continue
             if section == "ae":  # per title, per table: tables merge, values replace
                 for title, tables in values.items():
-                    for name, table in tables.items():
-                        aes.setdefault(title, {}).setdefault(name, {}).update(table)
-                        origins.update({f"ae.{title}.{name}.{key}": layer.source for key in table})
+                    for name, per in tables.items():
+                        aes.setdefault(title, {}).setdefault(name, {}).update(per)
+                        origins.update({f"ae.{title}.{name}.{key}": layer.source for key in per})
                 continue
             merged.setdefault(section, {}).update(values)
             origins.update({f"{section}.{name}": layer.source for name in values})
-    named = [
-        HookConfig(**{"name": f"hook{i}", **h}) if not h.get("name") else HookConfig(**h)
-        for i, h in enumerate(hooks, 1)
-    ]
     config = Config(
         **{s: cls(**merged.get(s, {})) for s, cls in sections().items()},
+        **{t.attribute: t.build(subs.get(t.path) if t.array else merged.get(t.path)) for t in SUB_TABLES},
         ae=aes,
-        hooks=tuple(named),
-        amqp=AmqpConfig(**merged.get("events.amqp", {})),
-        commitment_peers=tuple(CommitmentPeerConfig(**p) for p in peers),
-        forward=tuple(ForwardConfig(**f) for f in forward),
         origins=origins,
+        renamed=tuple(notes),
     )
     check_combinations(config)
     return config
 
 
-def _suggest(name: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 #: The tables an ``[ae.<TITLE>]`` may override for the associations called by that title.
 AE_SECTIONS = ("association", "output", "access")
-
-
-def _validate_table(source: str, prefix: str, cls: type, table: Any) -> dict[str, Any]:
-    if not isinstance(table, Mapping):
-        raise ConfigError(source, prefix, "must be a table")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out: dict[str, Any] = {}
-    for name, value in table.items():
-        dotted = f"{prefix}.{name}"
-        if name not in fields:
-            raise ConfigError(source, dotted, "unknown key" + _suggest(name, fields))
-        out[name] = check_value(source, dotted, fields[name], value)
-    return out
 
 
 def _validate_aes(source: str, table: Any) -> dict[str, dict[str, dict[str, Any]]]:
@@ -789,163 +883,33 @@ def _validate_aes(source: str, table: Any) -> dict[str, dict[str, dict[str, Any]
                 raise ConfigError(
                     source, f"ae.{title}.{section}", f"an AE can override only {', '.join(AE_SECTIONS)}"
                 )
-            out[title][section] = _validate_table(source, f"ae.{title}.{section}", schema[section], values)
+            out[title][section] = validate_table(source, f"ae.{title}.{section}", schema[section], values)
     return out
 
 
-def _validate_hooks(source: str, value: Any) -> list[dict[str, Any]]:
-    """``[[hooks]]``: an array of tables, each a HookConfig with a program to run."""
-    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
-        raise ConfigError(source, "hooks", "must be an array of tables ([[hooks]])")
-    out = []
-    for i, table in enumerate(value, 1):
-        checked = _validate_table(source, f"hooks[{i}]", HookConfig, table)
-        if not checked.get("exec") or not checked["exec"][0]:
-            raise ConfigError(
-                source, f"hooks[{i}].exec", 'names no program (exec = ["/path/to/program", ...])'
-            )
-        out.append(checked)
-    return out
-
-
-def _validate_peers(source: str, value: Any) -> list[dict[str, Any]]:
-    """``[[commitment.peer]]``: an array of tables, one per requesting AE title."""
-    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
-        raise ConfigError(source, "commitment.peer", "must be an array of tables ([[commitment.peer]])")
-    out: list[dict[str, Any]] = []
-    for i, table in enumerate(value, 1):
-        checked = _validate_table(source, f"commitment.peer[{i}]", CommitmentPeerConfig, table)
-        problem = check_peer(checked)
-        if problem:
-            raise ConfigError(source, f"commitment.peer[{i}].{problem.split(':')[0]}", problem)
-        if any(p["aet"] == checked["aet"] for p in out):
-            raise ConfigError(source, f"commitment.peer[{i}].aet", f"'{checked['aet']}' is listed twice")
-        out.append(checked)
-    return out
-
-
-def _validate_forward(source: str, value: Any) -> list[dict[str, Any]]:
-    """``[[forward]]``: an array of tables, one per destination, names unique."""
-    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
-        raise ConfigError(source, "forward", "must be an array of tables ([[forward]])")
-    out: list[dict[str, Any]] = []
-    for i, table in enumerate(value, 1):
-        table = dict(table)
-        match = table.pop("match", None)
-        checked = _validate_table(source, f"forward[{i}]", ForwardConfig, table)
-        if match is not None:
-            try:
-                checked["match"] = parse_match(match, lambda k: tag_for_keyword(k) is not None)
-            except ValueError as exc:
-                raise ConfigError(source, f"forward[{i}].match", str(exc)) from None
-        problem = check_destination(checked)
-        if problem:
-            raise ConfigError(source, f"forward[{i}].{problem.split(':')[0]}", problem)
-        if any(f["name"] == checked["name"] for f in out):
-            raise ConfigError(source, f"forward[{i}].name", f"'{checked['name']}' is used twice")
-        out.append(checked)
-    return out
-
-
-def validate_layer(layer: Layer) -> dict[str, dict[str, Any]]:
-    """Check one layer's tables and values; return a normalised copy."""
+def validate_layer(layer: Layer, notes: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Check one layer's tables and values; return a normalised copy (sub-tables under their
+    dotted path).  ``notes`` gets the keys read under an old name."""
     schema = sections()
-    result: dict[str, dict[str, Any]] = {}
-    for section, table in layer.data.items():
+    said: list[str] = [] if notes is None else notes
+    result: dict[str, Any] = {}
+    data = dict(layer.data)
+    for sub in SUB_TABLES:  # taken out of their parent table first
+        parent = data.get(sub.parent) if sub.parent else data
+        if isinstance(parent, Mapping) and sub.key in parent:
+            result[sub.path] = sub.validate(layer.source, parent[sub.key], said)
+            if sub.parent:
+                data[sub.parent] = {k: v for k, v in parent.items() if k != sub.key}
+            else:
+                del data[sub.key]
+    for section, table in data.items():
         if section == "ae":
             result["ae"] = _validate_aes(layer.source, table)
             continue
-        if section == "hooks":
-            result["hooks"] = _validate_hooks(layer.source, table)  # type: ignore[assignment]
-            continue
-        if section == "forward":
-            result["forward"] = _validate_forward(layer.source, table)  # type: ignore[assignment]
-            continue
-        if section == "commitment" and isinstance(table, Mapping) and "peer" in table:
-            result["commitment.peer"] = _validate_peers(layer.source, table["peer"])  # type: ignore[assignment]
-            table = {k: v for k, v in table.items() if k != "peer"}
-        if section == "events" and isinstance(table, Mapping) and "amqp" in table:
-            result["events.amqp"] = _validate_table(layer.source, "events.amqp", AmqpConfig, table["amqp"])
-            table = {k: v for k, v in table.items() if k != "amqp"}
         if section not in schema:
-            raise ConfigError(layer.source, section, "unknown table" + _suggest(section, schema))
-        if not isinstance(table, Mapping):
-            raise ConfigError(layer.source, section, "must be a table")
-        fields = {f.name: f for f in dataclasses.fields(schema[section])}
-        out: dict[str, Any] = {}
-        for name, value in table.items():
-            dotted = f"{section}.{name}"
-            if name not in fields:
-                raise ConfigError(layer.source, dotted, "unknown key" + _suggest(name, fields))
-            out[name] = check_value(layer.source, dotted, fields[name], value)
-        result[section] = out
+            raise ConfigError(layer.source, section, "unknown table" + suggest(section, schema))
+        result[section] = validate_table(layer.source, section, schema[section], table)
     return result
-
-
-def _type_name(value: Any) -> str:
-    return {bool: "boolean", int: "integer", str: "string", list: "array", float: "float"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def check_value(source: str, dotted: str, f: dataclasses.Field[Any], value: Any) -> Any:
-    """Type and range check of one value. TOML is typed: nothing is coerced."""
-    meta = f.metadata
-    expected = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if expected == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(source, dotted, f"expected a boolean, got {_type_name(value)}")
-    elif expected == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(source, dotted, f"expected an integer, got {_type_name(value)}")
-        if meta["min"] is not None and value < meta["min"]:
-            raise ConfigError(source, dotted, f"{value} is below the minimum {meta['min']}")
-        if meta["max"] is not None and value > meta["max"]:
-            raise ConfigError(source, dotted, f"{value} is above the maximum {meta['max']}")
-        if meta["parse"] is not None:
-            try:
-                meta["parse"](value)
-            except ValueError as exc:
-                raise ConfigError(source, dotted, str(exc)) from None
-    elif expected == "str":
-        if not isinstance(value, str):
-            raise ConfigError(source, dotted, f"expected a string, got {_type_name(value)}")
-        if meta["choices"] and value not in meta["choices"]:
-            raise ConfigError(
-                source,
-                dotted,
-                f"'{value}' is not one of {', '.join(meta['choices'])}" + _suggest(value, meta["choices"]),
-            )
-        if meta["parse"] is not None:
-            try:
-                meta["parse"](value)
-            except ValueError as exc:
-                raise ConfigError(source, dotted, str(exc)) from None
-    elif expected == "list[str]":
-        if isinstance(value, str) and meta.get("one_or_many"):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            example = json.dumps(value.split() or [value]) if isinstance(value, str) else '["..."]'
-            raise ConfigError(
-                source,
-                dotted,
-                f"expected an array of strings, got {_type_name(value)} (write {dotted.rsplit('.', 1)[-1]}"
-                f" = {example})",
-            )
-        value = list(value)
-        if meta["parse"] is not None:
-            for item in value:
-                try:
-                    meta["parse"](item)
-                except ValueError as exc:
-                    raise ConfigError(source, dotted, str(exc)) from None
-    elif expected == "list[dict[str, Any]]":
-        try:
-            meta["parse"](value)
-        except ValueError as exc:
-            raise ConfigError(source, dotted, str(exc)) from None
-        value = [dict(v) for v in value]
-    return value
 
 
 def bit_preserving_conflict(mode: str, subdirectory: str) -> bool:
@@ -1078,26 +1042,17 @@ def to_mapping(config: Config, *, redact: bool = True) -> dict[str, dict[str, An
                 continue
             table[f.name] = getattr(obj, f.name)
         out[section] = table
-    out["events"]["amqp"] = {f.name: getattr(config.amqp, f.name) for f in dataclasses.fields(AmqpConfig)}
-    if config.commitment_peers:
-        out["commitment"]["peer"] = [
-            {f.name: getattr(p, f.name) for f in dataclasses.fields(p)} for p in config.commitment_peers
-        ]
-    if config.hooks:
-        out["hooks"] = [{f.name: getattr(h, f.name) for f in dataclasses.fields(h)} for h in config.hooks]  # type: ignore[assignment]
-    if config.forward:
-        out["forward"] = [_forward_mapping(f) for f in config.forward]  # type: ignore[assignment]
+    for sub in SUB_TABLES:
+        value = getattr(config, sub.attribute)
+        if sub.array and not value:
+            continue
+        parent = out.setdefault(sub.parent, {}) if sub.parent else out
+        parent[sub.key] = sub.to_mapping(value)
     if config.ae:
         out["ae"] = {
             title: {name: dict(t) for name, t in tables.items()} for title, tables in config.ae.items()
         }
     return out
-
-
-def _forward_mapping(dest: ForwardConfig) -> dict[str, Any]:
-    table = {f.name: getattr(dest, f.name) for f in dataclasses.fields(dest)}
-    table["match"] = {key: list(globs) for key, globs in dest.match}
-    return table
 
 
 def to_toml(config: Config) -> str:
@@ -1141,7 +1096,7 @@ def documented_toml(settings: Mapping[str, Mapping[str, Any]] = PACKAGE_SETTINGS
     for section, cls in sections().items():
         lines.append(f"[{section}]")
         for f in dataclasses.fields(cls):
-            lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"# {describe(f)}")
             if f.name in settings.get(section, {}):
                 lines.append(tomli_w.dumps({f.name: settings[section][f.name]}).rstrip())
             else:
@@ -1152,49 +1107,15 @@ def documented_toml(settings: Mapping[str, Mapping[str, Any]] = PACKAGE_SETTINGS
                     dumped = f"{f.name} = 0x{defaults[section][f.name]:04X}"
                 lines.extend("#" + line for line in dumped.splitlines())  # arrays span lines
         lines.append("")
-    lines.append("[events.amqp]")
-    for f in dataclasses.fields(AmqpConfig):
-        lines.append(f"# {f.metadata['doc']}")
-        dumped = tomli_w.dumps({f.name: getattr(AmqpConfig(), f.name)}).rstrip()
-        lines.extend("#" + line for line in dumped.splitlines())
-    lines.append("")
-    lines += [
-        "# [[commitment.peer]]: an AE that may ask for Storage Commitment, and where its",
-        "# report goes (one table per AE; none by default: every N-ACTION is refused 0x0110).",
-        "#[[commitment.peer]]",
-    ]
-    peer = CommitmentPeerConfig(aet="MODALITY1", host="192.0.2.10", port=104)
-    for f in dataclasses.fields(CommitmentPeerConfig):
-        lines.append(f"# {f.metadata['doc']}")
-        dumped = tomli_w.dumps({f.name: getattr(peer, f.name)}).rstrip()
-        lines.extend("#" + line for line in dumped.splitlines())
-    lines.append("")
-    lines += [
-        "# [[forward]]: a destination acknowledged objects are delivered to, after the ack,",
-        "# with retries, dead letters and pauses (none by default; see dcmrecvd.toml(5)).",
-        "#[[forward]]",
-    ]
-    dest = ForwardConfig(name="pacs", host="pacs.example", port=104, called_aet="PACS")
-    for f in dataclasses.fields(ForwardConfig):
-        lines.append(f"# {f.metadata['doc']}")
-        value: Any = getattr(dest, f.name)
-        if f.name == "match":
-            lines.append('#match = { Modality = ["CT", "MR"], calling_aet = "CT*" }')
-            continue
-        dumped = tomli_w.dumps({f.name: value}).rstrip()
-        lines.extend("#" + line for line in dumped.splitlines())
-    lines.append("")
-    lines += [
-        "# [[hooks]]: a program run for each event of the kinds in `on` (none by default).",
-        f"# Kinds: {', '.join(EVENT_KINDS)}.",
-        f"# Placeholders in exec: {', '.join('{' + name + '}' for name in EVENT_FIELDS)}.",
-        "# The event is also on stdin (JSON) and in DCMRECVD_* variables. No shell is involved.",
-        "#[[hooks]]",
-    ]
-    example = HookConfig(on=["object.stored"], exec=["/usr/bin/dcmsend", "pacs.example", "104", "{path}"])
-    for f in dataclasses.fields(HookConfig):
-        lines.append(f"# {f.metadata['doc']}")
-        dumped = tomli_w.dumps({f.name: getattr(example, f.name)}).rstrip()
-        lines.extend("#" + line for line in dumped.splitlines())
-    lines.append("")
+    for sub in SUB_TABLES:
+        lines += [*sub.intro, f"#[[{sub.path}]]" if sub.array else f"[{sub.path}]"]
+        shown = sub.example if sub.example is not None else sub.schema()
+        for f in sub.documented_fields():
+            lines.append(f"# {describe(f)}")
+            if f.name in sub.shown:
+                lines.append(sub.shown[f.name])
+                continue
+            dumped = tomli_w.dumps({f.name: getattr(shown, f.name)}).rstrip()
+            lines.extend("#" + line for line in dumped.splitlines())
+        lines.append("")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dcmrecvd.conf.options import opt
+from dcmrecvd.conf.remote import RemoteAEConfig, check_remote_ae
 
 TYPES = ("dimse", "stowrs")
 BATCHES = ("object", "series")
@@ -28,8 +29,9 @@ EVENT_KEYS = ("called_aet", "calling_aet")
 
 
 @dataclass(frozen=True)
-class ForwardConfig:
-    """One ``[[forward]]`` table: a destination and which objects go there."""
+class ForwardConfig(RemoteAEConfig):
+    """One ``[[forward]]`` table: a destination (the keys of ``RemoteAEConfig``, for dimse)
+    and which objects go there."""
 
     name: str = opt("", "The destination's name, in logs, metrics and `dcmrecvd forward` (required).")
     on: str = opt(
@@ -47,17 +49,6 @@ class ForwardConfig:
         "Which objects go here: a table of key = glob or [globs] (all keys must match, any glob "
         "of a key). Keys: called_aet, calling_aet, or any DICOM keyword of the header (Modality, "
         "SOPClassUID, ...), read from the stored file without its pixel data. Empty: every object.",
-    )
-    host: str = opt("", "dimse: the destination's host name or address (required).")
-    port: int = opt(104, "Its DICOM port.", minimum=1, maximum=65535)
-    called_aet: str = opt("ANY-SCP", "The destination's AE title.")
-    calling_aet: str = opt("", "Our calling AE title. Empty: the AE title the object arrived on.")
-    tls: bool = opt(False, "Deliver over TLS.")
-    tls_certificate: str = opt("", "Our client certificate (PEM). Empty: none.")
-    tls_private_key: str = opt("", "Its private key (PEM).")
-    tls_ca_files: list[str] = opt([], "Certificates trusted for the destination. Empty: the system's store.")
-    tls_server_name: str = opt(
-        "", "The name the destination's certificate must carry. Empty: the chain is verified, not the name."
     )
     url: str = opt(
         "",
@@ -175,15 +166,7 @@ def check_destination(table: Mapping[str, Any]) -> str:
         problem = _check_stow(table)
         if problem:
             return problem
-    for key in ("called_aet", "calling_aet"):
-        aet = str(table.get(key, "ANY-SCP" if key == "called_aet" else ""))
-        if (aet or key == "called_aet") and not (len(aet) <= 16 and aet.strip() and aet.isprintable()):
-            return f"{key}: not an AE title (1-16 characters)"
-        if "\\" in aet:
-            return f"{key}: not an AE title (no backslash)"
-    if bool(table.get("tls_certificate")) != bool(table.get("tls_private_key")):
-        return "tls_certificate: needs tls_private_key (and the other way)"
-    return ""
+    return check_remote_ae(table, required=False)
 
 
 def _check_stow(table: Mapping[str, Any]) -> str:

@@ -21,6 +21,7 @@ from dcmrecvd.conf.config import AmqpConfig
 from dcmrecvd.errors import ConfigError
 from dcmrecvd.events import body as events
 from dcmrecvd.events.outbox import Outbox
+from dcmrecvd.store.backoff import backoff
 
 log = structlog.get_logger("dcmrecvd")
 
@@ -87,16 +88,16 @@ class Publisher:
         import pika
         import pika.exceptions
 
-        backoff = 1.0
+        failures = 0
         while not self._stop.is_set():
             try:
                 connection = pika.BlockingConnection(self._parameters())
             except (pika.exceptions.AMQPError, OSError) as exc:
                 self._down(exc)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                failures += 1
+                self._stop.wait(backoff(failures, 1.0, MAX_BACKOFF))
                 continue
-            backoff = 1.0
+            failures = 0
             try:
                 self._serve(connection)
             except (pika.exceptions.AMQPError, OSError) as exc:

@@ -61,7 +61,7 @@ class EventConsumers:
             self._set_consumers(config)
         assert self.hooks is not None and self.forwarding is not None
         self.hooks.apply(config.hooks)
-        self.forwarding.apply(config.forward)
+        self.forwarding.apply(config.forward, config.tls)
         if (self.publisher.cfg if self.publisher else AmqpConfig()) != config.amqp:
             password = read_password(config.amqp, self.environ)  # may fail: the old one stays
             if self.publisher is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from dcmrecvd.events import body as events
 from dcmrecvd.events.body import Body
+from dcmrecvd.store.sqlite_file import open_database
 
 #: Pending deliveries a consumer looks at per round (the oldest ones).
 WINDOW = 100
@@ -61,13 +61,9 @@ class EventStore:
     (one lock around the connection)."""
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.clock = clock
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        self.db = open_database(path, _SCHEMA, synchronous="NORMAL")
         columns = {str(row[1]) for row in self.db.execute("PRAGMA table_info(deliveries)")}
         if "since" not in columns:  # 0.9: a re-queued delivery's give_up_after counts from then
             self.db.execute("ALTER TABLE deliveries ADD COLUMN since REAL NOT NULL DEFAULT 0")

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import structlog
 from pydicom import dcmread
 
+from dcmrecvd.conf.config import TLSConfig
 from dcmrecvd.conf.forward import ForwardConfig
 from dcmrecvd.events.body import OBJECT_STORED
 from dcmrecvd.events.event_store import Due
@@ -37,6 +38,7 @@ from dcmrecvd.events.forward_outcome import Outcome, Verdict
 from dcmrecvd.events.forward_stow import StowDestination, read_secret
 from dcmrecvd.events.outbox import Outbox
 from dcmrecvd.ops.metrics import METRICS
+from dcmrecvd.store.backoff import backoff
 
 log = structlog.get_logger("dcmrecvd")
 
@@ -63,12 +65,15 @@ class Destination(Protocol):
 class Forwarder:
     """Delivers one destination's objects: a scheduler thread and ``max_associations`` workers."""
 
-    def __init__(self, outbox: Outbox, cfg: ForwardConfig, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, outbox: Outbox, cfg: ForwardConfig, environ: Mapping[str, str], server_tls: TLSConfig
+    ) -> None:
         self.outbox, self.cfg = outbox, cfg
+        self.server_tls = server_tls
         self.name = cfg.name
         self.consumer = cfg.consumer
         self.destination: Destination = (
-            StowDestination(cfg, environ) if cfg.type == "stowrs" else DimseDestination(cfg)
+            StowDestination(cfg, environ) if cfg.type == "stowrs" else DimseDestination(cfg, server_tls)
         )
         self._busy: set[str] = set()
         self._waiting: dict[str, float] = {}  # studies whose oldest object waits for a retry
@@ -308,11 +313,10 @@ class Forwarder:
         connection rests the whole destination."""
         if not connection:
             self._down = 0
-            return max(asked, float(min(self.cfg.backoff * 2.0 ** (attempts - 1), self.cfg.backoff_max)))
+            return max(asked, backoff(attempts, self.cfg.backoff, self.cfg.backoff_max))
         with self._lock:
             self._down += 1
-            delay = float(min(self.cfg.backoff * 2.0 ** (self._down - 1), self.cfg.backoff_max))
-            delay = max(delay, asked)
+            delay = max(backoff(self._down, self.cfg.backoff, self.cfg.backoff_max), asked)
             self._rest_until = max(self._rest_until, self.outbox.clock() + delay)
         return delay
 
@@ -355,21 +359,22 @@ class Forwarding:
         self.environ = environ
         self.running: dict[str, Forwarder] = {}
 
-    def apply(self, destinations: tuple[ForwardConfig, ...]) -> None:
-        """Start new destinations, restart changed ones, stop removed ones; queued objects
-        stay in the outbox under the destination's name, so a change loses none."""
+    def apply(self, destinations: tuple[ForwardConfig, ...], server_tls: TLSConfig) -> None:
+        """Start new destinations, restart changed ones (or all, when [tls] changed: its
+        certificate may be theirs), stop removed ones; queued objects stay in the outbox
+        under the destination's name, so a change loses none."""
         wanted = {d.name: d for d in destinations}
         for cfg in wanted.values():  # secrets first: an unreadable one changes nothing
             if cfg.type == "stowrs":
                 read_secret(cfg, self.environ)
         for name in list(self.running):
             current = self.running[name]
-            if wanted.get(name) != current.cfg:
+            if wanted.get(name) != current.cfg or server_tls != current.server_tls:
                 current.stop()
                 del self.running[name]
         for name, cfg in wanted.items():
             if name not in self.running:
-                self.running[name] = Forwarder(self.outbox, cfg, self.environ)
+                self.running[name] = Forwarder(self.outbox, cfg, self.environ, server_tls)
                 self.running[name].start()
 
     def figures(self) -> dict[str, tuple[int, float, bool]]:

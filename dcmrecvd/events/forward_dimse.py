@@ -25,11 +25,13 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
+from dcmrecvd.conf.config import TLSConfig
 from dcmrecvd.conf.forward import ForwardConfig
 from dcmrecvd.events import forward_outcome as outcome
 from dcmrecvd.events.forward_outcome import Outcome
 from dcmrecvd.remote.client import AssociationFailed, NoContext, OutboundAssociation
-from dcmrecvd.remote.peers import ClientTLS, Remote
+from dcmrecvd.remote.from_config import remote_for
+from dcmrecvd.remote.peers import Remote
 from dcmrecvd.remote.pool import AssociationPool, RemoteUnavailable
 from dcmrecvd.wire import part10
 from dcmrecvd.wire.requestor import proposals
@@ -48,8 +50,10 @@ class _Stale(Exception):
 class DimseDestination:
     """C-STORE to one ``[[forward]]`` destination of type dimse."""
 
-    def __init__(self, cfg: ForwardConfig) -> None:
+    def __init__(self, cfg: ForwardConfig, server_tls: TLSConfig) -> None:
         self.cfg = cfg
+        #: [tls] of the receiver: its certificate is ours towards a destination without one.
+        self.server_tls = server_tls
         self._lock = threading.Lock()
         self._pools: dict[str, AssociationPool] = {}
         #: (SOP class, transfer syntax) -> None, oldest first: what associations propose.
@@ -57,23 +61,12 @@ class DimseDestination:
 
     def _remote(self, calling_aet: str) -> Remote:
         cfg = self.cfg
-        tls = None
-        if cfg.tls:
-            tls = ClientTLS(
-                certificate=cfg.tls_certificate,
-                private_key=cfg.tls_private_key,
-                ca_files=tuple(cfg.tls_ca_files),
-                server_name=cfg.tls_server_name,
-            )
-        return Remote(
-            cfg.called_aet,
-            cfg.host,
-            cfg.port,
-            calling_aet=calling_aet,
-            tls=tls,
+        return remote_for(
+            cfg,
+            self.server_tls,
+            calling=calling_aet,
             connect_timeout=cfg.connect_timeout,
-            acse_timeout=cfg.timeout,
-            dimse_timeout=cfg.timeout,
+            response_timeout=cfg.timeout,
             max_associations=cfg.max_associations,
             idle_close=cfg.idle_close,
         )

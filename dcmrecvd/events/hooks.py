@@ -26,6 +26,7 @@ from dcmrecvd.events import body as events
 from dcmrecvd.events.event_store import Due
 from dcmrecvd.events.outbox import Outbox
 from dcmrecvd.ops.metrics import METRICS
+from dcmrecvd.store.backoff import backoff
 
 log = structlog.get_logger("dcmrecvd")
 
@@ -140,7 +141,7 @@ class HookRunner:
             METRICS.hook_runs.labels(self.name, "dead").inc()
             log.error("hook.failed", **fields)
             return
-        delay = min(self.hook.backoff * 2.0 ** (attempts - 1), MAX_BACKOFF)
+        delay = backoff(attempts, self.hook.backoff, MAX_BACKOFF)
         self.outbox.failed(due.event_id, self.name, detail, self.outbox.clock() + delay)
         METRICS.hook_runs.labels(self.name, "retry").inc()
         log.warning("hook.retry", retry_in=delay, **fields)

@@ -48,7 +48,7 @@ class Commitment:
 
     def peer(self, calling_aet: str) -> CommitmentPeerConfig | None:
         """The ``[[commitment.peer]]`` of a requesting AE (None: it may not ask)."""
-        return next((p for p in self.runtime().config.commitment_peers if p.aet == calling_aet), None)
+        return next((p for p in self.runtime().config.commitment_peers if p.ae_title == calling_aet), None)
 
     def check(
         self, called_aet: str, items: Iterable[tuple[str, str]]

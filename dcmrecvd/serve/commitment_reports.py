@@ -30,10 +30,12 @@ from dcmrecvd.events import body
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.remote.client import AssociationFailed, NoContext, OutboundAssociation
 from dcmrecvd.remote.client_tls import client_context
-from dcmrecvd.remote.peers import ClientTLS, Remote
+from dcmrecvd.remote.from_config import remote_for
+from dcmrecvd.remote.peers import Remote
 from dcmrecvd.serve.ack_journal import AckJournal, state_directory
 from dcmrecvd.serve.commitment import Commitment
 from dcmrecvd.serve.runtime import Runtime
+from dcmrecvd.store.backoff import backoff
 from dcmrecvd.store.commitment_store import DELIVERED, UNDELIVERABLE, CommitmentStore, Transaction
 from dcmrecvd.wire import commitment as codec
 from dcmrecvd.wire import uids
@@ -147,27 +149,15 @@ class Reporter:
         self._emit("commitment.reported", tx, objects=len(committed), failed=len(failed))
 
     def _remote(self, peer: CommitmentPeerConfig, tx: Transaction) -> Remote:
-        runtime = self.commitment.runtime()
-        settings = runtime.config.commitment
-        tls = None
-        if peer.tls:
-            server = runtime.config.tls
-            tls = ClientTLS(
-                certificate=peer.tls_certificate or server.certificate,
-                private_key=peer.tls_private_key or (server.private_key if not peer.tls_certificate else ""),
-                ca_files=tuple(peer.tls_ca_files),
-                server_name=peer.tls_server_name,
-            )
-        return Remote(
-            ae_title=peer.aet,
-            host=peer.host or tx.host,
-            port=peer.port,
-            calling_aet=peer.local_aet or tx.called_aet or runtime.config.network.ae_title or "DCMRECVD",
-            tls=tls,
+        config = self.commitment.runtime().config
+        settings = config.commitment
+        return remote_for(
+            peer,
+            config.tls,
+            host=tx.host,
+            calling=tx.called_aet or config.network.ae_title or "DCMRECVD",
             connect_timeout=settings.connect_timeout,
-            acse_timeout=settings.response_timeout,
-            dimse_timeout=settings.response_timeout,
-            max_associations=1,
+            response_timeout=settings.response_timeout,
         )
 
     def _deliver(
@@ -221,7 +211,7 @@ class Reporter:
             log.error("commitment.undeliverable", reason=reason, attempts=tx.attempts + 1, **fields)
             self._emit("commitment.undeliverable", tx, reason=reason)
             return
-        delay = min(settings.retry_initial * 2 ** min(tx.attempts, 30), settings.retry_max)
+        delay = backoff(tx.attempts + 1, settings.retry_initial, settings.retry_max)
         self.store.retry(tx.id, now + delay, reason)
         log.warning(
             "commitment.delivery_failed", reason=reason, attempts=tx.attempts + 1, retry_in=delay, **fields

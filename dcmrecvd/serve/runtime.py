@@ -175,6 +175,8 @@ def prepare(
     SIGHUP go through (command line and values 1, profile 66, directory 45, TLS 71; the
     listener, 64, comes after)."""
     out = config.output
+    for note in config.renamed:  # an old key name: read, and said, until the file is edited
+        warn(f"renamed key {note}")
     try:
         naming.check_extension(out.extension)
     except uids.UnsafeIdentifier as exc:

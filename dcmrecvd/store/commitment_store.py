@@ -16,11 +16,12 @@ leave the modality unable to tell them apart.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .sqlite_file import open_database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -94,13 +95,10 @@ class CommitmentStore:
     """The transactions; every method is safe from any thread."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.path = path
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # durable at each commit: the answer waits for it
-        self.db.executescript(SCHEMA)
+        # Durable at each commit: the answer waits for it.
+        self.db = open_database(path, SCHEMA, synchronous="FULL")
 
     def add(
         self,

@@ -17,11 +17,12 @@ row; see docs/ARCHITECTURE.md for growth and pruning.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .sqlite_file import open_database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -66,13 +67,9 @@ class InstanceIndex:
     """SQLite in WAL mode; ``put`` from the materialiser, ``sync`` before a checkpoint."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.path = path
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # durable at ``sync``, not per commit
-        self.db.executescript(SCHEMA)
+        self.db = open_database(path, SCHEMA, synchronous="NORMAL")  # durable at ``sync``
 
     def put(self, rows: Iterable[Instance]) -> None:
         """Add or replace rows, in one transaction (not yet durable: see ``sync``)."""

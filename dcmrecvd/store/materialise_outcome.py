@@ -28,6 +28,8 @@ import errno
 from dataclasses import dataclass
 from enum import Enum
 
+from .backoff import backoff
+
 #: Errors that say "this record can never be made as it stands" (its name, its place).
 PERMANENT_ERRNOS = frozenset(
     {
@@ -85,6 +87,6 @@ def classify(exc: BaseException) -> Outcome:
     return Outcome(Row.TRANSIENT, f"{type(exc).__name__}: {exc}")
 
 
-def backoff(tries: int) -> float:
+def retry_delay(tries: int) -> float:
     """Seconds before the next try after ``tries`` failed ones (1, 2, ...)."""
-    return min(BACKOFF_CAP, BACKOFF_FIRST * BACKOFF_FACTOR ** max(tries - 1, 0))
+    return backoff(tries, BACKOFF_FIRST, BACKOFF_CAP, BACKOFF_FACTOR)

@@ -34,7 +34,7 @@ from .file_ops import REAL, FileOps
 from .instance_index import InstanceIndex
 from .journal import Journal, Record
 from .making import Maker, give_name, write_temp
-from .materialise_outcome import Outcome, Row, backoff, classify
+from .materialise_outcome import Outcome, Row, classify, retry_delay
 from .object_record import ObjectRecord, Settled
 from .quarantine import Quarantine
 from .recovery import replay_records
@@ -238,7 +238,7 @@ class Materialiser:
             log.error("journal.materialise_failed", reason=failure.reason, waiting=len(self._queue))
         self._make_failure = failure
         self._failed_tries += 1
-        self._next_try = now + backoff(self._failed_tries)
+        self._next_try = now + retry_delay(self._failed_tries)
 
     def _advance_locked(self) -> None:
         through = self.visible_through
