@@ -22,7 +22,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +36,7 @@ from dcmrecvd.events.forward_dimse import DimseDestination
 from dcmrecvd.events.forward_outcome import Outcome, Verdict
 from dcmrecvd.events.forward_stow import StowDestination, read_secret
 from dcmrecvd.events.outbox import Outbox
+from dcmrecvd.events.scheduler import DueScheduler
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.store.backoff import backoff
 
@@ -75,65 +75,47 @@ class Forwarder:
         self.destination: Destination = (
             StowDestination(cfg, environ) if cfg.type == "stowrs" else DimseDestination(cfg, server_tls)
         )
-        self._busy: set[str] = set()
         self._waiting: dict[str, float] = {}  # studies whose oldest object waits for a retry
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._workers = ThreadPoolExecutor(cfg.max_associations, thread_name_prefix=f"forward {self.name}")
-        self._thread = threading.Thread(target=self._schedule, name=f"forward {self.name}", daemon=True)
         #: Paused: nothing is sent but a probe at ``_probe_at``.
         self.paused = False
         self._probe_at = 0.0
         #: The destination rests (its connection failed) until then; consecutive failures.
         self._rest_until = 0.0
         self._down = 0
+        self._expire_at = 0.0
+        #: Per study in order; studies in parallel up to max_associations (one while paused).
+        self.scheduler: DueScheduler[Due, str] = DueScheduler(
+            f"forward {self.name}",
+            find=lambda busy, room: outbox.due(self.consumer, busy, room, self._waiting),
+            key=lambda due: due.study_key,
+            run=self._deliver,
+            width=lambda: 1 if self.paused else cfg.max_associations,
+            changed=outbox.changed,
+            clock=outbox.clock,
+            generation=lambda: outbox.generation,
+            notify=outbox.notify,
+            gate=self._gate,
+            turn=self._turn,
+            idle=self.destination.close_idle,
+            workers=cfg.max_associations,
+        )
 
     def start(self) -> None:
-        self._thread.start()
+        self.scheduler.start()
 
     def stop(self, wait: float = 5.0) -> None:
         """No new sends; those in flight get ``wait`` seconds (an unanswered one is sent
         again after the restart: at least once)."""
-        self._stop.set()
-        self.outbox.notify()
-        self._thread.join(2.0)
-        deadline = time.monotonic() + wait
-        self._workers.shutdown(wait=False, cancel_futures=True)
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._busy:
-                    break
-            time.sleep(0.02)
+        self.scheduler.stop(wait)
         self.destination.close()
 
     # ------------------------------------------------------------------ scheduling
 
-    def _schedule(self) -> None:
-        expire_at = 0.0
-        while not self._stop.is_set():
-            seen = self.outbox.generation  # before the look: a notify after it is not lost
-            now = self.outbox.clock()
-            if now >= expire_at:  # counted from receipt, tried or not (#34)
-                self._expire(now)
-                expire_at = now + min(EXPIRE_EVERY, self.cfg.give_up_after / 4)
-            gate = self._gate(now)
-            retry: float | None = None
-            due: list[Due] = []
-            if gate is None:
-                with self._lock:
-                    free = (1 if self.paused else self.cfg.max_associations) - len(self._busy)
-                    busy = set(self._busy)
-                if free > 0:
-                    due, retry = self.outbox.due(self.consumer, busy, free, self._waiting)
-                    for item in due:
-                        self._launch(item)
-            if due:
-                continue
-            self.destination.close_idle()
-            wake = min(x for x in (gate, retry, now + IDLE_WAIT) if x is not None)
-            with self.outbox.changed:
-                if self.outbox.generation == seen:
-                    self.outbox.changed.wait(max(0.01, min(IDLE_WAIT, wake - now)))
+    def _turn(self, now: float) -> None:
+        if now >= self._expire_at:  # counted from receipt, tried or not (#34)
+            self._expire(now)
+            self._expire_at = now + min(EXPIRE_EVERY, self.cfg.give_up_after / 4)
 
     def _expire(self, now: float) -> None:
         """Objects past ``give_up_after`` since receipt become dead letters, also those never
@@ -155,26 +137,15 @@ class Forwarder:
         with self._lock:
             if self.paused and now < self._probe_at:
                 return self._probe_at
-            if self.paused and self._busy:
+            if self.paused and self.scheduler.busy():
                 return now + IDLE_WAIT  # a probe is in flight
         if now < self._rest_until:
             return self._rest_until
         return None
 
-    def _launch(self, due: Due) -> None:
-        with self._lock:
-            if due.study_key in self._busy:  # a worker took it on its own meanwhile
-                return
-            self._busy.add(due.study_key)
-        try:
-            self._workers.submit(self._deliver, due)
-        except RuntimeError:  # shut down under us: the delivery stays pending
-            with self._lock:
-                self._busy.discard(due.study_key)
-
     # ------------------------------------------------------------------ one object
 
-    def _deliver(self, due: Due) -> None:
+    def _deliver(self, due: Due) -> str:
         """Deliver ``due``, then, while each is delivered, what is due next, up to
         ``RUN_LIMIT``: the study's next object, else another study's oldest (taken as the
         scheduler would).  A worker so keeps its association busy without a hand-over
@@ -183,7 +154,7 @@ class Forwarder:
         item, study = due, due.study_key
         try:
             for _ in range(RUN_LIMIT):
-                if not self._deliver_one(item) or self._stop.is_set() or self.paused:
+                if not self._deliver_one(item) or self.scheduler.stopping.is_set() or self.paused:
                     break
                 if self._gate(self.outbox.clock()) is not None:
                     break
@@ -197,23 +168,14 @@ class Forwarder:
                 item, study = other, other.study_key
         except Exception as exc:  # a bug must not lose the object: retry it later
             self._handle(item, Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}", label="retry"), 0.0)
-        finally:
-            with self._lock:
-                self._busy.discard(study)
-            self.outbox.notify()
+        return study  # let go by the scheduler
 
     def _take_another(self, done: str) -> Due | None:
         """Another study's oldest due object, made busy (and ``done`` let go), or None."""
-        with self._lock:
-            busy = set(self._busy)
-        found, _retry = self.outbox.due(self.consumer, busy, 1)
-        if not found:
+        found, _retry = self.outbox.due(self.consumer, self.scheduler.busy(), 1)
+        if not found or not self.scheduler.hold(found[0].study_key):  # the scheduler launched it
             return None
-        with self._lock:
-            if found[0].study_key in self._busy:  # the scheduler launched it meanwhile
-                return None
-            self._busy.add(found[0].study_key)
-            self._busy.discard(done)
+        self.scheduler.let_go(done)
         return found[0]
 
     def _deliver_one(self, due: Due) -> bool:

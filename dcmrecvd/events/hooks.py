@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
-import time
 from collections.abc import Mapping, Sequence
 
 import structlog
@@ -25,6 +23,7 @@ from dcmrecvd.conf.config import HookConfig
 from dcmrecvd.events import body as events
 from dcmrecvd.events.event_store import Due
 from dcmrecvd.events.outbox import Outbox
+from dcmrecvd.events.scheduler import DueScheduler
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.store.backoff import backoff
 
@@ -54,78 +53,49 @@ class HookRunner:
         self.outbox, self.hook = outbox, hook
         self.name = hook.name
         self._env = {k: v for k, v in environ.items() if k not in _PRIVATE_ENV}
-        self._busy: set[str] = set()  # studies with a run in flight
         self._waiting: dict[str, float] = {}  # studies whose oldest event waits for a retry
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._runs: list[threading.Thread] = []
         self._procs: set[subprocess.Popen[bytes]] = set()
-        self._thread = threading.Thread(target=self._schedule, name=f"hook {self.name}", daemon=True)
+        #: Events of one study in order, up to ``concurrency`` studies at once.
+        self.scheduler: DueScheduler[Due, str] = DueScheduler(
+            f"hook {self.name}",
+            find=lambda busy, room: outbox.due(self.name, busy, room, self._waiting),
+            key=lambda due: due.study_key,
+            run=self._run,
+            width=lambda: hook.concurrency,
+            changed=outbox.changed,
+            clock=outbox.clock,
+            generation=lambda: outbox.generation,
+            notify=outbox.notify,
+            workers=hook.concurrency,
+        )
 
     def start(self) -> None:
-        self._thread.start()
+        self.scheduler.start()
 
     def stop(self, wait: float = 0.0) -> None:
         """No new runs; runs in flight get ``wait`` seconds to finish, then are killed
         (their events stay in the outbox and run again after the restart)."""
-        self._stop.set()
-        with self.outbox.changed:
-            self.outbox.changed.notify_all()
-        self._thread.join(1.0)
-        deadline = time.monotonic() + wait
-        for run in list(self._runs):
-            run.join(max(0.0, deadline - time.monotonic()))
+        self.scheduler.stop(wait)
         for proc in list(self._procs):
             _kill_group(proc)
-        for run in list(self._runs):
-            run.join(1.0)
+        self.scheduler.stop(1.0)  # the killed runs report back
 
-    def _schedule(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                free = self.hook.concurrency - len(self._busy)
-                busy = set(self._busy)
-            due: list[Due] = []
-            retry: float | None = None
-            if free > 0:
-                due, retry = self.outbox.due(self.name, busy, free, self._waiting)
-                for item in due:
-                    self._launch(item)
-            if due:
-                continue
-            # Wait for a new event, a finished run or the next retry, whichever first.
-            timeout = 1.0 if retry is None else max(0.01, min(1.0, retry - self.outbox.clock()))
-            with self.outbox.changed:
-                self.outbox.changed.wait(timeout)
-
-    def _launch(self, due: Due) -> None:
-        with self._lock:
-            self._busy.add(due.study_key)
-        run = threading.Thread(target=self._run, args=(due,), name=f"hook {self.name} run", daemon=True)
-        self._runs = [r for r in self._runs if r.is_alive()] + [run]
-        run.start()
-
-    def _run(self, due: Due) -> None:
+    def _run(self, due: Due) -> str:
         try:
-            try:
-                ok, detail = self._execute(due.body)
-            except Exception as exc:  # a run that went wrong in our hands is a failed run
-                ok, detail = False, f"{type(exc).__name__}: {exc}"
-            if detail is STOPPED:  # still pending: it runs again after the restart
-                return
-            if ok:
-                self.outbox.done(due.event_id, self.name)
-                METRICS.hook_runs.labels(self.name, "ok").inc()
-                log.info(
-                    "hook.completed", hook=self.name, hook_event=due.body.get("event"), event_id=due.event_id
-                )
-                return
-            self._failed(due, detail)
-        finally:
-            with self._lock:
-                self._busy.discard(due.study_key)
-            with self.outbox.changed:
-                self.outbox.changed.notify_all()
+            ok, detail = self._execute(due.body)
+        except Exception as exc:  # a run that went wrong in our hands is a failed run
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        if detail is STOPPED:  # still pending: it runs again after the restart
+            return due.study_key
+        if ok:
+            self.outbox.done(due.event_id, self.name)
+            METRICS.hook_runs.labels(self.name, "ok").inc()
+            log.info(
+                "hook.completed", hook=self.name, hook_event=due.body.get("event"), event_id=due.event_id
+            )
+            return due.study_key
+        self._failed(due, detail)
+        return due.study_key
 
     def _failed(self, due: Due, detail: str) -> None:
         attempts = self.outbox.attempts(due.event_id, self.name) + 1  # this run included
@@ -173,7 +143,7 @@ class HookRunner:
             return False, f"killed after {self.hook.timeout} s: {_tail(output)}"
         finally:
             self._procs.discard(proc)
-        if self._stop.is_set() and proc.returncode < 0:  # killed by our own stop: not its failure
+        if self.scheduler.stopping.is_set() and proc.returncode < 0:  # killed by our own stop
             return False, STOPPED
         if proc.returncode == 0:
             return True, ""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -27,6 +26,7 @@ import structlog
 from dcmrecvd.conf.commitment import CommitmentPeerConfig
 from dcmrecvd.conf.config import Config
 from dcmrecvd.events import body
+from dcmrecvd.events.scheduler import DueScheduler
 from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.remote.client import AssociationFailed, NoContext, OutboundAssociation
 from dcmrecvd.remote.client_tls import client_context
@@ -62,60 +62,40 @@ class Reporter:
         self.store = commitment.store
         #: The outbox's ``record`` (None: no consumer of events configured).
         self.emit = emit
-        self._cond = threading.Condition()
-        self._inflight: set[int] = set()
-        self._stop = False
-        self._thread: threading.Thread | None = None
-        self._workers = ThreadPoolExecutor(max_workers=64, thread_name_prefix="commitment-report")
+        self._changed = threading.Condition()
+        self._generation = 0
+        #: One report per transaction at a time, up to commitment.max_associations at once.
+        self.scheduler: DueScheduler[Transaction, int] = DueScheduler(
+            "commitment-report",
+            find=lambda busy, room: (self.store.due(time.time(), busy, room), self.store.next_due()),
+            key=lambda tx: tx.id,
+            run=self._attempt,
+            width=lambda: commitment.runtime().config.commitment.max_associations,
+            changed=self._changed,
+            generation=lambda: self._generation,
+            notify=self.wake,
+            idle_wait=IDLE_SECONDS,
+        )
         commitment.wake = self.wake
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="commitment", daemon=True)
-        self._thread.start()
+        self.scheduler.start()
 
     def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
 
     def stop(self, timeout: float = 10.0) -> None:
         """No new attempts; those under way get ``timeout`` seconds, then stay pending."""
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._workers.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._inflight and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(left)
+        self.scheduler.stop(timeout)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                if self._stop:
-                    return
-                room = self.commitment.runtime().config.commitment.max_associations - len(self._inflight)
-                inflight = set(self._inflight)
-            due = self.store.due(time.time(), inflight, room) if room > 0 else []
-            with self._cond:
-                for tx in due:
-                    self._inflight.add(tx.id)
-                    self._workers.submit(self._attempt, tx)
-                next_due = self.store.next_due()
-                wait = IDLE_SECONDS if next_due is None else min(IDLE_SECONDS, next_due - time.time())
-                if not due and not self._stop and wait > 0:
-                    self._cond.wait(wait)
-
-    def _attempt(self, tx: Transaction) -> None:
+    def _attempt(self, tx: Transaction) -> int:
         try:
             self._report(tx)
         except Exception as exc:  # never let one transaction stop the others
             log.error("commitment.delivery_failed", transaction_uid=tx.uid, reason=f"internal: {exc!r}")
-        finally:
-            with self._cond:
-                self._inflight.discard(tx.id)
-                self._cond.notify_all()
+        return tx.id
 
     def _report(self, tx: Transaction) -> None:
         fields = {"transaction_uid": tx.uid, "calling_aet": tx.calling_aet, "called_aet": tx.called_aet}
