@@ -90,7 +90,7 @@ class Daemon:
             self.stats,
             heartbeat=self.notifier.watchdog if watchdog else None,
             heartbeat_interval=watchdog,
-            journal=self.ack,
+            ack=self.ack,
         )
         self._apply_hooks(self.runtime)
         if self.ack is not None:  # recovery: before the socket is served and before READY

@@ -54,7 +54,7 @@ def journaled_peer(tmp_path: Path, ops: FileOps, **journal: object) -> tuple[Pee
 
     class Journaled(Association):
         def __init__(self, *args: object, **kw: object) -> None:
-            super().__init__(*args, journal=ack, **kw)  # type: ignore[arg-type]
+            super().__init__(*args, ack=ack, **kw)  # type: ignore[arg-type]
 
     peer = Peer(dataclasses.replace(rt), Journaled)
     peer.send(associate_rq(CT, EXPLICIT), whole)

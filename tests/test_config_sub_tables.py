@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dcmrecvd.conf import config
-from dcmrecvd.conf.commitment import CommitmentPeerConfig
+from dcmrecvd.conf.commitment_settings import CommitmentPeerConfig
 from dcmrecvd.conf.forward import ForwardConfig
 from dcmrecvd.conf.remote import RemoteAEConfig
 from dcmrecvd.errors import ConfigError

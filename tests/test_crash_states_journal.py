@@ -126,7 +126,7 @@ def journal_run(tmp_path: Path, model: str, pipelined: bool = False, **output: o
         """Journaled; marks the log the moment a success is answered, with what it promises."""
 
         def __init__(self, *args: object, **kw: object) -> None:
-            super().__init__(*args, journal=ack, **kw)  # type: ignore[arg-type]
+            super().__init__(*args, ack=ack, **kw)  # type: ignore[arg-type]
 
         def _answer(self, request: object, outcome: Outcome) -> None:
             if outcome.status == Status.SUCCESS and outcome.path:

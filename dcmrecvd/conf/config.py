@@ -21,7 +21,7 @@ import tomli_w
 from pydicom.datadict import tag_for_keyword
 
 from dcmrecvd.conf.access import check_network, check_rules
-from dcmrecvd.conf.commitment import CommitmentConfig, CommitmentPeerConfig, check_peer
+from dcmrecvd.conf.commitment_settings import CommitmentConfig, CommitmentPeerConfig, check_peer
 from dcmrecvd.conf.forward import ForwardConfig, check_destination, parse_match
 from dcmrecvd.conf.options import describe
 from dcmrecvd.conf.options import opt as _opt

@@ -33,7 +33,7 @@ from dcmrecvd.conf.forward import ForwardConfig
 from dcmrecvd.events.body import OBJECT_STORED
 from dcmrecvd.events.event_store import Due
 from dcmrecvd.events.forward_dimse import DimseDestination
-from dcmrecvd.events.forward_outcome import Outcome, Verdict
+from dcmrecvd.events.forward_outcome import Delivery, Verdict
 from dcmrecvd.events.forward_stow import StowDestination, read_secret
 from dcmrecvd.events.outbox import Outbox
 from dcmrecvd.events.scheduler import DueScheduler
@@ -55,7 +55,7 @@ BATCH_LIMIT = 500
 class Destination(Protocol):
     """How a forwarder hands objects to a destination (DIMSE or STOW-RS)."""
 
-    def deliver(self, items: list[tuple[Path, Mapping[str, Any]]]) -> list[Outcome]: ...
+    def deliver(self, items: list[tuple[Path, Mapping[str, Any]]]) -> list[Delivery]: ...
 
     def close(self) -> None: ...
 
@@ -167,7 +167,7 @@ class Forwarder:
                     break
                 item, study = other, other.study_key
         except Exception as exc:  # a bug must not lose the object: retry it later
-            self._handle(item, Outcome(Verdict.RETRY, f"{type(exc).__name__}: {exc}", label="retry"), 0.0)
+            self._handle(item, Delivery(Verdict.RETRY, f"{type(exc).__name__}: {exc}", label="retry"), 0.0)
         return study  # let go by the scheduler
 
     def _take_another(self, done: str) -> Due | None:
@@ -235,7 +235,7 @@ class Forwarder:
         return self.cfg.match_header({k: _text(ds.data_element(k)) for k in keys})
 
     def _handle(
-        self, due: Due, result: Outcome, seconds: float, delay: float | None = None, now: float | None = None
+        self, due: Due, result: Delivery, seconds: float, delay: float | None = None, now: float | None = None
     ) -> None:
         fields = {
             "destination": self.name,

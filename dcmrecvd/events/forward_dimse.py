@@ -28,7 +28,7 @@ from pydicom.filewriter import write_dataset
 from dcmrecvd.conf.config import TLSConfig
 from dcmrecvd.conf.forward import ForwardConfig
 from dcmrecvd.events import forward_outcome as outcome
-from dcmrecvd.events.forward_outcome import Outcome
+from dcmrecvd.events.forward_outcome import Delivery
 from dcmrecvd.remote.client import AssociationFailed, NoContext, OutboundAssociation
 from dcmrecvd.remote.from_config import remote_for
 from dcmrecvd.remote.peers import Remote
@@ -94,20 +94,20 @@ class DimseDestination:
                     each.close()  # idle ones go; new ones propose the new pair
             return pool
 
-    def deliver(self, items: list[tuple[Path, Mapping[str, Any]]]) -> list[Outcome]:
+    def deliver(self, items: list[tuple[Path, Mapping[str, Any]]]) -> list[Delivery]:
         """One C-STORE per item (a batch is one object: associations carry the rest)."""
         return [self.send(path, str(body.get("called_aet", ""))) for path, body in items]
 
-    def send(self, path: Path, calling_aet: str) -> Outcome:
+    def send(self, path: Path, calling_aet: str) -> Delivery:
         """Deliver one stored file; the verdict on the destination's answer."""
         calling = self.cfg.calling_aet or calling_aet or "DCMRECVD"
         try:
             with open(path, "rb") as f:
                 meta = part10.read_meta(f.read(part10.META_READ))
         except FileNotFoundError:
-            return Outcome(outcome.Verdict.DEAD, f"the stored file is gone: {path}", label="dead")
+            return Delivery(outcome.Verdict.DEAD, f"the stored file is gone: {path}", label="dead")
         except (OSError, part10.NotPart10) as exc:
-            return Outcome(outcome.Verdict.DEAD, f"the stored file cannot be read: {exc}", label="dead")
+            return Delivery(outcome.Verdict.DEAD, f"the stored file cannot be read: {exc}", label="dead")
         wanted = [meta.transfer_syntax_uid]
         if self.cfg.transfer_syntax == "uncompressed-ok" and meta.transfer_syntax_uid in _OTHER:
             wanted.append(_OTHER[meta.transfer_syntax_uid])

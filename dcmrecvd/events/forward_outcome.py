@@ -41,7 +41,7 @@ class Verdict(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Delivery:
     verdict: Verdict
     #: Why, for logs and dead letters (a status and its meaning, or the connection's error).
     reason: str
@@ -58,39 +58,39 @@ NOT_AUTHORIZED = 0x0124
 _RETRY_STATUSES = {0x0110: "processing failure", 0x0213: "resource limitation"}
 
 
-def of_status(status: int, comment: str, *, warnings_delivered: bool, duplicate_delivered: bool) -> Outcome:
+def of_status(status: int, comment: str, *, warnings_delivered: bool, duplicate_delivered: bool) -> Delivery:
     """The verdict on a C-STORE response status."""
     text = f"status 0x{status:04X}" + (f" ({comment})" if comment else "")
     if status == 0x0000:
-        return Outcome(Verdict.DELIVERED, "status 0x0000: success", label="delivered")
+        return Delivery(Verdict.DELIVERED, "status 0x0000: success", label="delivered")
     if status == DUPLICATE:
         verdict = Verdict.DELIVERED if duplicate_delivered else Verdict.DEAD
-        return Outcome(verdict, f"{text}: duplicate SOP instance", label="duplicate")
+        return Delivery(verdict, f"{text}: duplicate SOP instance", label="duplicate")
     if status & 0xF000 == 0xB000:
         verdict = Verdict.DELIVERED if warnings_delivered else Verdict.DEAD
-        return Outcome(verdict, f"{text}: warning", label="warning" if warnings_delivered else "dead")
+        return Delivery(verdict, f"{text}: warning", label="warning" if warnings_delivered else "dead")
     if status == NOT_AUTHORIZED:
-        return Outcome(Verdict.PAUSE, f"{text}: refused, not authorized", label="paused")
+        return Delivery(Verdict.PAUSE, f"{text}: refused, not authorized", label="paused")
     if status & 0xFF00 == 0xA700 or status in _RETRY_STATUSES:
         meaning = _RETRY_STATUSES.get(status, "out of resources")
-        return Outcome(Verdict.RETRY, f"{text}: {meaning}", label="retry")
+        return Delivery(Verdict.RETRY, f"{text}: {meaning}", label="retry")
     if status & 0xFF00 == 0xA900:
-        return Outcome(Verdict.DEAD, f"{text}: data set does not match SOP class", label="dead")
+        return Delivery(Verdict.DEAD, f"{text}: data set does not match SOP class", label="dead")
     if status & 0xF000 == 0xC000:
-        return Outcome(Verdict.DEAD, f"{text}: cannot understand", label="dead")
+        return Delivery(Verdict.DEAD, f"{text}: cannot understand", label="dead")
     if status == 0x0122:
-        return Outcome(Verdict.DEAD, f"{text}: SOP class not supported", label="dead")
-    return Outcome(Verdict.DEAD, f"{text}: failure", label="dead")
+        return Delivery(Verdict.DEAD, f"{text}: SOP class not supported", label="dead")
+    return Delivery(Verdict.DEAD, f"{text}: failure", label="dead")
 
 
-def of_association(why: str, detail: str, result: int = 0) -> Outcome:
+def of_association(why: str, detail: str, result: int = 0) -> Delivery:
     """The verdict when no association opened (``why``: unreachable, rejected, aborted)."""
     if why == "no-context":  # every pair proposed, this object's among them, was refused
         return no_context(detail)
     if why == "rejected" and result == 1:
-        return Outcome(Verdict.PAUSE, f"association rejected permanently ({detail})", True, "paused")
-    return Outcome(Verdict.RETRY, f"{why}: {detail}", True, "retry")
+        return Delivery(Verdict.PAUSE, f"association rejected permanently ({detail})", True, "paused")
+    return Delivery(Verdict.RETRY, f"{why}: {detail}", True, "retry")
 
 
-def no_context(detail: str) -> Outcome:
-    return Outcome(Verdict.DEAD, f"not accepted by the destination: {detail}", label="dead")
+def no_context(detail: str) -> Delivery:
+    return Delivery(Verdict.DEAD, f"not accepted by the destination: {detail}", label="dead")

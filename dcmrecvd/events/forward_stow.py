@@ -30,7 +30,7 @@ import httpx
 
 from dcmrecvd.conf.forward import ForwardConfig
 from dcmrecvd.errors import ConfigError
-from dcmrecvd.events.forward_outcome import Outcome, Verdict
+from dcmrecvd.events.forward_outcome import Delivery, Verdict
 from dcmrecvd.wire.status import Status
 
 _CHUNK = 1 << 20
@@ -96,14 +96,14 @@ class StowDestination:
             return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
         return {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
 
-    def deliver(self, items: list[tuple[Path, Mapping[str, Any]]]) -> list[Outcome]:
+    def deliver(self, items: list[tuple[Path, Mapping[str, Any]]]) -> list[Delivery]:
         """POST the files as one multipart body; one verdict per file, in order."""
         paths = [path for path, _ in items]
         uids = [str(body.get("sop_instance_uid", "")) for _, body in items]
         try:
             sizes = [os.stat(p).st_size for p in paths]
         except FileNotFoundError as exc:
-            gone = Outcome(Verdict.DEAD, f"the stored file is gone: {exc.filename}", label="dead")
+            gone = Delivery(Verdict.DEAD, f"the stored file is gone: {exc.filename}", label="dead")
             return [gone if str(p) == exc.filename else _again() for p in paths]
         boundary = uuid.uuid4().hex
         head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
@@ -122,7 +122,7 @@ class StowDestination:
             return [_connection(f"{type(exc).__name__}: {exc}")] * len(uids)
         return self._verdicts(response, uids)
 
-    def _verdicts(self, response: httpx.Response, uids: list[str]) -> list[Outcome]:
+    def _verdicts(self, response: httpx.Response, uids: list[str]) -> list[Delivery]:
         code = response.status_code
         text = f"HTTP {code}"
         if code in (200, 202, 409):
@@ -131,20 +131,20 @@ class StowDestination:
             for uid in uids:
                 reason = failed.get(uid)
                 if reason is None and code != 409:
-                    out.append(Outcome(Verdict.DELIVERED, f"{text}: stored", label="delivered"))
+                    out.append(Delivery(Verdict.DELIVERED, f"{text}: stored", label="delivered"))
                 elif reason == Status.DUPLICATE_INSTANCE or (reason is None and code == 409):
                     delivered = self.cfg.duplicate_status == "delivered"
                     verdict = Verdict.DELIVERED if delivered else Verdict.DEAD
-                    out.append(Outcome(verdict, f"{text}: already exists", label="duplicate"))
+                    out.append(Delivery(verdict, f"{text}: already exists", label="duplicate"))
                 else:
-                    out.append(Outcome(Verdict.DEAD, f"{text}: failure reason 0x{reason:04X}", label="dead"))
+                    out.append(Delivery(Verdict.DEAD, f"{text}: failure reason 0x{reason:04X}", label="dead"))
             return out
         if code in _RETRY or code >= 500:
             after = _retry_after(response.headers.get("Retry-After", ""))
-            return [Outcome(Verdict.RETRY, text, True, "retry", after)] * len(uids)
+            return [Delivery(Verdict.RETRY, text, True, "retry", after)] * len(uids)
         if code in _PAUSE:
-            return [Outcome(Verdict.PAUSE, f"{text}: not authorized", label="paused")] * len(uids)
-        return [Outcome(Verdict.DEAD, f"{text}: {response.reason_phrase}", label="dead")] * len(uids)
+            return [Delivery(Verdict.PAUSE, f"{text}: not authorized", label="paused")] * len(uids)
+        return [Delivery(Verdict.DEAD, f"{text}: {response.reason_phrase}", label="dead")] * len(uids)
 
     def close(self) -> None:
         self.client.close()
@@ -163,12 +163,12 @@ def _body(paths: list[Path], head: bytes, tail: bytes) -> Iterator[bytes]:
     yield tail
 
 
-def _again() -> Outcome:
-    return Outcome(Verdict.RETRY, "sent again with the rest of its batch", label="retry")
+def _again() -> Delivery:
+    return Delivery(Verdict.RETRY, "sent again with the rest of its batch", label="retry")
 
 
-def _connection(reason: str) -> Outcome:
-    return Outcome(Verdict.RETRY, reason, True, "retry")
+def _connection(reason: str) -> Delivery:
+    return Delivery(Verdict.RETRY, reason, True, "retry")
 
 
 def _retry_after(value: str) -> float:

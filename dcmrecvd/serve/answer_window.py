@@ -36,7 +36,7 @@ class AnswerWindow(Generic[R]):
         #: The writer whose staged objects a flush makes durable (set once accepted).
         self.writer: Writer | None = None
         #: The ack journal the records of stored objects go to before their answers.
-        self.journal: AckJournal | None = None
+        self.ack: AckJournal | None = None
         #: The last journal record committed for this association (0: none).
         self.last_seq = 0
         self._waiting: list[tuple[R, Outcome]] = []
@@ -65,8 +65,8 @@ class AnswerWindow(Generic[R]):
                     (request, Outcome(status_for_error(exc), str(exc)) if outcome.path else outcome)
                     for request, outcome in waiting
                 ]
-        if self.journal is not None:
-            waiting = self._commit(self.journal, waiting)
+        if self.ack is not None:
+            waiting = self._commit(self.ack, waiting)
         if any(claimed):
             self._release(claimed, waiting)
         now = time.monotonic()
@@ -84,7 +84,7 @@ class AnswerWindow(Generic[R]):
             outcome.claim = None
             record = outcome.record
             seq = record.seq if record is not None and outcome.status == Status.SUCCESS else 0
-            CLAIMS.release(claim, seq, self.journal)
+            CLAIMS.release(claim, seq, self.ack)
 
     def abandon(self) -> None:
         """The association ends with objects never answered: files already named are made
@@ -105,22 +105,22 @@ class AnswerWindow(Generic[R]):
         """Every object answered here under its final name (before A-RELEASE-RP: a script run
         when storescu returns finds them all, as with dcmrecv)."""
         seq = self.last_seq
-        if self.journal is not None and seq and not self.journal.wait_visible(seq):
+        if self.ack is not None and seq and not self.ack.wait_visible(seq):
             log.warning("journal.behind", seq=seq)
 
-    def _commit(self, journal: AckJournal, waiting: list[tuple[R, Outcome]]) -> list[tuple[R, Outcome]]:
+    def _commit(self, ack: AckJournal, waiting: list[tuple[R, Outcome]]) -> list[tuple[R, Outcome]]:
         """The records of the objects stored, durable in one commit (with other associations')."""
         records = [o.record for _, o in waiting if o.record is not None and o.status == Status.SUCCESS]
         if not records:
             return waiting
         try:
-            journal.commit(records)
+            ack.commit(records)
         except OSError as exc:  # none of them is acknowledged: a file already named goes again
             for record in records:
                 # A file that replaced another copy of its name stays: it is complete and durable,
                 # and taking it back would leave no copy at all.
                 if record.large and not record.replace:
-                    take_back(journal.journal.ops, record.final_path)
+                    take_back(ack.journal.ops, record.final_path)
             failed = Outcome(status_for_error(exc), str(exc))
             return [
                 (r, failed if o.record is not None and o.status == Status.SUCCESS else o) for r, o in waiting

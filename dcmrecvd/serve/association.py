@@ -26,7 +26,7 @@ import structlog
 from dcmrecvd.serve import admission, prelude, services
 from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.answer_window import AnswerWindow
-from dcmrecvd.serve.commitment import Commitment
+from dcmrecvd.serve.commitment_check import Commitment
 from dcmrecvd.serve.receive_buffer import RECEIVE_BUFFERS, PeerClosed, ReceiveBuffer, more_waiting
 from dcmrecvd.serve.receiving import Outcome, Sink
 from dcmrecvd.serve.runtime import Runtime, Stats
@@ -84,7 +84,7 @@ class Association:
         buffers: BufferPool = RECEIVE_BUFFERS,
         clock: Clock = dt.datetime.now,
         events: Callable[[dict[str, Any]], None] | None = None,
-        journal: AckJournal | None = None,
+        ack: AckJournal | None = None,
         commitment: Commitment | None = None,
     ) -> None:
         self.sock = sock
@@ -103,7 +103,7 @@ class Association:
         #: Where an acknowledged object's ``object.stored`` goes (the outbox), if anywhere.
         self.events = events
         #: The ack journal (None: the per-file path): see ``ack_journal``.
-        self.journal = journal
+        self.ack = ack
         #: Storage Commitment (None: not enabled; its context is then never accepted).
         self.commitment = commitment
         self.id = next_association_id()
@@ -303,7 +303,7 @@ class Association:
         self.contexts = outcome.contexts
         self.answers.size = outcome.window
         self.answers.writer = self.writer = Writer(decision.rx.store)
-        self.answers.journal = self.journal
+        self.answers.ack = self.ack
         self.buffer.grow()
         self.admitted = True
         self.stats.add(active=1, associations=1)

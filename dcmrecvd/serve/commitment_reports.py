@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from dcmrecvd.conf.commitment import CommitmentPeerConfig
+from dcmrecvd.conf.commitment_settings import CommitmentPeerConfig
 from dcmrecvd.conf.config import Config
 from dcmrecvd.events import body
 from dcmrecvd.events.scheduler import DueScheduler
@@ -33,11 +33,11 @@ from dcmrecvd.remote.client_tls import client_context
 from dcmrecvd.remote.from_config import remote_for
 from dcmrecvd.remote.peers import Remote
 from dcmrecvd.serve.ack_journal import AckJournal, state_directory
-from dcmrecvd.serve.commitment import Commitment
+from dcmrecvd.serve.commitment_check import Commitment
 from dcmrecvd.serve.runtime import Runtime
 from dcmrecvd.store.backoff import backoff
 from dcmrecvd.store.commitment_store import DELIVERED, UNDELIVERABLE, CommitmentStore, Transaction
-from dcmrecvd.wire import commitment as codec
+from dcmrecvd.wire import commitment_codec as codec
 from dcmrecvd.wire import uids
 from dcmrecvd.wire.requestor import proposals
 

@@ -53,7 +53,7 @@ class DuplicatePolicy:
 class Claim:
     """One object's hold on its identity until its own work is durable or failed."""
 
-    __slots__ = ("done", "journal", "key", "owner", "seq")
+    __slots__ = ("ack", "done", "key", "owner", "seq")
 
     def __init__(self, key: str, owner: object) -> None:
         self.key = key
@@ -61,10 +61,10 @@ class Claim:
         self.done = False
         #: The journal record that holds the object (0: none, or it failed): waiters wait for its file.
         self.seq = 0
-        self.journal: AckJournal | None = None
+        self.ack: AckJournal | None = None
 
     def visible(self) -> bool:
-        return self.journal is None or self.journal.materialiser.visible_through >= self.seq
+        return self.ack is None or self.ack.materialiser.visible_through >= self.seq
 
 
 class Claims:
@@ -97,9 +97,9 @@ class Claims:
                 if held.owner is owner and not held.done:
                     raise RuntimeError(f"claim on {key} not released by its own association")
                 self._wait_done(held, deadline)
-            if held.journal is not None and not held.visible():
+            if held.ack is not None and not held.visible():
                 left = max(0.0, deadline - time.monotonic())
-                if not held.journal.wait_visible(held.seq, left):
+                if not held.ack.wait_visible(held.seq, left):
                     raise Failure(Status.OUT_OF_RESOURCES, "the first copy is not made yet")
             with self._cond:
                 if self._held.get(key) is held:
@@ -119,15 +119,15 @@ class Claims:
             finally:
                 self._waiters -= 1
 
-    def release(self, claim: Claim, seq: int = 0, journal: AckJournal | None = None) -> None:
+    def release(self, claim: Claim, seq: int = 0, ack: AckJournal | None = None) -> None:
         """The object's work is durable (``seq``: in that journal record) or failed (0).
 
         A claim whose object lives in a journal record not yet made into its file stays,
         done: a copy arriving before the file exists still finds it (and waits for the file)."""
-        claim.seq, claim.journal = seq, journal if seq else None
+        claim.seq, claim.ack = seq, ack if seq else None
         with self._cond:
             claim.done = True
-            if claim.journal is None:
+            if claim.ack is None:
                 if self._held.get(claim.key) is claim:
                     del self._held[claim.key]
             else:

@@ -140,13 +140,13 @@ class MemoryBody:
 
     def __init__(
         self,
-        journal: AckJournal,
+        ack: AckJournal,
         root: Path,
         head: bytes | bytearray,
         meta_len: int,
         spill: Callable[[bytearray, int], Body],
     ) -> None:
-        self.journal = journal
+        self.ack = ack
         #: The output directory its file will be made under.
         self.root = root
         self.data: bytearray | None = bytearray(head)
@@ -169,7 +169,7 @@ class MemoryBody:
             data += chunk
             crc = zlib.crc32(chunk, crc)
         self.crc = crc
-        if len(data) <= self.journal.inline_max:
+        if len(data) <= self.ack.inline_max:
             return self
         self.data = None  # the record would be too big: streamed as on the per-file path
         return self.spill(data, crc)
@@ -180,7 +180,7 @@ class MemoryBody:
     def land(self, place: Placement) -> Landed:
         """Named now (never yet on disk: the materialiser makes the file after the ack)."""
         directory = self.root.joinpath(*place.directory.parts)
-        name = self.journal.choose_name(directory, place.names, replace=place.replace)
+        name = self.ack.choose_name(directory, place.names, replace=place.replace)
         data, self.data = self.data, None
         assert data is not None
         return Landed(directory / name, len(data), data=data, crc=self.crc)

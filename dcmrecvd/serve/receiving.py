@@ -149,7 +149,7 @@ class Destination:
     #: The sender's address, for the events.
     peer: str = ""
     #: The ack journal, when objects are acknowledged through it (fsync on, journal usable).
-    journal: AckJournal | None = None
+    ack: AckJournal | None = None
     #: What a second copy of an instance does (output.duplicates and its keys).
     duplicates: DuplicatePolicy = DuplicatePolicy()
     #: The association (whose claims are its own) and how it makes its answered objects
@@ -325,10 +325,10 @@ class Stored(Checked):
         self._choose_directory(sop_class)
         meta = part10.meta_header(sop_class, instance, self.transfer_syntax, self.to.calling, self.to.called)
         head, self.prefix = bytearray(meta) + self.prefix, bytearray()
-        journal = self.to.journal
-        if journal is None:
+        ack = self.to.ack
+        if ack is None:
             return FileBody.open(self.to.writer, self.directory, head, len(meta), None)
-        memory = MemoryBody(journal, self.to.writer.store.root, head, len(meta), self._spill)
+        memory = MemoryBody(ack, self.to.writer.store.root, head, len(meta), self._spill)
         return memory.append([])  # a head bigger than a record spills at once
 
     def _choose_directory(self, sop_class: str) -> None:
@@ -350,8 +350,8 @@ class Stored(Checked):
     def _spill(self, data: bytearray, crc: int) -> Body:
         """An object that outgrows its record gets its own file, streamed as on the per-file
         path (its CRC goes on only when the index keeps a digest of files)."""
-        assert self.to.journal is not None
-        digest = crc if self.to.journal.digest_files else None
+        assert self.to.ack is not None
+        digest = crc if self.to.ack.digest_files else None
         assert self.body is not None
         return FileBody.open(self.to.writer, self.directory, data, self.body.meta_len, digest)
 
@@ -395,7 +395,7 @@ class Stored(Checked):
         (``duplicates``); an Outcome when a second copy is discarded or refused."""
         scheme, policy, called = self.to.scheme, self.to.duplicates, self.to.called
         names = names_for(self.command, scheme, self.to.clock, self.layout_name)
-        index = self.to.journal.index if self.to.journal is not None else None
+        index = self.to.ack.index if self.to.ack is not None else None
         if policy.policy == "overwrite" and (policy.identity == "path" or index is None):
             # dcmrecv's rule: the atomic rename decides (the last copy stands) and tells.
             return Placement(self.directory, names, scheme.overwrites)
@@ -451,7 +451,7 @@ class Stored(Checked):
             tags=event_tags(self.walker.captured),
         )
         outcome.event = self._event(outcome)
-        if self.to.journal is not None:
+        if self.to.ack is not None:
             outcome.record = self._record(landed, place.replace, outcome.event)
         return outcome
 
@@ -553,6 +553,6 @@ def sink_for(
         return Checked(command, transfer_syntax, log)
     if not destination.disk.has_room():
         return Drained(Status.OUT_OF_RESOURCES, DISK_LOW)
-    if destination.journal is not None and (failing := destination.journal.failing):
+    if destination.ack is not None and (failing := destination.ack.failing):
         return Drained(Status.OUT_OF_RESOURCES, failing)  # acknowledged ones wait for the disk
     return Stored(command, transfer_syntax, log, destination)

@@ -26,7 +26,7 @@ from dcmrecvd.serve.duplicates import DuplicatePolicy
 from dcmrecvd.store.disk_space import DiskWatch, parse_min_free, watch_directory
 from dcmrecvd.store.storage import Store
 from dcmrecvd.wire import layout, negotiation, uids
-from dcmrecvd.wire.commitment import SOP_CLASS as STORAGE_COMMITMENT
+from dcmrecvd.wire.commitment_codec import SOP_CLASS as STORAGE_COMMITMENT
 from dcmrecvd.wire.profiles import VERIFICATION_ONLY, Profile, load_profile, with_context, with_verification
 
 

@@ -24,7 +24,7 @@ from dcmrecvd.ops.metrics import METRICS
 from dcmrecvd.ops.systemd import listen_fds
 from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.association import Association
-from dcmrecvd.serve.commitment import Commitment
+from dcmrecvd.serve.commitment_check import Commitment
 from dcmrecvd.serve.runtime import Runtime, Stats
 
 log = structlog.get_logger("dcmrecvd")
@@ -79,12 +79,12 @@ class Server:
         heartbeat: Callable[[], None] | None = None,
         heartbeat_interval: float = 0.0,
         events: Callable[[dict[str, Any]], None] | None = None,
-        journal: AckJournal | None = None,
+        ack: AckJournal | None = None,
     ) -> None:
         self.listeners = listeners
         self.events = events
         #: The ack journal stored objects are acknowledged through (None: the per-file path).
-        self.journal = journal
+        self.ack = ack
         #: Storage Commitment (set at start when enabled; its reporter runs beside the server).
         self.commitment: Commitment | None = None
         self.runtime = runtime
@@ -233,7 +233,7 @@ class Server:
             negotiated=self._negotiated,
             host=host,
             events=self.events,
-            journal=self.journal,
+            ack=self.ack,
             commitment=self.commitment,
         )
         if runtime.config.network.host_lookup and isinstance(addr, tuple):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from .instance_index import Instance
-from .materialise_outcome import Outcome, classify
+from .materialise_outcome import MakeFailure, classify
 from .object_record import ObjectRecord, Settled
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def finish(m: Materialiser, records: list[ObjectRecord], replayed: bool = False)
         record.state = "finished"
 
 
-def quarantine(m: Materialiser, record: ObjectRecord, outcome: Outcome) -> None:
+def quarantine(m: Materialiser, record: ObjectRecord, outcome: MakeFailure) -> None:
     """Set a record that cannot be made aside, durably and visibly."""
     entry = m.quarantine.put(record.seq, record.as_kept(), record.data, outcome.reason)
     record.state = "quarantined"
@@ -107,6 +107,6 @@ def retry_quarantined(m: Materialiser) -> None:
             log.warning("journal.quarantine_kept", entry=entry.id, reason=classify(exc).reason, retry="later")
 
 
-def _short(outcome: Outcome) -> str:
+def _short(outcome: MakeFailure) -> str:
     """The metric label of a quarantine's reason: the errno's name, or ``invalid``."""
     return outcome.reason.split(":", 1)[0] if outcome.errno else "invalid"

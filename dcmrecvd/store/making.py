@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from .file_ops import FileOps
-from .materialise_outcome import Outcome, Row, classify
+from .materialise_outcome import MakeFailure, Row, classify
 from .object_record import ObjectRecord
 from .storage import FILE_MODE, REPLACE_LOCK, TEMP_PREFIX, TEMP_SUFFIX, Store, take_back
 
@@ -46,8 +46,8 @@ class Batch:
     ``rest``; ``failure`` says why.  Refused records carry their outcome in ``refused``."""
 
     rest: list[ObjectRecord] = field(default_factory=list)
-    failure: Outcome | None = None
-    refused: dict[int, Outcome] = field(default_factory=dict)
+    failure: MakeFailure | None = None
+    refused: dict[int, MakeFailure] = field(default_factory=dict)
 
 
 def check_fits(directory: Path, name: str, *, replace: bool) -> None:
@@ -178,7 +178,7 @@ class Maker:
         for root in roots:
             self.ops.syncfs(root)
 
-    def _refused(self, batch: Batch, record: ObjectRecord, outcome: Outcome) -> bool:
+    def _refused(self, batch: Batch, record: ObjectRecord, outcome: MakeFailure) -> bool:
         """A record that failed: refused (True: go on with the others) or the batch stops."""
         if outcome.permanent:
             record.state = "refused"
@@ -212,10 +212,10 @@ class Maker:
                 self.ops.unlink(temp)
 
 
-def flush_failure(exc: OSError) -> Outcome:
+def flush_failure(exc: OSError) -> MakeFailure:
     """A flush that failed is the disk's trouble, never one record's: it waits, whatever
     its errno (the files are written anew; a flush is never retried on the same file)."""
-    return Outcome(Row.TRANSIENT, classify(exc).reason, exc.errno or 0)
+    return MakeFailure(Row.TRANSIENT, classify(exc).reason, exc.errno or 0)
 
 
 def _from_first_unpassed(records: list[ObjectRecord]) -> list[ObjectRecord]:

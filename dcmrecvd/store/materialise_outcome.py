@@ -59,7 +59,7 @@ class InvalidRecord(ValueError):
 
 
 @dataclass(frozen=True)
-class Outcome:
+class MakeFailure:
     """A failure classified: its row, and the words the log, events and ``/readyz`` use."""
 
     row: Row
@@ -71,10 +71,10 @@ class Outcome:
         return self.row is Row.PERMANENT
 
 
-def classify(exc: BaseException) -> Outcome:
+def classify(exc: BaseException) -> MakeFailure:
     """The row of an error met while making (or recovering) one record."""
     if isinstance(exc, (InvalidRecord, KeyError, TypeError, ValueError)) and not isinstance(exc, OSError):
-        return Outcome(Row.PERMANENT, f"invalid record: {exc}")
+        return MakeFailure(Row.PERMANENT, f"invalid record: {exc}")
     if isinstance(exc, OSError):
         code = exc.errno or 0
         name = errno.errorcode.get(code, str(code))
@@ -82,9 +82,9 @@ def classify(exc: BaseException) -> Outcome:
         if getattr(exc, "filename", None):
             words += f": {exc.filename}"
         if code in PERMANENT_ERRNOS:
-            return Outcome(Row.PERMANENT, words, code)
-        return Outcome(Row.TRANSIENT, words, code)
-    return Outcome(Row.TRANSIENT, f"{type(exc).__name__}: {exc}")
+            return MakeFailure(Row.PERMANENT, words, code)
+        return MakeFailure(Row.TRANSIENT, words, code)
+    return MakeFailure(Row.TRANSIENT, f"{type(exc).__name__}: {exc}")
 
 
 def retry_delay(tries: int) -> float:

@@ -34,7 +34,7 @@ from .file_ops import REAL, FileOps
 from .instance_index import InstanceIndex
 from .journal import Journal, Record
 from .making import Maker, give_name, write_temp
-from .materialise_outcome import Outcome, Row, classify, retry_delay
+from .materialise_outcome import MakeFailure, Row, classify, retry_delay
 from .object_record import ObjectRecord, Settled
 from .quarantine import Quarantine
 from .recovery import replay_records
@@ -99,14 +99,14 @@ class Materialiser:
         self._waiting = 0
         self._thread: threading.Thread | None = None
         #: Why records cannot be made now, or passed by the checkpoint (None: they can).
-        self._make_failure: Outcome | None = None
-        self._checkpoint_failure: Outcome | None = None
+        self._make_failure: MakeFailure | None = None
+        self._checkpoint_failure: MakeFailure | None = None
         self._failed_tries = 0
         self._failing_since = 0.0
         self._next_try = 0.0
 
     @property
-    def failing(self) -> Outcome | None:
+    def failing(self) -> MakeFailure | None:
         """Why acknowledged records cannot be made into files, or let go of, now (None: they
         can): read by the serving side, which acknowledges nothing new meanwhile."""
         return self._make_failure or self._checkpoint_failure
@@ -220,7 +220,7 @@ class Materialiser:
             except OSError as exc:
                 log.warning("journal.materialise_failed", reason=classify(exc).reason, step="progress")
 
-    def _note_failure(self, failure: Outcome | None) -> None:
+    def _note_failure(self, failure: MakeFailure | None) -> None:
         """Enter, stay in or leave the failing state (under the lock)."""
         now = time.monotonic()
         if failure is None:
@@ -255,7 +255,7 @@ class Materialiser:
             outcome = classify(exc)
             if self._checkpoint_failure is None or self._checkpoint_failure.reason != outcome.reason:
                 log.error("journal.materialise_failed", reason=outcome.reason, step="checkpoint")
-            self._checkpoint_failure = Outcome(Row.TRANSIENT, outcome.reason, outcome.errno)
+            self._checkpoint_failure = MakeFailure(Row.TRANSIENT, outcome.reason, outcome.errno)
             return False
         if self._checkpoint_failure is not None:
             log.warning("journal.materialise_resumed", step="checkpoint")
@@ -274,7 +274,7 @@ class Materialiser:
 
     def apply(
         self, batch: list[ObjectRecord], replayed: bool = False
-    ) -> tuple[list[ObjectRecord], Outcome | None]:
+    ) -> tuple[list[ObjectRecord], MakeFailure | None]:
         """Make what the batch still needs; return the records from the first one that
         could not pass (a transient failure, said in the second value) on."""
         result = self.maker.make(batch)

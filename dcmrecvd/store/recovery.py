@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from .materialise_outcome import Outcome
+from .materialise_outcome import MakeFailure
 from .object_record import ObjectRecord
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ REPLAY_BATCH = 256
 
 def replay_records(
     m: Materialiser, records: list[ObjectRecord]
-) -> tuple[dict[str, int], list[ObjectRecord], Outcome | None]:
+) -> tuple[dict[str, int], list[ObjectRecord], MakeFailure | None]:
     """Counts for the log, the records left waiting, and why they wait."""
     counts = {"records": len(records), "made": 0, "verified": 0, "missing": 0, "passed": 0, "quarantined": 0}
     made_through = m.journal.made_through
@@ -50,7 +50,7 @@ def replay_records(
         else:
             counts[label] += 1
     rest: list[ObjectRecord] = []
-    failure: Outcome | None = None
+    failure: MakeFailure | None = None
     for start in range(0, len(records), REPLAY_BATCH):
         chunk = records[start : start + REPLAY_BATCH]
         rest, failure = m.apply(chunk, replayed=True)

@@ -26,7 +26,7 @@ from structlog.typing import FilteringBoundLogger
 
 from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.answer_window import AnswerWindow
-from dcmrecvd.serve.commitment import Commitment
+from dcmrecvd.serve.commitment_check import Commitment
 from dcmrecvd.serve.receiving import Drained, Outcome, Sink
 from dcmrecvd.serve.runtime import Receiver, Stats
 from dcmrecvd.store.storage import Writer
@@ -50,7 +50,7 @@ class Peer(Protocol):
     events: Callable[[dict[str, Any]], None] | None
     clock: Callable[[], dt.datetime]
     #: The ack journal, when stored objects are acknowledged through it.
-    journal: AckJournal | None
+    ack: AckJournal | None
     #: The address access rules saw (the PROXY header's client when there was one).
     host: str
     #: Storage Commitment, when enabled.
@@ -100,10 +100,10 @@ UNSUPPORTED: Service = _Unsupported()
 
 
 def _registry() -> dict[int, Service]:
-    from dcmrecvd.serve.services import commitment, storage, verification
+    from dcmrecvd.serve.services import storage, storage_commitment, verification
 
     table: dict[int, Service] = {}
-    for service in (verification.SERVICE, storage.SERVICE, commitment.SERVICE):  # one line per service
+    for service in (verification.SERVICE, storage.SERVICE, storage_commitment.SERVICE):  # one per service
         for field in service.command_fields:
             table[field] = service
     return table

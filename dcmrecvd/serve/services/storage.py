@@ -29,7 +29,7 @@ class Storage:
             return Drained(Status.CANNOT_UNDERSTAND, "C-STORE without dataset")
         assert peer.writer is not None  # an accepted association has one
         rx = peer.rx
-        journal = peer.journal if rx.store.durable and rx.mode != "ignore" else None
+        ack = peer.ack if rx.store.durable and rx.mode != "ignore" else None
         destination = Destination(
             peer.writer,
             rx.scheme,
@@ -38,7 +38,7 @@ class Storage:
             peer.clock,
             peer.called,
             peer.peer,
-            journal,
+            ack,
             rx.duplicates,
             owner=peer.writer,
             settle=peer.answers.flush,

@@ -22,11 +22,11 @@ from typing import Any
 
 from dcmrecvd.events import body
 from dcmrecvd.ops.metrics import METRICS
-from dcmrecvd.serve.commitment import Commitment
+from dcmrecvd.serve.commitment_check import Commitment
 from dcmrecvd.serve.receiving import Drained, Outcome, Sink
 from dcmrecvd.serve.services import Call, Peer, Send
 from dcmrecvd.store.commitment_store import Conflict, Full
-from dcmrecvd.wire import commitment as codec
+from dcmrecvd.wire import commitment_codec as codec
 from dcmrecvd.wire import dimse, uids
 from dcmrecvd.wire.status import Status
 

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from dcmrecvd.conf.commitment import CommitmentPeerConfig
+from dcmrecvd.conf.commitment_settings import CommitmentPeerConfig
 from dcmrecvd.serve.ack_journal import AckJournal
 from dcmrecvd.serve.runtime import Runtime
 from dcmrecvd.store.commitment_store import CommitmentStore
