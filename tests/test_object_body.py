@@ -39,12 +39,8 @@ def meta() -> bytes:
 
 
 def memory_body(ack: AckJournal, writer: Writer, digest: bool) -> MemoryBody:
-    head = meta()
-
-    def spill(data: bytearray, crc: int) -> Body:
-        return FileBody.open(writer, PurePosixPath("."), data, len(head), crc if digest else None)
-
-    return MemoryBody(ack, writer.store.root, head, len(head), spill)
+    ack.digest_files = digest  # a spilled file keeps its CRC only when the index wants it
+    return MemoryBody(ack, writer, PurePosixPath("."), meta(), len(meta()))
 
 
 def files(root: Path) -> list[str]:

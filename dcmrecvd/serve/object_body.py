@@ -17,7 +17,6 @@ discarded without a trace.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Protocol
@@ -136,26 +135,25 @@ class FileBody:
 
 
 class MemoryBody:
-    """The object in memory, for its journal record; a file once it outgrows ``limit``."""
+    """The object in memory, for its journal record; a file (in ``directory``) once it
+    outgrows the record (``journal.inline_max_kib``)."""
 
     def __init__(
         self,
         ack: AckJournal,
-        root: Path,
+        writer: Writer,
+        directory: PurePosixPath,
         head: bytes | bytearray,
         meta_len: int,
-        spill: Callable[[bytearray, int], Body],
     ) -> None:
         self.ack = ack
-        #: The output directory its file will be made under.
-        self.root = root
+        self.writer = writer
+        self.directory = directory
         self.data: bytearray | None = bytearray(head)
         self.meta_len = meta_len
         #: CRC-32 of ``data`` so far, for its record: kept as the pieces arrive, while the
         #: sender is still sending, rather than at the commit.
         self.crc = zlib.crc32(self.data)
-        #: Makes the file it spills into, from what it holds and its CRC.
-        self.spill = spill
 
     @property
     def size(self) -> int:
@@ -172,14 +170,15 @@ class MemoryBody:
         if len(data) <= self.ack.inline_max:
             return self
         self.data = None  # the record would be too big: streamed as on the per-file path
-        return self.spill(data, crc)
+        digest = crc if self.ack.digest_files else None  # a file's CRC only when the index keeps it
+        return FileBody.open(self.writer, self.directory, data, self.meta_len, digest)
 
     def same_dataset(self, first: Path) -> bool:
         return same_dataset(first, self.data, None, self.meta_len)
 
     def land(self, place: Placement) -> Landed:
         """Named now (never yet on disk: the materialiser makes the file after the ack)."""
-        directory = self.root.joinpath(*place.directory.parts)
+        directory = self.writer.store.root.joinpath(*place.directory.parts)
         name = self.ack.choose_name(directory, place.names, replace=place.replace)
         data, self.data = self.data, None
         assert data is not None

@@ -322,38 +322,14 @@ class Stored(Checked):
     def _open(self) -> Body:
         """Start the object's body: its file meta and the bytes held aside, in its directory."""
         sop_class, instance = self.dataset_uids()
-        self._choose_directory(sop_class)
+        self.directory, self.layout_name = where_to(self.to, self.walker.captured, sop_class)
         meta = part10.meta_header(sop_class, instance, self.transfer_syntax, self.to.calling, self.to.called)
         head, self.prefix = bytearray(meta) + self.prefix, bytearray()
         ack = self.to.ack
         if ack is None:
             return FileBody.open(self.to.writer, self.directory, head, len(meta), None)
-        memory = MemoryBody(ack, self.to.writer.store.root, head, len(meta), self._spill)
+        memory = MemoryBody(ack, self.to.writer, self.directory, head, len(meta))
         return memory.append([])  # a head bigger than a record spills at once
-
-    def _choose_directory(self, sop_class: str) -> None:
-        """Its directory (and name, under output.layout) from the tags held aside."""
-        layout = self.to.scheme.layout
-        if layout is not None:
-            path = layout.render(
-                self.walker.captured,
-                self.walker.captured.get(SPECIFIC_CHARACTER_SET),
-                derived_values(self.to.calling, self.to.called, sop_class),
-                self.to.clock(),
-                self.to.scheme.layout_missing,
-            )
-            self.directory, self.layout_name = path.parent, path.name
-        elif self.open_after == SERIES_DATE:
-            series_date = text_value(self.walker.captured.get(SERIES_DATE))
-            self.directory = naming.directory_for(self.to.scheme, series_date, self.to.clock().date())
-
-    def _spill(self, data: bytearray, crc: int) -> Body:
-        """An object that outgrows its record gets its own file, streamed as on the per-file
-        path (its CRC goes on only when the index keeps a digest of files)."""
-        assert self.to.ack is not None
-        digest = crc if self.to.ack.digest_files else None
-        assert self.body is not None
-        return FileBody.open(self.to.writer, self.directory, data, self.body.meta_len, digest)
 
     def flush(self) -> None:
         if not self.pending:
@@ -424,7 +400,7 @@ class Stored(Checked):
             outcome = Outcome(Status.SUCCESS, path=str(first))
         outcome.tags = event_tags(self.walker.captured)
         outcome.size = self.received
-        stored = self._event(outcome)
+        stored = stored_event(self.to, self.command, self.transfer_syntax, outcome)
         outcome.duplicate = events.object_duplicate(
             stored, self.to.duplicates.policy, str(first), label, str(first)
         )
@@ -450,49 +426,10 @@ class Stored(Checked):
             size=landed.size,
             tags=event_tags(self.walker.captured),
         )
-        outcome.event = self._event(outcome)
+        outcome.event = stored_event(self.to, self.command, self.transfer_syntax, outcome)
         if self.to.ack is not None:
-            outcome.record = self._record(landed, place.replace, outcome.event)
+            outcome.record = journal_record(self.to, self.command, landed, place.replace, outcome.event)
         return outcome
-
-    def _record(self, landed: Landed, replace: bool, event: dict[str, Any]) -> ObjectRecord:
-        """Its ack-journal record: its bytes, or (a large object) the name of its file."""
-        root = self.to.writer.store.root
-        command = self.command
-        return ObjectRecord(
-            str(root),
-            str(landed.path.parent.relative_to(root)),
-            landed.path.name,
-            replace=replace,
-            size=landed.size,
-            large=landed.large,
-            digest=landed.digest,
-            identity=Identity(
-                self.to.called,
-                command.affected_sop_instance_uid,
-                command.affected_sop_class_uid,
-                event["time"],
-            ),
-            event=event,
-            data=landed.data,
-            crc=landed.crc,
-        )
-
-    def _event(self, outcome: Outcome) -> dict[str, Any]:
-        """The ``object.stored`` body of this object."""
-        command = self.command
-        return events.object_stored(
-            called=self.to.called,
-            calling=self.to.calling,
-            peer=self.to.peer,
-            sop_class_uid=command.affected_sop_class_uid,
-            sop_instance_uid=command.affected_sop_instance_uid,
-            tags=outcome.tags,
-            path=outcome.path,
-            size=outcome.size,
-            transfer_syntax=self.transfer_syntax,
-            when=self.to.clock(),
-        )
 
     def discard(self) -> None:
         if self.claim is not None:  # nothing of this object will be durable
@@ -506,6 +443,68 @@ class Stored(Checked):
         if self.body is not None:
             self.body.discard()
             self.body = None
+
+
+def where_to(
+    to: Destination, captured: Mapping[int, bytes], sop_class: str
+) -> tuple[PurePosixPath, str | None]:
+    """An object's directory (under the output directory) and, under output.layout, its
+    file name, from the tags held aside: output.layout, +ssd's Series Date, or neither."""
+    scheme = to.scheme
+    if scheme.layout is not None:
+        path = scheme.layout.render(
+            captured,
+            captured.get(SPECIFIC_CHARACTER_SET),
+            derived_values(to.calling, to.called, sop_class),
+            to.clock(),
+            scheme.layout_missing,
+        )
+        return path.parent, path.name
+    if scheme.needs_series_date:
+        series_date = text_value(captured.get(SERIES_DATE))
+        return naming.directory_for(scheme, series_date, to.clock().date()), None
+    return PurePosixPath("."), None
+
+
+def stored_event(
+    to: Destination, command: dimse.Command, transfer_syntax: str, outcome: Outcome
+) -> dict[str, Any]:
+    """The ``object.stored`` body of an object (``events.body``)."""
+    return events.object_stored(
+        called=to.called,
+        calling=to.calling,
+        peer=to.peer,
+        sop_class_uid=command.affected_sop_class_uid,
+        sop_instance_uid=command.affected_sop_instance_uid,
+        tags=outcome.tags,
+        path=outcome.path,
+        size=outcome.size,
+        transfer_syntax=transfer_syntax,
+        when=to.clock(),
+    )
+
+
+def journal_record(
+    to: Destination, command: dimse.Command, landed: Landed, replace: bool, event: dict[str, Any]
+) -> ObjectRecord:
+    """A stored object's ack-journal record: its bytes, or (a large object) its file's name."""
+    root = to.writer.store.root
+    identity = Identity(
+        to.called, command.affected_sop_instance_uid, command.affected_sop_class_uid, event["time"]
+    )
+    return ObjectRecord(
+        str(root),
+        str(landed.path.parent.relative_to(root)),
+        landed.path.name,
+        replace=replace,
+        size=landed.size,
+        large=landed.large,
+        digest=landed.digest,
+        identity=identity,
+        event=event,
+        data=landed.data,
+        crc=landed.crc,
+    )
 
 
 def event_tags(captured: Mapping[int, bytes]) -> dict[str, str]:
