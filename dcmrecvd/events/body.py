@@ -27,6 +27,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from dcmrecvd.conf.config import EVENT_FIELDS
@@ -134,27 +135,42 @@ def group(kind: str, last: Mapping[str, Any], objects: int, when: float) -> Body
     return {**last, "version": BODY_VERSION, "event": kind, "objects": objects, "time": stamp(when)}
 
 
-def commitment(
-    kind: str,
-    *,
-    called: str,
-    calling: str,
-    peer: str,
-    transaction_uid: str,
-    items: int,
-    when: dt.datetime | None = None,
-    **extra: Any,
-) -> Body:
-    """``commitment.requested``/``reported``/``undeliverable`` (``extra``: failed, reason...)."""
+@dataclass(frozen=True)
+class TransactionFacts:
+    """What every ``commitment.*`` body says of its transaction."""
+
+    called: str
+    calling: str
+    peer: str
+    transaction_uid: str
+    items: int
+
+
+def commitment_requested(tx: TransactionFacts, when: dt.datetime) -> Body:
+    """An N-ACTION accepted: its report will follow."""
+    return _commitment("commitment.requested", tx, when)
+
+
+def commitment_reported(tx: TransactionFacts, committed: int, failed: int) -> Body:
+    """Its report delivered (``objects`` committed, ``failed`` not)."""
+    return _commitment("commitment.reported", tx, dt.datetime.now(), objects=committed, failed=failed)
+
+
+def commitment_undeliverable(tx: TransactionFacts, reason: str) -> Body:
+    """Its report given up after ``commitment.give_up_after``."""
+    return _commitment("commitment.undeliverable", tx, dt.datetime.now(), reason=reason)
+
+
+def _commitment(kind: str, tx: TransactionFacts, when: dt.datetime, **extra: Any) -> Body:
     return {
         "version": BODY_VERSION,
         "event": kind,
-        "called_aet": called,
-        "calling_aet": calling,
-        "peer": peer,
-        "transaction_uid": transaction_uid,
-        "items": items,
-        "time": stamp(when or dt.datetime.now()),
+        "called_aet": tx.called,
+        "calling_aet": tx.calling,
+        "peer": tx.peer,
+        "transaction_uid": tx.transaction_uid,
+        "items": tx.items,
+        "time": stamp(when),
         **extra,
     }
 

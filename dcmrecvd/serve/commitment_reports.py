@@ -126,7 +126,8 @@ class Reporter:
             seconds=round(now - tx.requested, 3),
             **fields,
         )
-        self._emit("commitment.reported", tx, objects=len(committed), failed=len(failed))
+        if self.emit is not None:
+            self.emit(body.commitment_reported(_about(tx), len(committed), len(failed)))
 
     def _remote(self, peer: CommitmentPeerConfig, tx: Transaction) -> Remote:
         config = self.commitment.runtime().config
@@ -189,27 +190,13 @@ class Reporter:
             self.store.finish(tx.id, UNDELIVERABLE, now, reason)
             METRICS.commitment_undeliverable.inc()
             log.error("commitment.undeliverable", reason=reason, attempts=tx.attempts + 1, **fields)
-            self._emit("commitment.undeliverable", tx, reason=reason)
+            if self.emit is not None:
+                self.emit(body.commitment_undeliverable(_about(tx), reason))
             return
         delay = backoff(tx.attempts + 1, settings.retry_initial, settings.retry_max)
         self.store.retry(tx.id, now + delay, reason)
         log.warning(
             "commitment.delivery_failed", reason=reason, attempts=tx.attempts + 1, retry_in=delay, **fields
-        )
-
-    def _emit(self, kind: str, tx: Transaction, **extra: Any) -> None:
-        if self.emit is None:
-            return
-        self.emit(
-            body.commitment(
-                kind,
-                called=tx.called_aet,
-                calling=tx.calling_aet,
-                peer=tx.host,
-                transaction_uid=tx.uid,
-                items=tx.items,
-                **extra,
-            )
         )
 
     def figures(self) -> tuple[int, float]:
@@ -241,3 +228,8 @@ def open_commitment(
     reporter = Reporter(Commitment(store, ack, runtime), emit)
     reporter.start()
     return reporter
+
+
+def _about(tx: Transaction) -> body.TransactionFacts:
+    """What the ``commitment.*`` bodies say of a stored transaction."""
+    return body.TransactionFacts(tx.called_aet, tx.calling_aet, tx.host, tx.uid, tx.items)

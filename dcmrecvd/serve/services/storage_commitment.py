@@ -170,15 +170,10 @@ def _refusal(peer: Peer, call: Call) -> Drained | None:
 
 
 def _event(peer: Peer, request: codec.ActionRequest) -> dict[str, Any]:
-    return body.commitment(
-        "commitment.requested",
-        called=peer.called,
-        calling=peer.calling,
-        peer=peer.host,
-        transaction_uid=request.transaction_uid,
-        items=len(request.items),
-        when=peer.clock(),
+    tx = body.TransactionFacts(
+        peer.called, peer.calling, peer.host, request.transaction_uid, len(request.items)
     )
+    return body.commitment_requested(tx, peer.clock())
 
 
 SERVICE = StorageCommitment()
