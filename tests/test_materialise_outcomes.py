@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import sqlite3
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -459,4 +460,22 @@ def test_a_retry_that_fails_again_keeps_the_entry_with_its_new_reason(tmp_path: 
     (kept,) = list(rig.quarantine.entries())
     assert kept.id == entry.id
     assert not list(rig.quarantine.directory.glob("*.retry"))
+    rig.close()
+
+
+def test_a_released_entry_is_indexed_with_the_crc_of_its_bytes(tmp_path: Path) -> None:
+    """Storage Commitment (verify = checksum) compares the file with this digest."""
+    rig = Rig(tmp_path)
+    (rig.out / "blocked").write_text("in the way")
+    rig.commit("r3", directory="blocked")
+    rig.turn()
+    (rig.out / "blocked").unlink()
+    rig.quarantine.request_retry()
+    from dcmrecvd.store import bookkeeping
+
+    bookkeeping.retry_quarantined(rig.m)
+    made = (rig.out / "blocked" / "r3").read_bytes()
+    with sqlite3.connect(tmp_path / "state" / "instances.sqlite") as db:
+        (digest,) = db.execute("SELECT digest FROM instances WHERE sop_instance_uid = '1.2.r3'").fetchone()
+    assert digest == f"crc32:{zlib.crc32(made):08x}"
     rig.close()

@@ -13,6 +13,7 @@ reason.
 
 from __future__ import annotations
 
+import zlib
 from typing import TYPE_CHECKING
 
 import structlog
@@ -38,7 +39,9 @@ def finish(m: Materialiser, records: list[ObjectRecord], replayed: bool = False)
         if ident is not None:
             # A large object's digest was kept on the way, or not at all (""): never the CRC of
             # its record's empty data, which no file matches.
-            digest = record.digest if record.large else f"crc32:{record.crc or 0:08x}"
+            # A record taken back from the quarantine has no CRC yet: computed, never assumed 0.
+            crc = record.crc if record.crc is not None else zlib.crc32(record.data)
+            digest = record.digest if record.large else f"crc32:{crc:08x}"
             size = record.size or len(record.data)
             rows.append(
                 Instance(
