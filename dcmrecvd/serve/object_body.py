@@ -149,7 +149,8 @@ class MemoryBody:
         self.ack = ack
         self.writer = writer
         self.directory = directory
-        self.data: bytearray | None = bytearray(head)
+        #: ``head`` itself when it is a bytearray (taken over, not copied).
+        self.data: bytearray | None = head if isinstance(head, bytearray) else bytearray(head)
         self.meta_len = meta_len
         #: CRC-32 of ``data`` so far, for its record: kept as the pieces arrive, while the
         #: sender is still sending, rather than at the commit.

@@ -52,6 +52,9 @@ class Record:
     crc: int | None = field(default=None, repr=False)
     #: The encoded head (lengths, the data's checksum, the JSON header), made once by ``commit``.
     head: bytes = field(default=b"", repr=False)
+    #: What the caller made ``header`` from, handed back with the record by ``on_written``
+    #: so that a record just written is not parsed again (the journal never reads it).
+    origin: Any = field(default=None, repr=False, compare=False)
 
 
 def align(n: int) -> int:

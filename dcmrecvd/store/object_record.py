@@ -132,9 +132,9 @@ class ObjectRecord:
         root, directory, name = header.get("root"), header.get("dir"), header.get("name")
         if not isinstance(root, str) or not os.path.isabs(root):
             raise InvalidRecord(f"root is not an absolute path: {root!r}")
-        if not isinstance(directory, str) or PurePosixPath(directory).is_absolute():
+        if not isinstance(directory, str) or directory.startswith("/"):
             raise InvalidRecord(f"dir is not a relative path: {directory!r}")
-        if ".." in PurePosixPath(directory).parts:
+        if ".." in directory.split("/"):
             raise InvalidRecord(f"dir leaves the output directory: {directory!r}")
         if not isinstance(name, str) or not name or "/" in name or name in (".", "..") or "\0" in name:
             raise InvalidRecord(f"not a file name: {name!r}")
@@ -159,12 +159,17 @@ class ObjectRecord:
 
     @classmethod
     def of(cls, record: Record) -> ObjectRecord:
-        """A journal record, parsed (once, at the materialiser's intake or at replay)."""
+        """A journal record as this class: the one it was made from (just committed: no
+        parse on the committing thread), else parsed (at replay)."""
+        made = record.origin
+        if isinstance(made, ObjectRecord):
+            made.seq, made.crc = record.seq, record.crc
+            return made
         return cls.from_header(record.header, record.data, record.seq, record.crc)
 
     def to_record(self) -> Record:
         """The journal record to commit (``seq`` is given back by the commit)."""
-        return Record(self.to_header(), self.data, crc=self.crc)
+        return Record(self.to_header(), self.data, crc=self.crc, origin=self)
 
     def as_kept(self) -> dict[str, Any]:
         """The header to keep in the quarantine: as read when it could not be parsed."""
