@@ -120,9 +120,12 @@ def verify(folder: Path, out: Path) -> tuple[int, int]:
     return len(got), sum(p.stat().st_size for p in got)
 
 
-RECEIVED = OUT / "received"
+#: Where runs write: bench/out, or a filesystem of its own (``run.py --filesystems`` mounts one
+#: per kind and runs the bench again with this set to it).
+ROOT = Path(os.environ.get("DCMRECVD_BENCH_ROOT") or OUT)
+RECEIVED = ROOT / "received"
 #: dcmrecvd's state directories (one per output directory), on the same disk as the objects.
-STATE = OUT / "state"
+STATE = ROOT / "state"
 
 
 def fresh_output(after_deletions: bool) -> Path:

@@ -17,8 +17,10 @@ ratios and the receiver CPU per object.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +28,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from filesystems import mounted  # noqa: E402
 from harness import (  # noqa: E402
     IGNORE,
     NODELAY_ENV,
+    OUT,
     SETS,
     Result,
     ensure_data,
@@ -181,6 +185,12 @@ def main() -> int:
         help="also run both receivers with --ignore (the protocol alone, nothing stored)",
     )
     parser.add_argument(
+        "--filesystems",
+        default="vm,ext4-journal,xfs",
+        help="where to run: vm (bench/out on this disk), ext4-journal, xfs (each a loop device "
+        "made for the run; the CT and small sets at PDU 16384, and the several-sender runs)",
+    )
+    parser.add_argument(
         "--after-deletions",
         action="store_true",
         help="every run into the same just-emptied directory (see fresh_output)",
@@ -239,7 +249,24 @@ def main() -> int:
         summary.extend(nagle_runs(reps, args.quick))
         summary.extend(pipelined_runs(reps, args.quick))
     print_summary(summary)
+    for kind in [k for k in args.filesystems.split(",") if k != "vm"]:
+        other_filesystem(kind, args)
     return 0
+
+
+def other_filesystem(kind: str, args: argparse.Namespace) -> None:
+    """The bench again (a smaller matrix) with every run on a ``kind`` filesystem of its own."""
+    print(f"\n=== on {kind} (a loop device on this disk; bench/filesystems.py)", flush=True)
+    argv = [sys.executable, __file__, "--filesystems", "vm", "--sets", "ct,small", "--pdus", "16384"]
+    argv += ["--no-extended", "--reps", str(1 if args.quick else args.reps)]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--nagle"] if args.nagle else []
+    try:
+        with mounted(kind, OUT / "fs") as point:
+            env = {**os.environ, "DCMRECVD_BENCH_ROOT": str(point)}
+            subprocess.run(argv, env=env, check=False)
+    except (OSError, subprocess.CalledProcessError) as exc:  # not root, no mkfs: said, not fatal
+        print(f"{kind}: cannot make it here: {exc}", flush=True)
 
 
 if __name__ == "__main__":
