@@ -376,3 +376,25 @@ def test_signals_are_acted_on_at_once_while_probes_keep_threads_busy(
             t.join(10)
         notify.close()
     assert max(delays) < 0.2, [round(x, 3) for x in delays]
+
+
+def test_records_per_flush_counts_every_acknowledged_object_once(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    """Group commit made visible: four senders at once, every record in exactly one flush."""
+    d = ops_daemon(daemons, tmp_path)
+    files = ct_files(tmp_path, 24)
+    senders = [
+        subprocess.Popen([need("storescu"), "127.0.0.1", str(d.port), *map(str, files[k::4])])
+        for k in range(4)
+    ]
+    try:
+        assert [s.wait(60) for s in senders] == [0, 0, 0, 0]
+    finally:
+        for s in senders:
+            if s.poll() is None:
+                s.kill()
+    got = samples(http(d, "/metrics")[1])
+    flushed = got[("dcmrecvd_journal_records_per_flush_sum", ())]
+    flushes = got[("dcmrecvd_journal_records_per_flush_count", ())]
+    assert flushed == 24 and 1 <= flushes <= 24

@@ -167,6 +167,13 @@ class Metrics:
             buckets=_BUCKETS,
             registry=r,
         )
+        self.records_per_flush = Histogram(
+            "dcmrecvd_journal_records_per_flush",
+            "Ack-journal records one device flush made durable (group commit: the objects of "
+            "every association waiting at that moment); _sum / _count is the average",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.duplicates = Counter(
             "dcmrecvd_duplicates",
             "Second copies of an instance, by what became of them (replaced, discarded, rejected, "

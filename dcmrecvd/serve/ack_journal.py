@@ -177,6 +177,17 @@ def refuse_without(config: Config, reason: str) -> None:
         raise ConfigError("configuration", key, f"{why}, and the ack journal cannot be used: {reason}")
 
 
+def _counted(written: Callable[[list[Record], bool], None]) -> Callable[[list[Record], bool], None]:
+    """The journal's ``on_written``, also counting the records each flush carried."""
+
+    def on_written(records: list[Record], ok: bool) -> None:
+        if ok:
+            METRICS.records_per_flush.observe(len(records))
+        written(records, ok)
+
+    return on_written
+
+
 def open_ack_journal(
     config: Config, environ: Mapping[str, str]
 ) -> tuple[AckJournal | None, list[Record], str]:
@@ -214,7 +225,7 @@ def open_ack_journal(
     materialiser = Materialiser(journal, index, quarantine=Quarantine(base / "quarantine"))
     materialiser.replaced = METRICS.duplicates.labels("replaced").inc
     materialiser.quarantined = lambda reason: METRICS.quarantined.labels(reason).inc()
-    journal.on_written = materialiser.written
+    journal.on_written = _counted(materialiser.written)
     # An object in its record must fit a segment with room to spare (a quarter at most).
     inline_max = min(settings.inline_max_kib << 10, journal.segment_size // 4)
     return AckJournal(journal, materialiser, index, inline_max), records, ""
