@@ -428,7 +428,7 @@ class Stored(Checked):
         )
         outcome.event = stored_event(self.to, self.command, self.transfer_syntax, outcome)
         if self.to.ack is not None:
-            outcome.record = journal_record(self.to, self.command, landed, place.replace, outcome.event)
+            outcome.record = journal_record(self.to, self.command, landed, place, outcome.event)
         return outcome
 
     def discard(self) -> None:
@@ -485,18 +485,19 @@ def stored_event(
 
 
 def journal_record(
-    to: Destination, command: dimse.Command, landed: Landed, replace: bool, event: dict[str, Any]
+    to: Destination, command: dimse.Command, landed: Landed, place: Placement, event: dict[str, Any]
 ) -> ObjectRecord:
-    """A stored object's ack-journal record: its bytes, or (a large object) its file's name."""
+    """A stored object's ack-journal record: its bytes, or (a large object) its file's name
+    (in ``place.directory`` either way)."""
     root = to.writer.store.root
     identity = Identity(
         to.called, command.affected_sop_instance_uid, command.affected_sop_class_uid, event["time"]
     )
     return ObjectRecord(
         str(root),
-        str(landed.path.parent.relative_to(root)),
+        str(place.directory),
         landed.path.name,
-        replace=replace,
+        replace=place.replace,
         size=landed.size,
         large=landed.large,
         digest=landed.digest,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import itertools
 import os
 import secrets
 from collections.abc import Callable, Iterable
@@ -38,6 +40,10 @@ NAME_MAX = 255
 PATH_MAX = 4095
 #: Room kept in a never-clobbering name for the ``.<seq>`` a taken name gets.
 SEQ_SUFFIX_ROOM = 21
+#: Temp names: the pid, a tag drawn once per start and a counter (O_EXCL settles the rest);
+#: a random draw per file cost a getrandom call per object.
+_TEMP_TAG = secrets.token_hex(4)
+_TEMP_COUNTER = itertools.count()
 
 
 @dataclass
@@ -55,20 +61,29 @@ def check_fits(directory: Path, name: str, *, replace: bool) -> None:
     may get) or its path cannot exist on Linux: known before the ack, so the object is
     refused there instead of being acknowledged and quarantined."""
     room = 0 if replace else SEQ_SUFFIX_ROOM
-    for part in directory.parts[1:]:
+    directory_bytes = _directory_bytes(str(directory))
+    name_bytes = len(os.fsencode(name))
+    if name_bytes + room > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "file name too long", name)
+    if directory_bytes + 1 + name_bytes + room > PATH_MAX:
+        raise OSError(errno.ENAMETOOLONG, "path too long", os.path.join(directory, name))
+
+
+@functools.lru_cache(maxsize=4096)
+def _directory_bytes(directory: str) -> int:
+    """The encoded length of an absolute directory whose every component fits NAME_MAX
+    (asked once per directory, not per object: objects share a few directories)."""
+    for part in directory.split("/")[1:]:
         if len(os.fsencode(part)) > NAME_MAX:
             raise OSError(errno.ENAMETOOLONG, "directory name too long", part)
-    if len(os.fsencode(name)) + room > NAME_MAX:
-        raise OSError(errno.ENAMETOOLONG, "file name too long", name)
-    if len(os.fsencode(os.path.join(directory, name))) + room > PATH_MAX:
-        raise OSError(errno.ENAMETOOLONG, "path too long", str(directory / name))
+    return len(os.fsencode(directory))
 
 
 def write_temp(ops: FileOps, directory: Path, data: bytes | bytearray | memoryview) -> Path:
     """A hidden temp file holding ``data`` (through the page cache: the batch's
     ``syncfs`` writes it back and flushes it with the others)."""
     while True:
-        temp = directory / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        temp = directory / f"{TEMP_PREFIX}{os.getpid()}-{_TEMP_TAG}{next(_TEMP_COUNTER):x}{TEMP_SUFFIX}"
         try:
             fd = ops.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
         except FileExistsError:
@@ -120,6 +135,8 @@ class Maker:
         """Make every record whose state is "" (in order); see the module docstring."""
         batch = Batch()
         written: list[tuple[ObjectRecord, Store, Path, Path]] = []  # record, store, directory, temp
+        #: (root, directory) -> its store and absolute directory: looked up once per batch.
+        places: dict[tuple[str, str], tuple[Store, Path]] = {}
         for record in records:
             if record.state:
                 continue
@@ -128,14 +145,18 @@ class Maker:
                 if record.large:  # durable under its name already
                     record.state = "made"
                     continue
-                store = self.store_for(record.root)
-                relative = PurePosixPath(record.directory)
+                key = (record.root, record.directory)
+                if key not in places:
+                    store = self.store_for(record.root)
+                    places[key] = (store, store.directory(PurePosixPath(record.directory)))
+                store, directory = places[key]
                 try:
-                    directory = store.directory(relative)
                     temp = write_temp(self.ops, directory, record.data)
                 except FileNotFoundError:  # the directory vanished (a cleanup job): made again
-                    store.forget(store.root.joinpath(*relative.parts))
-                    directory = store.directory(relative)
+                    store.forget(directory)
+                    del places[key]
+                    directory = store.directory(PurePosixPath(record.directory))
+                    places[key] = (store, directory)
                     temp = write_temp(self.ops, directory, record.data)
                 written.append((record, store, directory, temp))
             except Exception as exc:

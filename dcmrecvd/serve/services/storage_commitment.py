@@ -2,7 +2,7 @@
 
 The report is always asynchronous (``commitment_reports``), so answering an N-ACTION is
 only: is this a request we take (the command, the requesting AE, room to keep it), can
-its dataset be read (``wire.commitment``), and is it on disk (``CommitmentStore``,
+its dataset be read (``wire.commitment_codec``), and is it on disk (``CommitmentStore``,
 one fsync'ed SQLite transaction) before the 0x0000 goes out.
 
 Refusals (PS3.7 C.4.3): not the Storage Commitment SOP class 0x0118 (or 0x0122 on
