@@ -1,10 +1,11 @@
 """Storage Commitment reports: checked, sent on an association we open, retried until
 delivered or given up.
 
-Why a thread of its own with a few workers: a report is never on an association's
-path (the N-ACTION is answered as soon as its request is durable), a peer may be
-down for hours, and one slow peer must not hold up the others' reports.  Each
-attempt re-checks every instance (``commitment``), so a report says what is true
+Why a scheduler of its own with a few workers (``events.scheduler``, keyed by
+transaction): a report is never on an association's path (the N-ACTION is answered
+as soon as its request is durable), a peer may be down for hours, and one slow peer
+must not hold up the others' reports.  Each attempt re-checks every instance
+(``commitment_check``), so a report says what is true
 when it is sent.  Delivery: the A-ASSOCIATE-RQ proposes Storage Commitment (Implicit
 VR LE first, then Explicit) with an SCP/SCU Role Selection item (we are SCP: SCU=0,
 SCP=1); a peer that will not take that gets one more try without the item.  A
