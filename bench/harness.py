@@ -41,8 +41,15 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """User+sys CPU of the process tree: its own, its reaped children's and its live ones'
+    (``storescp --fork`` serves each association in a child)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:  # gone meanwhile: a child reaped since counts in its parent's fields
+        return 0.0
+    own = sum(int(f) for f in fields[11:15]) / CLK_TCK  # utime, stime, cutime, cstime
+    return own + sum(cpu_seconds(int(child)) for child in children)
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -63,6 +70,8 @@ NO_FSYNC = OUT / "no-fsync.toml"
 #: made once, not in every run's fresh output directory).
 JOURNALED = OUT / "journal.toml"
 IGNORE = "/ignore"
+#: DCMTK's storescp with a process per association: what a multi-sender DCMTK site runs.
+FORK = "storescp-fork"
 
 
 def receiver_cmd(which: str, port: int, pdu: int, out: Path) -> list[str]:
@@ -72,6 +81,8 @@ def receiver_cmd(which: str, port: int, pdu: int, out: Path) -> list[str]:
         common.insert(0, "--ignore")
     if which == "dcmrecv":
         return ["dcmrecv", *common]
+    if which == FORK:  # DCMTK's process-per-association server, no fsync either
+        return ["storescp", "--fork", *common]
     daemon = str(Path(sys.executable).parent / "dcmrecvd")
     if which == "nofsync":  # like dcmrecv: acknowledged before it is on disk
         NO_FSYNC.write_text("[output]\nfsync = false\n")

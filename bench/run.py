@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from filesystems import mounted  # noqa: E402
 from harness import (  # noqa: E402
+    FORK,
     IGNORE,
     NODELAY_ENV,
     OUT,
@@ -92,7 +93,14 @@ def many_senders(reps: int, quick: bool) -> list[Row]:
     for senders in (1, 2, 4, 8):
         base, ours = paired_runs(reps, lambda w, n=senders: run_once(w, folder, 16384, senders=n))
         row = paired_row(f"{senders} sender{'s' if senders > 1 else ''}, CT", count, base, ours)
-        print(f"  {senders} senders: {brief(row)}")
+        forked = [run_once(FORK, folder, 16384, senders=senders) for _ in range(reps)]
+        fork_rate = count / statistics.median(r.seconds for r in forked)
+        fork_cpu = 1000 * statistics.median(r.cpu for r in forked) / count
+        print(
+            f"  {senders} senders: {brief(row)}; storescp --fork {fork_rate:.0f}/s "
+            f"(dcmrecvd {row.rates[1] / fork_rate:.2f}x of it); CPU ms/obj dcmrecv "
+            f"{row.cpu_ms[0]:.2f}, storescp --fork {fork_cpu:.2f}, dcmrecvd {row.cpu_ms[1]:.2f}"
+        )
         rows.append(row)
     return rows
 
