@@ -23,7 +23,7 @@ SEGMENT = 1 << 20
 
 
 def previous_release_header(out: Path, name: str, uid: str, **more: Any) -> dict[str, Any]:
-    """A header exactly as 0.9's ``receiving.journal_header`` wrote it (keys and nesting)."""
+    """A header exactly as the previous release's ``receiving.journal_header`` wrote it (keys and nesting)."""
     event = {
         "event": "object.stored",
         "called_aet": "STORE",
